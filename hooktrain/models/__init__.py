@@ -1,0 +1,1 @@
+"""Segmentors: timm encoders with decode heads, losses and inference."""

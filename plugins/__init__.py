@@ -1,0 +1,1 @@
+"""The built-in hooktrain hooks, registered through the hooktrain.hooks entry points."""
