@@ -1,0 +1,117 @@
+"""Command line: ``hooktrain RECIPE`` trains; ``config``, ``plugins`` and more are subcommands.
+
+Bad input (a recipe key, a file, a dataset column) prints one line and exits with code 2;
+a run stopped by SIGTERM / SIGINT exits with 143 / 130 after its hooks have run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from hooktrain.errors import UserError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable:
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a recipe YAML file")
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override recipe keys, e.g. train.max_iters=100 data.train.batch_size=4 "
+        "(values are YAML: x=[1,2], y=null)",
+    )
+    parser.add_argument("--work-dir", help="run directory (default: work_dirs/<recipe name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hooktrain",
+        description="Train semantic segmentors from a recipe: `hooktrain RECIPE` trains.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train from a recipe (the default command)")
+    _add_recipe_args(train)
+    train.add_argument(
+        "--force", action="store_true", help="start over in a work dir that holds checkpoints"
+    )
+
+    config = sub.add_parser("config", help="print the resolved, validated recipe")
+    _add_recipe_args(config)
+
+    sub.add_parser("plugins", help="list every discoverable hook")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["train", *argv]
+    return build_parser().parse_args(argv)
+
+
+@command("train")
+def train_command(args: argparse.Namespace) -> int:
+    from hooktrain.recipe import load_recipe
+    from hooktrain.runner import EXIT_CODES, IterRunner
+
+    recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
+    runner = IterRunner.from_recipe(recipe, force=args.force)
+    try:
+        stopped_by = runner.run()
+    finally:
+        runner.accelerator.end_training()
+    return EXIT_CODES[stopped_by] if stopped_by else 0
+
+
+@command("config")
+def config_command(args: argparse.Namespace) -> int:
+    from hooktrain.recipe import dump_recipe, load_recipe
+
+    print(dump_recipe(load_recipe(args.recipe, args.cfg_options, args.work_dir)), end="")
+    return 0
+
+
+@command("plugins")
+def plugins_command(args: argparse.Namespace) -> int:
+    from hooktrain.hooks import discover_hooks
+
+    hooks = discover_hooks()
+    if not hooks:
+        print("no hooks installed")
+        return 0
+    width = max(len(name) for name in hooks)
+    dist_width = max(len(info.distribution) for info in hooks.values())
+    for name, info in sorted(hooks.items()):
+        print(f"{name:<{width}}  {info.distribution:<{dist_width}}  {info.description}")
+    return 0
+
+
+def _report(message: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    prefix = f"[rank {rank}] " if rank != "0" else ""
+    print(f"{prefix}hooktrain: error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``hooktrain`` console script and ``python -m hooktrain``."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        code = COMMANDS[args.command](args)
+    except UserError as exc:
+        _report(str(exc))
+        code = UserError.exit_code
+    sys.exit(code)

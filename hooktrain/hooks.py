@@ -1,0 +1,292 @@
+"""Hooks: the plugin surface of the runner.
+
+The loop, exactly as ``IterRunner.run`` executes it, with the stage each hook method fires at::
+
+    before_run(runner)                          # after the model, optimizer and data are ready
+    try:
+        while state.iter < state.max_iters and not runner.stop_requested:
+            before_train_iter(runner)
+            for each of train.grad_accum_steps micro-batches:
+                batch = next(train_stream)       # resumable stream; passes are invisible
+                with accelerator.accumulate(model):
+                    outputs = model(image, mask) # dict of named loss terms, summed into "loss"
+                    accelerator.backward(loss); clip; optimizer.step(); optimizer.zero_grad()
+            scheduler.step(); state.iter += 1
+            after_train_iter(runner, outputs)    # eval, then checkpoint, then logging
+                before_val(runner)               #   fired by an evaluating hook around
+                after_val(runner, metrics)       #   its validation pass (runner.validate)
+    finally:
+        after_run(runner)                        # also on an exception, SIGTERM or SIGINT
+
+    on_log(runner, values, step)                 # whenever anything calls runner.log(...)
+
+Every method receives the runner, which exposes ``accelerator``, ``model``, ``optimizer``,
+``scheduler``, ``train_stream``, ``state`` (a ``TrainState``), ``work_dir``, ``recipe`` and
+``log()``. Hooks run in ascending ``priority`` (lower first), ties in recipe order, so an
+evaluation hook (``HIGH``) publishes its metrics before a checkpoint hook (``NORMAL``) reads
+them in the same iteration. A hook that carries state across a resume implements
+``state_dict`` / ``load_state_dict``.
+
+Hooks are found through the ``hooktrain.hooks`` entry-point group (``type: NAME`` in a recipe)
+or imported directly (``type: package.module:Class``). Installing a plugin never activates it:
+only a recipe does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import typing
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from hooktrain.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from hooktrain.runner import IterRunner
+
+logger = logging.getLogger("hooktrain")
+
+ENTRY_POINT_GROUP = "hooktrain.hooks"
+STAGES = (
+    "before_run",
+    "before_train_iter",
+    "after_train_iter",
+    "before_val",
+    "after_val",
+    "on_log",
+    "after_run",
+)
+PRIORITIES = {
+    "HIGHEST": 0,
+    "VERY_HIGH": 10,
+    "HIGH": 30,
+    "ABOVE_NORMAL": 40,
+    "NORMAL": 50,
+    "BELOW_NORMAL": 60,
+    "LOW": 70,
+    "VERY_LOW": 90,
+    "LOWEST": 100,
+}
+
+
+class Hook:
+    """Base class of every hook. Override only the stages you need; all are no-ops here.
+
+    Constructor keyword arguments are the hook's recipe options: they are type-checked from
+    the ``__init__`` annotations and unknown ones are rejected with a did-you-mean.
+    """
+
+    #: Lower runs first. A recipe may override it with ``priority:`` (a number or a name
+    #: from ``PRIORITIES``).
+    priority: int = PRIORITIES["NORMAL"]
+
+    def before_run(self, runner: IterRunner) -> None:
+        """Once, before the first iteration (also on resume)."""
+
+    def before_train_iter(self, runner: IterRunner) -> None:
+        """Before each iteration's first micro-batch is drawn."""
+
+    def after_train_iter(self, runner: IterRunner, outputs: dict[str, Any]) -> None:
+        """After each optimizer step; ``runner.state.iter`` is already the finished count."""
+
+    def before_val(self, runner: IterRunner) -> None:
+        """Before a validation pass."""
+
+    def after_val(self, runner: IterRunner, metrics: dict[str, Any]) -> None:
+        """After a validation pass, with its metrics (also in ``runner.state.metrics``)."""
+
+    def on_log(self, runner: IterRunner, values: dict[str, Any], step: int) -> None:
+        """Whenever ``runner.log(values)`` is called (on every rank; check
+        ``runner.accelerator.is_main_process`` before writing anything)."""
+
+    def after_run(self, runner: IterRunner) -> None:
+        """Once at the end, also when the run failed or was interrupted."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that must survive a resume (saved with the checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    """A discoverable hook: its recipe name, where it comes from, and its description."""
+
+    name: str
+    value: str
+    distribution: str
+
+    def load(self) -> type[Hook]:
+        return _import_hook_class(self.value, what=f"hook '{self.name}' from {self.distribution}")
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.load()) or ""
+        return doc.splitlines()[0] if doc else ""
+
+
+def _distribution_name(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else "<unknown distribution>"
+
+
+@cache
+def discover_hooks() -> dict[str, HookInfo]:
+    """All hooks registered in the ``hooktrain.hooks`` entry-point group (nothing is imported).
+
+    The same name offered by two distributions is an error naming both.
+    """
+    found: dict[str, HookInfo] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        info = HookInfo(ep.name, ep.value, _distribution_name(ep))
+        other = found.get(ep.name)
+        if other is not None and other != info:
+            raise UserError(
+                f"hook name '{ep.name}' is registered by two distributions, "
+                f"'{other.distribution}' ({other.value}) and '{info.distribution}' ({info.value}); "
+                "uninstall one of them or use 'module:Class' in the recipe"
+            )
+        found[ep.name] = info
+    return found
+
+
+def _import_hook_class(path: str, what: str) -> type[Hook]:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"cannot import {what}: {exc}; check the package is installed") from exc
+    try:
+        cls = getattr(module, attr) if attr else None
+    except AttributeError:
+        cls = None
+    if not (inspect.isclass(cls) and issubclass(cls, Hook)):
+        raise UserError(f"{what}: '{path}' does not name a hooktrain.hooks.Hook subclass")
+    return cls
+
+
+def resolve_hook_class(type_name: str) -> type[Hook]:
+    """Turn a recipe ``type`` (entry-point name or ``module:Class``) into the hook class."""
+    if ":" in type_name:
+        return _import_hook_class(type_name, what=f"hook '{type_name}'")
+    available = discover_hooks()
+    if type_name not in available:
+        names = ", ".join(sorted(available)) or "none installed"
+        raise UserError(
+            f"unknown hook type '{type_name}'{did_you_mean(type_name, available)}; "
+            f"available hooks: {names} (or use 'package.module:Class')"
+        )
+    return available[type_name].load()
+
+
+@cache
+def _arguments_model(cls: type[Hook]) -> type[pydantic.BaseModel]:
+    """A strict pydantic model of the hook's ``__init__`` keyword arguments."""
+    signature = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    fields: dict[str, Any] = {}
+    for name, param in list(signature.parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        annotation = hints.get(name, Any)
+        default = ... if param.default is param.empty else param.default
+        fields[name] = (annotation, default)
+    return pydantic.create_model(
+        f"{cls.__name__}Options", __config__=pydantic.ConfigDict(extra="forbid"), **fields
+    )
+
+
+def parse_priority(value: int | str, where: str) -> int:
+    if isinstance(value, int):
+        return value
+    if value in PRIORITIES:
+        return PRIORITIES[value]
+    raise UserError(
+        f"{where}: unknown priority '{value}'{did_you_mean(value, PRIORITIES)}; "
+        f"use a number or one of {', '.join(PRIORITIES)}"
+    )
+
+
+def validate_hook_options(cls: type[Hook], options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check recipe options against the hook's constructor; return them validated."""
+    model = _arguments_model(cls)
+    try:
+        return dict(model.model_validate(options))
+    except pydantic.ValidationError as exc:
+        error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
+        key = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            raise UserError(
+                f"unknown option '{where}.{key}' for hook {cls.__name__}"
+                f"{did_you_mean(key, model.model_fields)}; "
+                f"valid options: {', '.join(model.model_fields) or 'none'}"
+            ) from None
+        if error["type"] == "missing":
+            raise UserError(f"{where}.{key}: required option of hook {cls.__name__} is missing") from None
+        raise UserError(f"{where}.{key}: {error['msg']} (got {error.get('input')!r})") from None
+
+
+@dataclass
+class LoadedHook:
+    """A hook instance with the name and priority it runs under."""
+
+    name: str
+    hook: Hook
+    priority: int
+
+
+def build_hooks(specs: list[dict[str, Any]]) -> list[LoadedHook]:
+    """Instantiate the recipe's hooks and sort them by priority, ties in recipe order."""
+    loaded = []
+    for index, spec in enumerate(specs):
+        options = dict(spec)
+        type_name = options.pop("type")
+        priority = options.pop("priority", None)
+        cls = resolve_hook_class(type_name)
+        where = f"hooks[{index}]"
+        hook = cls(**validate_hook_options(cls, options, where))
+        rank = parse_priority(priority, where) if priority is not None else cls.priority
+        loaded.append(LoadedHook(type_name, hook, rank))
+    return sorted(loaded, key=lambda h: h.priority)  # sorted() is stable: recipe order on ties
+
+
+class HookError(RuntimeError):
+    """An exception raised inside a hook, re-raised with the hook's name and stage."""
+
+
+def _overrides(hook: Hook, stage: str) -> bool:
+    return getattr(type(hook), stage) is not getattr(Hook, stage)
+
+
+def call_hooks(hooks: list[LoadedHook], stage: str, *args: Any) -> None:
+    """Call ``stage`` on every hook in order; an exception names the hook that raised it."""
+    for loaded in hooks:
+        if not _overrides(loaded.hook, stage):
+            continue
+        try:
+            getattr(loaded.hook, stage)(*args)
+        except UserError as exc:
+            raise UserError(f"hook '{loaded.name}' ({stage}): {exc}") from exc
+        except Exception as exc:
+            raise HookError(
+                f"hook '{loaded.name}' ({type(loaded.hook).__name__}) failed in {stage}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def hooks_info(hooks: list[LoadedHook]) -> str:
+    """The resolved order per stage, as printed at start-up."""
+    lines = []
+    for stage in STAGES:
+        names = [f"{h.name}({h.priority})" for h in hooks if _overrides(h.hook, stage)]
+        if names:
+            lines.append(f"  {stage:<18} {' -> '.join(names)}")
+    return "hook order:\n" + ("\n".join(lines) if lines else "  (no hooks)")

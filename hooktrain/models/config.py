@@ -1,0 +1,189 @@
+"""The recipe's ``model:`` section: encoder, decode head, auxiliary head, losses, inference."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from hooktrain.config_base import Section
+
+
+class EncoderConfig(Section):
+    """A timm backbone used as a multi-level feature extractor (``features_only=True``)."""
+
+    name: str = Field("resnet50", description="timm model name, e.g. resnet50, convnext_tiny, pvt_v2_b0.")
+    pretrained: bool = Field(
+        False, description="Load timm's default pretrained weights (from the Hugging Face Hub or its cache)."
+    )
+    pretrained_path: str | None = Field(
+        None,
+        description="Local .safetensors or torch checkpoint to load into the encoder (a timm model's "
+        "state_dict, possibly under 'state_dict'/'model'); takes precedence over `pretrained`.",
+    )
+    out_indices: list[int] | None = Field(
+        None,
+        description="Feature levels the encoder returns (timm out_indices; negative counts from the end). "
+        "null = the last four levels, usually strides 4, 8, 16, 32.",
+    )
+    drop_path_rate: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Stochastic depth rate, passed to timm when > 0."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for timm.create_model, e.g. {output_stride: 8} for a dilated ResNet.",
+    )
+
+
+class CrossEntropyLossConfig(Section):
+    """Pixel-wise cross-entropy (mmseg ``CrossEntropyLoss``); logged as ``loss_ce``."""
+
+    type: Literal["cross_entropy"] = Field("cross_entropy", description="Loss kind.")
+    weight: float = Field(1.0, ge=0.0, description="Multiplier applied to this term (mmseg loss_weight).")
+    class_weight: list[float] | None = Field(
+        None, description="Per-class weights, one per class; null = all classes weigh 1."
+    )
+    avg_non_ignore: bool = Field(
+        True,
+        description="Average over non-ignored pixels (true) or over all pixels, ignored ones counting 0 (false).",
+    )
+
+
+class DiceLossConfig(Section):
+    """Soft Dice loss on softmax probabilities (mmseg ``DiceLoss``); logged as ``loss_dice``."""
+
+    type: Literal["dice"] = Field("dice", description="Loss kind.")
+    weight: float = Field(1.0, ge=0.0, description="Multiplier applied to this term (mmseg loss_weight).")
+    class_weight: list[float] | None = Field(
+        None, description="Per-class weights of the per-class Dice terms; null = all classes weigh 1."
+    )
+    smooth: float = Field(1.0, ge=0.0, description="Smoothing added to numerator and denominator.")
+    exponent: int = Field(2, ge=1, description="Exponent of the denominator terms.")
+
+
+LossConfig = Annotated[Union[CrossEntropyLossConfig, DiceLossConfig], Field(discriminator="type")]
+
+
+class OhemConfig(Section):
+    """Online hard example mining of pixels (mmseg ``OHEMPixelSampler``) for the decode head's losses."""
+
+    type: Literal["ohem"] = Field("ohem", description="Sampler kind.")
+    thresh: float | None = Field(
+        0.7,
+        gt=0.0,
+        le=1.0,
+        description="Keep pixels whose predicted probability of the true class is below this; "
+        "null = keep the `min_kept` pixels with the highest loss.",
+    )
+    min_kept: int = Field(100000, ge=1, description="Pixels kept at least, per image.")
+
+
+def _default_losses(weight: float) -> list:
+    return [CrossEntropyLossConfig(weight=weight)]
+
+
+class _HeadBase(Section):
+    channels: int = Field(256, ge=1, description="Width of the head's convolutions.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout2d probability before the classifier.")
+    align_corners: bool = Field(
+        False, description="align_corners of every bilinear resize of this head, its losses and inference."
+    )
+    losses: list[LossConfig] = Field(
+        default_factory=lambda: _default_losses(1.0),
+        description="Loss terms on this head's logits, each logged as '<head>.loss_<kind>'.",
+    )
+    sampler: OhemConfig | None = Field(None, description="Pixel sampler for the cross-entropy terms; null = none.")
+
+    @field_validator("losses")
+    @classmethod
+    def _unique_loss_kinds(cls, losses: list) -> list:
+        kinds = [loss.type for loss in losses]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"each loss type may appear once per head, got {kinds}")
+        return losses
+
+
+class _MultiLevelHead(_HeadBase):
+    in_index: list[int] | None = Field(
+        None, description="Encoder levels fed to the head (indices into its outputs); null = all of them."
+    )
+
+
+class FCNHeadConfig(_HeadBase):
+    """FCN head (mmseg ``FCNHead``): a stack of 3x3 ConvModules on one level, then the classifier."""
+
+    type: Literal["fcn"] = Field("fcn", description="Head kind.")
+    in_index: int = Field(-1, description="Encoder level the head reads (index into its outputs).")
+    num_convs: int = Field(2, ge=0, description="Number of 3x3 ConvModules.")
+    concat_input: bool = Field(
+        True, description="Concatenate the input with the conv output and fuse by a 3x3 ConvModule."
+    )
+
+
+class FPNHeadConfig(_MultiLevelHead):
+    """Semantic FPN (mmseg ``FPN`` neck + ``FPNHead``)."""
+
+    type: Literal["fpn"] = Field("fpn", description="Head kind.")
+    channels: int = Field(128, ge=1, description="Width of the scale heads.")
+    fpn_channels: int = Field(256, ge=1, description="Width of the FPN neck's lateral and output convs.")
+
+
+class UPerHeadConfig(_MultiLevelHead):
+    """UPerNet head (mmseg ``UPerHead``): PPM on the last level + FPN, fused by concat and a 3x3 conv."""
+
+    type: Literal["upernet"] = Field("upernet", description="Head kind.")
+    channels: int = Field(512, ge=1, description="Width of the PPM, FPN and fusion convolutions.")
+    pool_scales: list[int] = Field([1, 2, 3, 6], min_length=1, description="PPM adaptive pooling sizes.")
+
+
+class SegformerHeadConfig(_MultiLevelHead):
+    """SegFormer all-MLP head: per-level linear projection, upsample to the finest level, concat, fuse."""
+
+    type: Literal["segformer"] = Field("segformer", description="Head kind.")
+
+
+HeadConfig = Annotated[
+    Union[FCNHeadConfig, FPNHeadConfig, UPerHeadConfig, SegformerHeadConfig], Field(discriminator="type")
+]
+
+
+class AuxHeadConfig(FCNHeadConfig):
+    """Auxiliary FCN head on an intermediate level; used for training only."""
+
+    in_index: int = Field(2, description="Encoder level the head reads (index into its outputs).")
+    num_convs: int = Field(1, ge=0, description="Number of 3x3 ConvModules.")
+    concat_input: bool = Field(
+        False, description="Concatenate the input with the conv output and fuse by a 3x3 ConvModule."
+    )
+    losses: list[LossConfig] = Field(
+        default_factory=lambda: _default_losses(0.4),
+        description="Loss terms on the auxiliary logits, each logged as 'aux.loss_<kind>'.",
+    )
+
+
+class InferenceConfig(Section):
+    """How ``Segmentor.predict`` turns an image into logits."""
+
+    mode: Literal["whole", "slide"] = Field("whole", description="Whole image at once, or sliding windows.")
+    crop_size: tuple[int, int] = Field((512, 512), description="Slide window size (h, w).")
+    stride: tuple[int, int] = Field((341, 341), description="Slide window stride (h, w).")
+    flip: bool = Field(
+        False, description="Also predict the horizontally flipped image and average the logits."
+    )
+
+    @model_validator(mode="after")
+    def _positive_windows(self) -> InferenceConfig:
+        if min(*self.crop_size, *self.stride) < 1:
+            raise ValueError(f"crop_size {self.crop_size} and stride {self.stride} must be positive")
+        return self
+
+
+class ModelConfig(Section):
+    """The recipe's ``model:`` section."""
+
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="timm backbone.")
+    decode_head: HeadConfig = Field(default_factory=FPNHeadConfig, description="Main decode head.")
+    aux_head: AuxHeadConfig | None = Field(None, description="Auxiliary FCN head (training only); null = none.")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig, description="Prediction mode.")
+    channels_last: bool = Field(False, description="Use channels_last memory format for model and inputs.")
+    compile: bool = Field(False, description="torch.compile the encoder and heads (nn.Module.compile).")

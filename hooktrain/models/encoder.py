@@ -1,0 +1,173 @@
+"""timm encoders as multi-level feature extractors, with Hub or local-file weights."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import socket
+from pathlib import Path
+from unittest import mock
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from hooktrain.errors import UserError, did_you_mean
+from hooktrain.models.config import EncoderConfig
+
+logger = logging.getLogger(__name__)
+
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def build_encoder(cfg: EncoderConfig) -> nn.Module:
+    """Create ``timm.create_model(cfg.name, features_only=True, ...)`` with the configured weights.
+
+    The returned module maps an image batch to a list of feature maps; its ``feature_info``
+    gives ``channels()`` and ``reduction()`` (stride) of each returned level.
+    """
+    if not timm.is_model(cfg.name):
+        raise UserError(
+            f"model.encoder.name: unknown timm model '{cfg.name}'{did_you_mean(cfg.name, timm.list_models())};"
+            " pick a name from timm.list_models()"
+        )
+    kwargs = dict(cfg.kwargs)
+    kwargs["out_indices"] = tuple(cfg.out_indices) if cfg.out_indices is not None else (-4, -3, -2, -1)
+    if cfg.drop_path_rate > 0:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.pretrained_path is not None:
+        return _create_from_file(cfg.name, Path(cfg.pretrained_path), kwargs)
+    if cfg.pretrained:
+        return _create_from_hub(cfg.name, kwargs)
+    return _create(cfg.name, pretrained=False, **kwargs)
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(name, features_only=True, **kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise UserError(
+            f"model.encoder: timm could not build '{name}' as a feature extractor with {kwargs} ({err}); "
+            "check model.encoder.out_indices / kwargs, or choose an encoder that supports features_only"
+        ) from err
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub endpoint, so an unreachable Hub fails in seconds rather than
+    after huggingface_hub's ~46 s of retries. Behind a proxy, trust the proxy and say yes."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(var) for var in _PROXY_VARS):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE) or not _hub_reachable()
+    # Offline, huggingface_hub still serves weights already in the local cache.
+    patch = mock.patch.object(constants, "HF_HUB_OFFLINE", True) if offline else contextlib.nullcontext()
+    try:
+        with patch:
+            return timm.create_model(name, features_only=True, pretrained=True, **kwargs)
+    except (OSError, RuntimeError) as err:
+        where = "the Hugging Face Hub is offline or unreachable" if offline else str(err).splitlines()[0]
+        raise UserError(
+            f"model.encoder: pretrained weights for '{name}' could not be downloaded ({where}); "
+            "set model.encoder.pretrained_path to a local .safetensors or timm checkpoint, "
+            "or model.encoder.pretrained: false"
+        ) from err
+
+
+def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
+    """Load a local checkpoint into the encoder.
+
+    Two layouts are accepted: a full timm model's state_dict (what timm and the Hub publish; loaded
+    through timm's own ``pretrained_cfg_overlay=dict(file=...)`` path, so its checkpoint filters and
+    classifier removal apply) or the state_dict of the feature extractor itself.
+    """
+    if not path.is_file():
+        raise UserError(
+            f"model.encoder.pretrained_path: no such file '{path}'; point it at a local .safetensors or torch checkpoint"
+        )
+    try:
+        state_dict = timm.models.load_state_dict(str(path), use_ema=False)
+    except Exception as err:  # a corrupt or foreign file: report it as bad input
+        raise UserError(
+            f"model.encoder.pretrained_path: could not read '{path}' as a checkpoint ({err}); "
+            "give a .safetensors file or a torch checkpoint holding a state_dict"
+        ) from err
+
+    with torch.device("meta"):
+        feature_keys = set(_create(name, pretrained=False, **kwargs).state_dict())
+    missing, unexpected, matched = _compare_with_full_model(name, state_dict, kwargs)
+    if len(feature_keys & state_dict.keys()) > matched:  # the feature extractor's own state_dict
+        encoder = _create(name, pretrained=False, **kwargs)
+        result = encoder.load_state_dict(state_dict, strict=False)
+        _report(path, result.missing_keys, result.unexpected_keys)
+        return encoder
+    if not matched:
+        raise UserError(
+            f"model.encoder.pretrained_path: no parameter of '{path}' matches timm model '{name}'; "
+            "use a checkpoint of that architecture (or set model.encoder.name to match it)"
+        )
+    try:
+        encoder = timm.create_model(
+            name,
+            features_only=True,
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(path)),
+            pretrained_strict=False,
+            **kwargs,
+        )
+    except RuntimeError as err:  # e.g. shape mismatches
+        raise UserError(
+            f"model.encoder.pretrained_path: '{path}' does not fit timm model '{name}' ({str(err).splitlines()[0]}); "
+            "use a checkpoint of that architecture"
+        ) from err
+    _report(path, missing, unexpected)
+    return encoder
+
+
+def _compare_with_full_model(name: str, state_dict: dict, kwargs: dict) -> tuple[list[str], list[str], int]:
+    """Missing keys, unexpected keys and the number of matching keys of ``state_dict`` against timm's full ``name`` model, after the
+    model's own checkpoint filter (which converts e.g. original PVT/SegFormer checkpoints).
+    Built on the meta device, so it costs no memory or init time."""
+    full_kwargs = {k: v for k, v in kwargs.items() if k != "out_indices"}
+    with torch.device("meta"):
+        model = timm.create_model(name, **full_kwargs)
+    filter_fn = getattr(importlib.import_module(timm.models.model_entrypoint(name).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state_dict = filter_fn(dict(state_dict), model)
+        except Exception:  # a filter that needs real tensors; compare the raw keys instead
+            pass
+    expected = set(model.state_dict())
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    # The feature extractor drops the classifier, so a checkpoint without one misses nothing.
+    expected -= {k for k in expected if k.startswith(tuple(f"{c}." for c in classifiers))}
+    keys = set(state_dict)
+    unexpected = {k for k in keys - expected if not k.startswith(tuple(f"{c}." for c in classifiers))}
+    return sorted(expected - keys), sorted(unexpected), len(expected & keys)
+
+
+def _report(path: Path, missing: list[str], unexpected: list[str]) -> None:
+    """Log which keys of the checkpoint did not line up with the model."""
+    if missing:
+        logger.warning("encoder weights from %s: %d missing keys: %s", path, len(missing), ", ".join(missing))
+    if unexpected:
+        logger.warning(
+            "encoder weights from %s: %d unexpected keys: %s", path, len(unexpected), ", ".join(unexpected)
+        )
+    if not missing and not unexpected:
+        logger.info("encoder weights loaded from %s (all keys matched)", path)

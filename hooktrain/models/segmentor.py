@@ -1,0 +1,124 @@
+"""The segmentor: a timm encoder, a decode head, an optional auxiliary head, their losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hooktrain.errors import UserError
+from hooktrain.models.config import InferenceConfig, ModelConfig
+from hooktrain.models.encoder import build_encoder
+from hooktrain.models.heads import DecodeHead, build_head, resize
+from hooktrain.models.inference import predict_logits
+from hooktrain.models.losses import HeadLoss
+
+
+class Segmentor(nn.Module):
+    """Encoder-decoder segmentor.
+
+    ``forward(image, mask)`` returns the weighted loss terms (training); ``forward(image)`` returns
+    logits at the input size; ``predict`` runs the configured whole/slide/flip inference. The
+    auxiliary head only takes part when a mask is given. Mode (train/eval) and gradient context
+    are the caller's; ``predict`` runs without gradients.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decode_head: DecodeHead,
+        decode_loss: HeadLoss,
+        *,
+        aux_head: DecodeHead | None = None,
+        aux_loss: HeadLoss | None = None,
+        inference: InferenceConfig | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decode_head = decode_head
+        self.decode_loss = decode_loss
+        self.aux_head = aux_head
+        self.aux_loss = aux_loss
+        self.inference = inference or InferenceConfig()
+        self.channels_last = channels_last
+        self.align_corners = decode_head.align_corners
+
+    def _prepare(self, image: torch.Tensor) -> torch.Tensor:
+        return image.contiguous(memory_format=torch.channels_last) if self.channels_last else image
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Decode-head logits resized (bilinear) to the input size."""
+        image = self._prepare(image)
+        out = self.decode_head(self.encoder(image))
+        return resize(out, image.shape[-2:], self.align_corners)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None):
+        """With ``mask`` [B,H,W] (255 = ignore): ``{"decode.loss_ce": ..., "aux.loss_ce": ...}``,
+        each term already multiplied by its weight. Without: logits [B,C,H,W] at the input size."""
+        if mask is None:
+            return self.logits(image)
+        features = self.encoder(self._prepare(image))
+        terms = {f"decode.{k}": v for k, v in self.decode_loss(self.decode_head(features), mask).items()}
+        if self.aux_head is not None:
+            terms.update({f"aux.{k}": v for k, v in self.aux_loss(self.aux_head(features), mask).items()})
+        return terms
+
+    @torch.no_grad()
+    def predict(
+        self, image: torch.Tensor, img_shapes: Sequence[Sequence[int]], ori_shapes: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """Float32 logits ``[C, H_i, W_i]`` per image at its original size ``ori_shapes[i]``.
+
+        ``image`` is a padded batch [B,3,h,w] whose i-th image fills the top-left ``img_shapes[i]``;
+        see :func:`hooktrain.models.inference.predict_logits` for the whole/slide/flip details.
+        """
+        return predict_logits(self.logits, image, img_shapes, ori_shapes, self.inference, self.align_corners)
+
+
+def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 255) -> Segmentor:
+    """Build the segmentor described by the recipe's ``model:`` section."""
+    if num_classes < 1:
+        raise UserError(f"num_classes is {num_classes}; the dataset must declare at least one class")
+    encoder = build_encoder(cfg.encoder)
+    channels = list(encoder.feature_info.channels())
+    strides = list(encoder.feature_info.reduction())
+    head_cfg = cfg.decode_head
+    decode_head = build_head(head_cfg, channels, strides, num_classes, where="model.decode_head")
+    decode_loss = HeadLoss(
+        head_cfg.losses,
+        head_cfg.sampler,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        align_corners=head_cfg.align_corners,
+        where="model.decode_head",
+    )
+    aux_head = aux_loss = None
+    if cfg.aux_head is not None:
+        aux_head = build_head(cfg.aux_head, channels, strides, num_classes, where="model.aux_head")
+        aux_loss = HeadLoss(
+            cfg.aux_head.losses,
+            cfg.aux_head.sampler,
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            align_corners=cfg.aux_head.align_corners,
+            where="model.aux_head",
+        )
+    model = Segmentor(
+        encoder,
+        decode_head,
+        decode_loss,
+        aux_head=aux_head,
+        aux_loss=aux_loss,
+        inference=cfg.inference,
+        channels_last=cfg.channels_last,
+    )
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        # nn.Module.compile compiles in place, so parameter names (and checkpoints) are unchanged.
+        for module in (model.encoder, model.decode_head, model.aux_head):
+            if module is not None:
+                module.compile()
+    return model

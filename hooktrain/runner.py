@@ -1,0 +1,273 @@
+"""The iteration-based runner: one Accelerator, one loop, hooks around it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from hooktrain.data import build_train_stream, prepare_data
+from hooktrain.errors import UserError
+from hooktrain.hooks import LoadedHook, build_hooks, call_hooks, hooks_info
+from hooktrain.models import build_segmentor
+from hooktrain.optim import build_optimizer, build_scheduler
+from hooktrain.recipe import Recipe, TrainConfig, dump_recipe
+
+logger = logging.getLogger("hooktrain")
+
+#: Exit codes of an interrupted run (shell convention 128 + signal number).
+EXIT_CODES = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+
+
+@dataclass
+class TrainState:
+    """What the loop knows about its progress; saved with every checkpoint."""
+
+    iter: int = 0
+    max_iters: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)  # latest validation metrics
+    best: dict[str, Any] = field(default_factory=dict)  # e.g. {"mIoU": 0.71, "iter": 4000}
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
+    """The run's Accelerator. fp16 without a CUDA GPU is refused (Accelerate would silently
+    train in fp32)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if cfg.mixed_precision == "fp16" and (use_cpu or not torch.cuda.is_available()):
+        raise UserError(
+            "train.mixed_precision: fp16 needs a CUDA GPU and none is in use; "
+            "use bf16 (autocasts on CPU too) or 'no'"
+        )
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        step_scheduler_with_optimizer=False,
+        **kwargs,
+    )
+
+
+def setup_logging(is_main_process: bool) -> None:
+    """Info lines from the main process only; warnings from every rank."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if is_main_process else logging.WARNING)
+    logger.propagate = False
+
+
+class IterRunner:
+    """Trains ``model`` for ``state.max_iters`` optimizer steps, calling ``hooks`` around it.
+
+    Build one from a recipe with ``IterRunner.from_recipe``; the constructor only assembles
+    ready parts (so tests and benchmarks can pass their own). ``model`` and ``optimizer``
+    must already be prepared by ``accelerator``; ``scheduler`` must not be (it steps once per
+    optimizer step, whatever the number of processes).
+    """
+
+    def __init__(
+        self,
+        *,
+        recipe: Recipe,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_stream: Iterator[dict[str, torch.Tensor]],
+        hooks: list[LoadedHook],
+        work_dir: str | os.PathLike,
+    ) -> None:
+        self.recipe = recipe
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_stream = train_stream
+        self.hooks = hooks
+        self.work_dir = Path(work_dir)
+        self.state = TrainState(max_iters=recipe.train.max_iters)
+        self.stop_requested: str | None = None  # the signal's name once one arrived
+        self._train_iter = iter(train_stream)
+        self._clip = recipe.train.clip_grad_norm
+        self._accum = recipe.train.grad_accum_steps
+        # The LR reported in logs: the group without a multiplier (the recipe's lr).
+        groups = optimizer.param_groups
+        self._lr_group = next((i for i, g in enumerate(groups) if g.get("lr_mult", 1) == 1), 0)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, *, force: bool = False) -> IterRunner:
+        """Build everything a recipe describes: accelerator, data, model, optimizer, hooks."""
+        accelerator = make_accelerator(recipe.train)
+        setup_logging(accelerator.is_main_process)
+        work_dir = Path(recipe.work_dir or "work_dirs/run")
+        _check_work_dir(work_dir, force)
+        hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
+        if accelerator.is_main_process:
+            _write_atomically(work_dir / "recipe.yaml", dump_recipe(recipe))
+        set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
+        with accelerator.main_process_first():
+            prepare_data(recipe.data)
+        data = recipe.data
+        model = build_segmentor(
+            recipe.model, num_classes=data.num_classes, ignore_index=data.ignore_index
+        )
+        optimizer = build_optimizer(model, recipe.optimizer)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
+        stream = build_train_stream(
+            data,
+            seed=recipe.train.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        return cls(
+            recipe=recipe,
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_stream=stream,
+            hooks=hooks,
+            work_dir=work_dir,
+        )
+
+    # -- what hooks use -------------------------------------------------------------------
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The model without its DDP/compile wrappers (for inference and saving)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def call_hooks(self, stage: str, *args: Any) -> None:
+        """Fire ``stage`` on every hook in priority order."""
+        call_hooks(self.hooks, stage, self, *args)
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Publish values at ``step`` (default: the current iteration) to the logging hooks
+        and to Accelerate's trackers. Call it on every rank; only the main process writes."""
+        step = self.state.iter if step is None else step
+        self.call_hooks("on_log", values, step)
+        if self.accelerator.trackers:
+            scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
+            self.accelerator.log(scalars, step=step)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> str | None:
+        """Train until ``max_iters`` or a stop signal. Returns the signal's name when one
+        stopped the run (the CLI turns it into ``EXIT_CODES``), else ``None``."""
+        logger.info(hooks_info(self.hooks))
+        previous = self._install_signal_handlers()
+        try:
+            self.call_hooks("before_run")
+            while self.state.iter < self.state.max_iters and not self._should_stop():
+                self.call_hooks("before_train_iter")
+                outputs = self.train_step()
+                self.state.iter += 1
+                self.call_hooks("after_train_iter", outputs)
+        finally:
+            try:
+                self.call_hooks("after_run")
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+        if self.stop_requested:
+            logger.warning("stopped by %s at iteration %d", self.stop_requested, self.state.iter)
+        return self.stop_requested
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches.
+
+        Returns detached loss terms averaged over the micro-batches, ``lr`` (the LR this step
+        used), ``grad_norm`` (when clipping), ``data_time`` and ``time`` in seconds.
+        """
+        start = time.perf_counter()
+        data_time = 0.0
+        totals: dict[str, torch.Tensor] = {}
+        grad_norm = None
+        lr = self.optimizer.param_groups[self._lr_group]["lr"]
+        for _ in range(self._accum):
+            fetch = time.perf_counter()
+            batch = next(self._train_iter)
+            data_time += time.perf_counter() - fetch
+            image, mask = (batch[k].to(self.accelerator.device, non_blocking=True) for k in ("image", "mask"))
+            with self.accelerator.accumulate(self.model):
+                terms = self.model(image, mask)
+                loss = sum(v for k, v in terms.items() if "loss" in k)
+                self.accelerator.backward(loss)
+                if self._clip is not None and self.accelerator.sync_gradients:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self._clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for key, value in {"loss": loss, **terms}.items():
+                totals[key] = totals.get(key, 0) + value.detach() / self._accum
+        self.scheduler.step()
+        outputs: dict[str, Any] = {**totals, "lr": lr, "data_time": data_time}
+        if grad_norm is not None:
+            outputs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
+        outputs["time"] = time.perf_counter() - start
+        return outputs
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT finish the current iteration, then stop (hooks save in after_run);
+        a second signal aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting")
+            self.stop_requested = signal.Signals(signum).name
+            logger.warning("%s received: stopping after this iteration", self.stop_requested)
+
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, request_stop)
+        return previous
+
+    def _should_stop(self) -> bool:
+        """Whether any rank was asked to stop; ranks agree so none waits in a collective."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested is not None
+        flag = torch.tensor(
+            [EXIT_CODES.get(self.stop_requested or "", 0)], device=self.accelerator.device
+        )
+        code = int(self.accelerator.gather(flag).max())
+        if code and not self.stop_requested:
+            self.stop_requested = next(name for name, c in EXIT_CODES.items() if c == code)
+        return bool(code)
+
+
+def _check_work_dir(work_dir: Path, force: bool) -> None:
+    checkpoints = work_dir / "checkpoints"
+    if not force and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise UserError(
+            f"{work_dir} already holds checkpoints; pass --resume to continue that run, "
+            "--force to start over in it, or --work-dir to choose another directory"
+        )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
