@@ -47,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train from a recipe (the default command)")
     _add_recipe_args(train)
     train.add_argument(
-        "--force", action="store_true", help="start over in a work dir that holds checkpoints"
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="continue from the newest complete checkpoint of the work dir, or from PATH",
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a work dir that holds checkpoints (they are moved aside)",
     )
 
     config = sub.add_parser("config", help="print the resolved, validated recipe")
@@ -69,7 +78,7 @@ def train_command(args: argparse.Namespace) -> int:
     from hooktrain.runner import EXIT_CODES, IterRunner
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
-    runner = IterRunner.from_recipe(recipe, force=args.force)
+    runner = IterRunner.from_recipe(recipe, resume=args.resume, force=args.force)
     try:
         stopped_by = runner.run()
     finally:

@@ -66,6 +66,11 @@ class Recipe(Section):
     work_dir: str | None = Field(
         None, description="Run directory; default work_dirs/<recipe file name without .yaml>."
     )
+    load_from: str | None = Field(
+        None, description="Weights to start from (fine-tuning): a .safetensors file or a "
+        "checkpoint directory; optimizer and progress are not loaded. Missing and unexpected "
+        "keys are reported."
+    )
     model: ModelConfig = Field(description="The segmentor.")
     data: DataConfig = Field(description="Datasets, transforms and loaders.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from hooktrain.checkpoints import CHECKPOINTS, clean_stale, complete_checkpoints, resolve_resume
 from hooktrain.data import build_train_stream, prepare_data
 from hooktrain.errors import UserError
 from hooktrain.hooks import LoadedHook, build_hooks, call_hooks, hooks_info
@@ -104,6 +106,7 @@ class IterRunner:
         self.work_dir = Path(work_dir)
         self.state = TrainState(max_iters=recipe.train.max_iters)
         self.stop_requested: str | None = None  # the signal's name once one arrived
+        self.error: BaseException | None = None  # what ended the loop, if it failed
         self._train_iter = iter(train_stream)
         self._clip = recipe.train.clip_grad_norm
         self._accum = recipe.train.grad_accum_steps
@@ -112,14 +115,28 @@ class IterRunner:
         self._lr_group = next((i for i, g in enumerate(groups) if g.get("lr_mult", 1) == 1), 0)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, force: bool = False) -> IterRunner:
-        """Build everything a recipe describes: accelerator, data, model, optimizer, hooks."""
+    def from_recipe(
+        cls, recipe: Recipe, *, resume: str | None = None, force: bool = False
+    ) -> IterRunner:
+        """Build everything a recipe describes: accelerator, data, model, optimizer, hooks.
+
+        ``resume`` is ``"auto"`` (the newest complete checkpoint of the work dir) or a
+        checkpoint path; ``force`` starts over in a work dir that holds checkpoints (they are
+        moved aside, never deleted).
+        """
         accelerator = make_accelerator(recipe.train)
         setup_logging(accelerator.is_main_process)
         work_dir = Path(recipe.work_dir or "work_dirs/run")
-        _check_work_dir(work_dir, force)
+        checkpoint = resolve_resume(work_dir, resume) if resume else None
+        if checkpoint is None:
+            _check_work_dir(work_dir, force)
+        accelerator.wait_for_everyone()  # every rank checked before the main one moves things
         hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
         if accelerator.is_main_process:
+            if checkpoint is None and force:
+                _move_aside_old_checkpoints(work_dir)
+            for name in clean_stale(work_dir):
+                logger.warning("removed %s, left by an interrupted save", name)
             _write_atomically(work_dir / "recipe.yaml", dump_recipe(recipe))
         set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
         with accelerator.main_process_first():
@@ -128,16 +145,19 @@ class IterRunner:
         model = build_segmentor(
             recipe.model, num_classes=data.num_classes, ignore_index=data.ignore_index
         )
+        if recipe.load_from and checkpoint is None:
+            load_weights(model, recipe.load_from, strict=False)
         optimizer = build_optimizer(model, recipe.optimizer)
         model, optimizer = accelerator.prepare(model, optimizer)
         scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
+        accelerator.register_for_checkpointing(scheduler)
         stream = build_train_stream(
             data,
             seed=recipe.train.seed,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-        return cls(
+        runner = cls(
             recipe=recipe,
             accelerator=accelerator,
             model=model,
@@ -147,6 +167,9 @@ class IterRunner:
             hooks=hooks,
             work_dir=work_dir,
         )
+        if checkpoint is not None:
+            runner.load_state(checkpoint)
+        return runner
 
     # -- what hooks use -------------------------------------------------------------------
 
@@ -168,6 +191,50 @@ class IterRunner:
             scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
             self.accelerator.log(scalars, step=step)
 
+    # -- state -----------------------------------------------------------------------------
+
+    def save_state(self, directory: str | os.PathLike) -> None:
+        """Write everything a resume needs into ``directory`` (call on every rank; the
+        checkpoint hook makes it atomic). See ``hooktrain.checkpoints`` for the files."""
+        directory = Path(directory)
+        accelerator = self.accelerator
+        accelerator.save_state(str(directory))
+        if hasattr(self.train_stream, "state_dict"):
+            rank = accelerator.process_index
+            torch.save(self.train_stream.state_dict(), directory / f"data_state_rank{rank}.pt")
+        if accelerator.is_main_process:
+            hook_states = {_hook_key(i, h.name): h.hook.state_dict() for i, h in enumerate(self.hooks)}
+            torch.save(hook_states, directory / "hooks.pt")
+            train_state = {**self.state.state_dict(), "world_size": accelerator.num_processes}
+            (directory / "train_state.json").write_text(json.dumps(train_state, indent=1))
+
+    def load_state(self, directory: str | os.PathLike) -> None:
+        """Restore what ``save_state`` wrote: weights, optimizer, scheduler, RNGs, progress,
+        hooks and (with the same number of processes) the exact data stream position."""
+        directory = Path(directory)
+        self.accelerator.load_state(str(directory))
+        train_state = json.loads((directory / "train_state.json").read_text())
+        saved_world = train_state.pop("world_size", 1)
+        train_state.pop("max_iters", None)  # the recipe decides how long this run goes
+        self.state.load_state_dict(train_state)
+        hooks_file = directory / "hooks.pt"
+        hook_states = torch.load(hooks_file, weights_only=False) if hooks_file.exists() else {}
+        for index, loaded in enumerate(self.hooks):
+            state = hook_states.get(_hook_key(index, loaded.name))
+            if state:
+                loaded.hook.load_state_dict(state)
+        data_file = directory / f"data_state_rank{self.accelerator.process_index}.pt"
+        if saved_world != self.accelerator.num_processes:
+            logger.warning(
+                "resuming with %d processes from a checkpoint written by %d: the data stream "
+                "restarts its pass instead of continuing exactly",
+                self.accelerator.num_processes, saved_world,
+            )  # fmt: skip
+        elif data_file.exists() and hasattr(self.train_stream, "load_state_dict"):
+            self.train_stream.load_state_dict(torch.load(data_file, weights_only=False))
+        self._train_iter = iter(self.train_stream)
+        logger.info("resumed from %s at iteration %d", directory, self.state.iter)
+
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> str | None:
@@ -182,6 +249,9 @@ class IterRunner:
                 outputs = self.train_step()
                 self.state.iter += 1
                 self.call_hooks("after_train_iter", outputs)
+        except BaseException as exc:
+            self.error = exc
+            raise
         finally:
             try:
                 self.call_hooks("after_run")
@@ -257,13 +327,50 @@ class IterRunner:
         return bool(code)
 
 
+def _hook_key(index: int, name: str) -> str:
+    return f"{index}:{name}"
+
+
 def _check_work_dir(work_dir: Path, force: bool) -> None:
-    checkpoints = work_dir / "checkpoints"
-    if not force and checkpoints.is_dir() and any(checkpoints.iterdir()):
+    if not force and complete_checkpoints(work_dir):
         raise UserError(
             f"{work_dir} already holds checkpoints; pass --resume to continue that run, "
-            "--force to start over in it, or --work-dir to choose another directory"
+            "--force to start over in it (the old checkpoints are moved aside), "
+            "or --work-dir to choose another directory"
         )
+
+
+def _move_aside_old_checkpoints(work_dir: Path) -> None:
+    old = work_dir / CHECKPOINTS
+    if old.is_dir():
+        aside = work_dir / f"{CHECKPOINTS}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(old, aside)
+        logger.warning("--force: moved the previous checkpoints to %s", aside)
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+    """Load weights only (``load_from``, ``test --checkpoint``): a ``.safetensors`` file or a
+    checkpoint directory holding ``model.safetensors``. Reports missing and unexpected keys."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"weights not found: {file}; give a .safetensors file or a checkpoint directory")
+    state = load_file(str(file))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise UserError(
+            f"{file} does not fit the recipe's model: {len(result.missing_keys)} missing keys "
+            f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
+            f"(e.g. {result.unexpected_keys[:3]})"
+        )
+    logger.info(
+        "loaded weights from %s: %d missing keys %s, %d unexpected keys %s",
+        file, len(result.missing_keys), result.missing_keys[:10],
+        len(result.unexpected_keys), result.unexpected_keys[:10],
+    )  # fmt: skip
 
 
 def _write_atomically(path: Path, text: str) -> None:

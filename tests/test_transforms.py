@@ -299,6 +299,10 @@ def test_config_rejects_inverted_ranges_and_unknown_keys():
     with pytest.raises(ValidationError):
         TrainPipelineConfig(cat_max_ratio=0)
     assert TrainPipelineConfig().crop_size == (512, 512)
+    image, mask = scene()
+    still = TrainTransform(TrainPipelineConfig(hue_delta=0, saturation_range=(1.0, 1.0), **SMALL))
+    for seed in range(20):
+        still(image, mask, np.random.default_rng(seed))
 
 
 # ---------------------------------------------------------------- val pipeline

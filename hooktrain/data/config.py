@@ -1,0 +1,190 @@
+"""The recipe's ``data:`` section: classes, label handling, sources and loaders.
+
+Relative paths anywhere in this section (``root``, ``data_files``, ``images_dir``, ...) are
+resolved against the current working directory of the process that reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from hooktrain.config_base import Section
+from hooktrain.data.transforms import TrainPipelineConfig, ValPipelineConfig
+
+
+class _ColumnsMixin(Section):
+    image_column: str = Field("image", description="Column holding the encoded image.")
+    annotation_column: str = Field(
+        "annotation", description="Column holding the encoded label mask (PNG, one channel)."
+    )
+
+
+class HubSource(_ColumnsMixin):
+    """A dataset on the Hugging Face Hub (or a local directory laid out like a Hub repo)."""
+
+    type: Literal["hub"] = Field("hub", description="Source kind.")
+    path: str = Field(description="Hub repo id (e.g. 'scene_parse_150') or a local directory.")
+    name: str | None = Field(None, description="Dataset configuration name (e.g. 'scene_parsing').")
+    revision: str | None = Field(
+        None, description="Git revision, e.g. 'refs/convert/parquet' for script-based datasets."
+    )
+    split: str = Field("train", description="Split to read.")
+    streaming: bool = Field(
+        True,
+        description="Stream from the Hub (true) or download and cache the split once (false).",
+    )
+
+
+class ParquetSource(_ColumnsMixin):
+    """Local parquet shards with encoded image and annotation columns."""
+
+    type: Literal["parquet"] = Field("parquet", description="Source kind.")
+    data_files: str | list[str] = Field(
+        description="A glob or a list of globs/paths of parquet files (one file = one shard)."
+    )
+    split: str = Field("train", description="Name of the split (used in messages only).")
+
+
+class FolderSource(Section):
+    """Image files and PNG annotations paired by file stem.
+
+    Either ``root`` + ``split`` (the ADEChallengeData2016 layout
+    ``root/images/<split>/*.jpg`` + ``root/annotations/<split>/*.png``) or both
+    ``images_dir`` and ``annotations_dir``.
+    """
+
+    type: Literal["folder"] = Field("folder", description="Source kind.")
+    root: str | None = Field(None, description="Dataset root with images/ and annotations/.")
+    split: str = Field("training", description="Sub-directory of images/ and annotations/.")
+    images_dir: str | None = Field(None, description="Directory of images (overrides root).")
+    annotations_dir: str | None = Field(
+        None, description="Directory of PNG annotations (overrides root)."
+    )
+    num_shards: int = Field(
+        64, ge=1, description="Shards the file list is cut into (units of shuffling and splitting)."
+    )
+
+    @model_validator(mode="after")
+    def _dirs_given(self) -> FolderSource:
+        if self.root is None and (self.images_dir is None or self.annotations_dir is None):
+            raise ValueError("set either root (with split) or both images_dir and annotations_dir")
+        return self
+
+
+class ShapesSource(Section):
+    """The procedural shapes dataset, generated into ``root`` by ``prepare_data``."""
+
+    type: Literal["shapes"] = Field("shapes", description="Source kind.")
+    root: str = Field("data/shapes", description="Directory the dataset is generated into.")
+    split: Literal["train", "validation"] = Field("train", description="Split to read.")
+    num_train: int = Field(2000, ge=1, description="Training images to generate.")
+    num_val: int = Field(200, ge=1, description="Validation images to generate.")
+    image_size: int = Field(128, ge=32, description="Side of the square images in pixels.")
+    train_shards: int = Field(8, ge=1, description="Parquet files of the training split.")
+    val_shards: int = Field(2, ge=1, description="Parquet files of the validation split.")
+    seed: int = Field(0, description="Seed of the generator (the dataset is a function of it).")
+
+
+Source = Annotated[
+    HubSource | ParquetSource | FolderSource | ShapesSource, Field(discriminator="type")
+]
+
+
+class TrainDataConfig(Section):
+    """The training stream."""
+
+    source: Source = Field(description="Where the training examples come from.")
+    batch_size: int = Field(8, ge=1, description="Examples per batch, per process.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per process.")
+    shuffle_buffer: int = Field(
+        512, ge=1, description="Examples per shuffle window (each window is fully permuted)."
+    )
+    prefetch_factor: int = Field(2, ge=1, description="Batches each worker prepares ahead.")
+    pipeline: TrainPipelineConfig = Field(
+        default_factory=TrainPipelineConfig, description="Training augmentation pipeline."
+    )
+
+
+class ValDataConfig(Section):
+    """The validation loader."""
+
+    source: Source = Field(description="Where the validation examples come from.")
+    batch_size: int = Field(1, ge=1, description="Examples per batch, per process.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per process.")
+    pipeline: ValPipelineConfig = Field(
+        default_factory=ValPipelineConfig, description="Validation resize pipeline."
+    )
+
+
+def default_palette(num_classes: int) -> list[list[int]]:
+    """A deterministic palette: the same colours for the same number of classes."""
+    colours = np.random.default_rng(42).integers(0, 256, size=(num_classes, 3))
+    return colours.tolist()
+
+
+class DataConfig(Section):
+    """The recipe's ``data:`` section."""
+
+    num_classes: int = Field(description="Number of scored classes (mask values 0..num_classes-1).")
+    class_names: list[str] | None = Field(
+        None, description="One name per class; defaults to class_0, class_1, ..."
+    )
+    palette: list[list[int]] | None = Field(
+        None, description="One [r, g, b] per class for visualisation; default generated."
+    )
+    ignore_index: int = Field(255, description="Mask value excluded from loss and metrics.")
+    reduce_zero_label: bool = Field(
+        False, description="Map label 0 to ignore and shift the others down by one (ADE20K)."
+    )
+    label_map: dict[int, int] = Field(
+        default_factory=dict, description="Remap raw mask values before anything else."
+    )
+    out_of_range: Literal["error", "ignore"] = Field(
+        "error",
+        description="Mask values >= num_classes (and not ignore_index): stop with an error "
+        "or treat them as ignore_index.",
+    )
+    max_corrupt: int = Field(
+        10, ge=0, description="Undecodable images skipped per process before the run stops."
+    )
+    mean: tuple[float, float, float] = Field(
+        (123.675, 116.28, 103.53), description="Per-channel RGB mean (0-255 scale)."
+    )
+    std: tuple[float, float, float] = Field(
+        (58.395, 57.12, 57.375), description="Per-channel RGB std (0-255 scale)."
+    )
+    train: TrainDataConfig = Field(description="The training stream.")
+    val: ValDataConfig | None = Field(None, description="The validation loader (optional).")
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> DataConfig:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} names but num_classes is "
+                f"{self.num_classes}; give one name per class"
+            )
+        if self.palette is not None:
+            if len(self.palette) != self.num_classes:
+                raise ValueError(
+                    f"palette has {len(self.palette)} colours but num_classes is "
+                    f"{self.num_classes}; give one [r, g, b] per class or drop palette"
+                )
+            bad = [c for c in self.palette if len(c) != 3 or not all(0 <= v <= 255 for v in c)]
+            if bad:
+                raise ValueError(f"palette colours must be [r, g, b] in 0..255, got {bad[0]}")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        """The class names (generated when the recipe gives none)."""
+        return self.class_names or [f"class_{i}" for i in range(self.num_classes)]
+
+    @property
+    def colours(self) -> list[list[int]]:
+        """The palette (generated when the recipe gives none)."""
+        return self.palette or default_palette(self.num_classes)

@@ -1,0 +1,119 @@
+"""``hooktrain data convert``: an images/annotations folder to parquet shards.
+
+The output is laid out like a Hub dataset repo, ``OUT/data/<split>-0000i-of-0000n.parquet``
+with ``image`` and ``annotation`` columns typed ``datasets.Image()`` (the bytes of the
+original files, not re-encoded), so it can be streamed locally (``type: hub, path: OUT`` or
+``type: parquet, data_files: OUT/data/train-*.parquet``) or pushed to the Hub as is
+(``huggingface-cli upload USER/NAME OUT --repo-type dataset``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hooktrain.data.shapes import quiet_progress
+from hooktrain.data.sources import folder_pairs
+from hooktrain.errors import UserError
+
+# ADEChallengeData2016 names its splits training/validation; the Hub says train/validation.
+_HUB_SPLIT = {"training": "train", "validation": "validation"}
+_ROWS_PER_ROW_GROUP = 100
+
+
+def convert_folder(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    shards: int = 8,
+    split: str | None = None,
+    annotations_dir: str | os.PathLike | None = None,
+) -> dict[str, list[Path]]:
+    """Write parquet shards of a segmentation folder; return the files per output split.
+
+    ``source`` is either a dataset root in the ADEChallengeData2016 layout
+    (``images/<split>/*.jpg`` + ``annotations/<split>/*.png``; every split found is
+    converted, or only ``split``) or, with ``annotations_dir``, a directory of images whose
+    PNG masks share their file stems (written as ``split``, default ``train``).
+    """
+    source = Path(source)
+    if shards < 1:
+        raise UserError(f"--shards must be at least 1, got {shards}")
+    if annotations_dir is not None:
+        jobs = [(split or "train", source, Path(annotations_dir))]
+    else:
+        if not (source / "images").is_dir() or not (source / "annotations").is_dir():
+            raise UserError(
+                f"{source} has no images/ and annotations/ directories; pass a dataset root "
+                "in the ADEChallengeData2016 layout, or an images directory with --annotations"
+            )
+        splits = [split] if split else sorted(p.name for p in (source / "images").iterdir()
+                                              if p.is_dir())  # fmt: skip
+        if not splits:
+            raise UserError(f"{source / 'images'} has no split directories (e.g. training/)")
+        jobs = [(_HUB_SPLIT.get(s, s), source / "images" / s, source / "annotations" / s)
+                for s in splits]  # fmt: skip
+    out = Path(out_dir) / "data"
+    written: dict[str, list[Path]] = {}
+    for name, images, annotations in jobs:
+        pairs = folder_pairs(images, annotations, f"convert {images}")
+        if list(out.glob(f"{name}-*.parquet")):
+            raise UserError(f"{out} already holds {name} shards; remove them or pick another OUT")
+        written[name] = _write_shards(pairs, out, name, min(shards, len(pairs)))
+    return written
+
+
+def _write_shards(pairs: list[tuple[str, str]], out: Path, split: str, shards: int) -> list[Path]:
+    from datasets import Dataset, Features, Image
+
+    features = Features({"image": Image(), "annotation": Image()})
+    out.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(pairs), shards + 1).astype(int)
+    files = []
+    for i in range(shards):
+        chunk = pairs[bounds[i] : bounds[i + 1]]
+        table = {
+            "image": [{"bytes": Path(img).read_bytes(), "path": Path(img).name} for img, _ in chunk],
+            "annotation": [
+                {"bytes": Path(ann).read_bytes(), "path": Path(ann).name} for _, ann in chunk
+            ],
+        }
+        path = out / f"{split}-{i:05d}-of-{shards:05d}.parquet"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with quiet_progress():
+            Dataset.from_dict(table, features=features).to_parquet(
+                tmp, batch_size=_ROWS_PER_ROW_GROUP
+            )
+        os.replace(tmp, path)  # a crash never leaves a half-written shard under its real name
+        files.append(path)
+    return files
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register ``data convert`` on an argparse subparsers object; the parsed namespace is
+    handled by :func:`run_cli`."""
+    data = subparsers.add_parser("data", help="dataset tools")
+    tools = data.add_subparsers(dest="data_command", required=True)
+    convert = tools.add_parser(
+        "convert", help="turn an images/annotations folder into parquet shards"
+    )
+    convert.add_argument("path", help="ADEChallengeData2016-style root, or an images directory")
+    convert.add_argument("out", help="output directory (Hub repo layout: OUT/data/*.parquet)")
+    convert.add_argument("--shards", type=int, default=8, help="parquet files per split")
+    convert.add_argument("--split", help="convert only this split (default: all found)")
+    convert.add_argument("--annotations", help="masks directory when PATH holds only images")
+    return data
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run a parsed ``data`` subcommand; returns the exit code."""
+    written = convert_folder(
+        args.path, args.out, shards=args.shards, split=args.split,
+        annotations_dir=args.annotations,
+    )  # fmt: skip
+    for split, files in written.items():
+        print(f"{split}: {len(files)} shards in {files[0].parent}")
+    return 0

@@ -1,0 +1,219 @@
+"""What the train stream and the val loader share: who reads which rows, reading raw rows
+from one shard, decoding an example, and DataLoader worker plumbing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from hooktrain.data.config import DataConfig
+from hooktrain.data.sources import read_bytes
+from hooktrain.data.transforms import LabelMapper, decode_image, decode_mask
+from hooktrain.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Whole shards go to readers when they divide evenly or are plentiful enough that one extra
+# shard per reader is a small imbalance; otherwise readers stride over rows (balanced).
+_WHOLE_SHARDS_FACTOR = 16
+_ARROW_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ReaderPlan:
+    """The rows one reader (a rank's DataLoader worker) owns: rows ``r`` of each of
+    ``shards`` with ``r % stride == offset``."""
+
+    shards: tuple[int, ...]
+    stride: int = 1
+    offset: int = 0
+
+
+def _split(plan: ReaderPlan, parts: int, index: int) -> ReaderPlan:
+    n = len(plan.shards)
+    if n % parts == 0 or n >= _WHOLE_SHARDS_FACTOR * parts:
+        return ReaderPlan(plan.shards[index::parts], plan.stride, plan.offset)
+    return ReaderPlan(plan.shards, plan.stride * parts, plan.offset + plan.stride * index)
+
+
+def plan_reader(
+    num_shards: int, *, rank: int, world_size: int, worker: int, num_workers: int
+) -> ReaderPlan:
+    """Split ``num_shards`` shards first across ranks, then across a rank's workers.
+
+    At each level, whole shards are handed out round-robin when their number divides evenly
+    (or is at least 16 per part), as ``datasets.distributed.split_dataset_by_node`` does;
+    otherwise every part reads all shards and keeps every n-th row. Plans of distinct
+    (rank, worker) pairs never share a row, and together they cover every row.
+    """
+    plan = _split(ReaderPlan(tuple(range(num_shards))), world_size, rank)
+    return _split(plan, max(num_workers, 1), worker)
+
+
+@dataclass
+class RawRow:
+    """One undecoded example and where it came from."""
+
+    shard: int
+    row: int  # row index inside the shard
+    image: Any  # {"bytes", "path"} of Image(decode=False)
+    annotation: Any
+
+    @property
+    def example_id(self) -> str:
+        path = self.image.get("path") if isinstance(self.image, dict) else None
+        where = f"shard {self.shard} row {self.row}"
+        return f"{path} ({where})" if path else where
+
+
+def _kept_rows(table, first: int, stride: int, offset: int) -> list[int]:
+    """Positions in ``table`` (whose first row has index ``first``) of the rows with
+    ``index % stride == offset``."""
+    return list(range((offset - first) % stride, len(table), stride))
+
+
+def shard_rows(base, num_shards: int, shard: int, plan: ReaderPlan, start: int = 0):
+    """Yield ``(kept_index, RawRow)`` for the plan's rows of ``shard`` from the ``start``-th
+    kept row on. Rows before it are skipped by ``datasets`` on Arrow tables, so nothing
+    before ``start`` is converted to Python, let alone decoded."""
+    first = plan.offset + plan.stride * start
+    ds = base.shard(num_shards=num_shards, index=shard, contiguous=True)
+    if first:
+        ds = ds.skip(first)
+    raw, kept = first, start
+    for table in ds.with_format("arrow").iter(batch_size=_ARROW_BATCH):
+        idx = _kept_rows(table, raw, plan.stride, plan.offset)
+        if idx:
+            sub = table.take(idx)
+            images = sub.column("image").to_pylist()
+            annotations = sub.column("annotation").to_pylist()
+            for i, image, annotation in zip(idx, images, annotations, strict=True):
+                yield kept, RawRow(shard, raw + i, image, annotation)
+                kept += 1
+        raw += len(table)
+
+
+class CorruptExample(Exception):
+    """An example whose bytes cannot be decoded (skipped and counted, not fatal)."""
+
+
+class ExampleDecoder:
+    """Bytes to ``(image HxWx3 uint8 RGB, mask HxW label-mapped)``.
+
+    Undecodable images or annotations raise :class:`CorruptExample`; annotations that decode
+    but are wrong (colour masks, labels out of range) raise ``UserError``.
+    """
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.mapper = LabelMapper(
+            cfg.num_classes,
+            ignore_index=cfg.ignore_index,
+            reduce_zero_label=cfg.reduce_zero_label,
+            label_map=cfg.label_map,
+            out_of_range=cfg.out_of_range,
+        )
+
+    def __call__(self, row: RawRow) -> tuple[np.ndarray, np.ndarray]:
+        example_id = row.example_id
+        try:
+            image = decode_image(row.image, example_id)
+        except Exception as exc:  # noqa: BLE001 - any failure to decode means corrupt
+            raise CorruptExample(f"{example_id}: {_first_line(exc)}") from exc
+        try:
+            mask = decode_mask(row.annotation, example_id)
+        except UserError as exc:
+            if _decodable(row.annotation):
+                raise  # a real annotation that is wrong: the user must fix the dataset
+            raise CorruptExample(f"{example_id}: {_first_line(exc)}") from exc
+        return image, self.mapper(mask, example_id)
+
+
+def _decodable(value: Any) -> bool:
+    try:
+        data = np.frombuffer(read_bytes(value), np.uint8)
+    except (OSError, ValueError):
+        return False
+    return data.size > 0 and cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is not None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def corrupt_cap_error(count: int, cfg: DataConfig, last: str | None = None) -> UserError:
+    """The error that stops a run after more than ``max_corrupt`` undecodable examples."""
+    detail = f" (last: {last})" if last else " (the warnings above name them)"
+    return UserError(
+        f"{count} examples could not be decoded, more than data.max_corrupt="
+        f"{cfg.max_corrupt}{detail}; fix or remove the corrupt files, or raise data.max_corrupt"
+    )
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one thread per worker for OpenCV and torch, so
+    workers do not oversubscribe the cores."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def worker_position() -> tuple[int, int]:
+    """``(worker id, number of workers)`` of the calling DataLoader worker, or (0, 1)."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def loader_options(num_workers: int, prefetch_factor: int) -> dict[str, Any]:
+    """DataLoader keyword arguments shared by the train stream and the val loader."""
+    if num_workers == 0:
+        return {"num_workers": 0, "pin_memory": torch.cuda.is_available()}
+    return {
+        "num_workers": num_workers,
+        "worker_init_fn": worker_init,
+        "persistent_workers": True,
+        "prefetch_factor": prefetch_factor,
+        "pin_memory": torch.cuda.is_available(),
+    }
+
+
+def reraise_user_error(exc: UserError) -> UserError:
+    """A ``UserError`` re-raised by DataLoader from a worker carries the worker's traceback
+    in its message; return one with the original one-line message."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    prefix = "UserError: "
+    return UserError(last[last.index(prefix) + len(prefix) :] if prefix in last else last)
+
+
+def warn_corrupt(message: str, count: int, cfg: DataConfig) -> None:
+    """Log one skipped example."""
+    logger.warning(
+        "skipping an undecodable example (%d of at most %d): %s", count, cfg.max_corrupt, message
+    )
+
+
+def strided_rows(base, stride: int, offset: int) -> Iterator[tuple[int, RawRow]]:
+    """Rows of ``base`` whose global index (position in shard order) is ``offset`` modulo
+    ``stride``, with that index. Other rows are read but never converted to Python."""
+    index = 0  # global index of the current table's first row
+    for shard in range(base.num_shards):
+        row = 0
+        ds = base.shard(num_shards=base.num_shards, index=shard, contiguous=True)
+        for table in ds.with_format("arrow").iter(batch_size=_ARROW_BATCH):
+            idx = _kept_rows(table, index, stride, offset)
+            if idx:
+                sub = table.take(idx)
+                images = sub.column("image").to_pylist()
+                annotations = sub.column("annotation").to_pylist()
+                for i, image, annotation in zip(idx, images, annotations, strict=True):
+                    yield index + i, RawRow(shard, row + i, image, annotation)
+            index += len(table)
+            row += len(table)

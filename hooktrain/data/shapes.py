@@ -1,0 +1,206 @@
+"""The procedural shapes dataset: the quickstart's data, generated locally in seconds.
+
+Each image is a textured background (blobby noise, a gradient or stripes) with a few filled
+shapes drawn over it. Colours are random per shape and per background, so a model has to
+learn shape, not colour. Classes: 0 background, 1 circle, 2 square, 3 triangle, 4 cross.
+
+The dataset is written once as parquet shards with ``image`` (JPEG) and ``annotation`` (PNG,
+mode L) columns typed as ``datasets.Image()``: the same schema as ADE20K on the Hub, laid
+out like a Hub repo (``root/data/{train,validation}-0000i-of-0000n.parquet``), so it streams
+through exactly the code path of the real datasets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from hooktrain.errors import UserError
+
+SHAPES_CLASSES = ["background", "circle", "square", "triangle", "cross"]
+SHAPES_PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]]
+_MANIFEST = "shapes.json"
+_FORMAT_VERSION = 1
+_ROWS_PER_ROW_GROUP = 50  # row groups are the units the train stream shuffles and resumes in
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return ys, xs
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    # Textures are computed on a coarse grid and upsampled: smooth by design, and cheap.
+    coarse = max(size // 4, 8)
+    kind = rng.integers(3)
+    if kind == 0:  # blobby colour noise
+        cells = rng.integers(0, 256, size=(rng.integers(3, 12),) * 2 + (3,), dtype=np.uint8)
+        return cv2.resize(cells, (size, size), interpolation=cv2.INTER_CUBIC)
+    a, b = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    ys, xs = _grid(coarse)
+    proj = xs * math.cos(angle) + ys * math.sin(angle)
+    if kind == 1:  # linear gradient
+        t = (proj - proj.min()) / max(float(proj.max() - proj.min()), 1e-6)
+    else:  # stripes
+        t = (np.sin(proj * rng.uniform(8, 30)) > 0).astype(np.float32)
+    small = (a + t[..., None] * (b - a)).astype(np.uint8)
+    return cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _polygon(cls: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    if cls == 2:  # square
+        pts = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
+        pts = [(x * 0.75, y * 0.75) for x, y in pts]
+    elif cls == 3:  # triangle
+        pts = [(math.cos(t), math.sin(t)) for t in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
+    else:  # cross: a plus sign of width 0.35 r
+        w = 0.35
+        pts = [(w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w), (-w, -1), (w, -1),
+               (w, -w), (1, -w), (1, w), (w, w)]  # fmt: skip
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array(
+        [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts], dtype=np.int32
+    )
+
+
+def render_example(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image (HxWx3 uint8 RGB) and its mask (HxW uint8 class ids) drawn from ``rng``."""
+    image = _background(rng, size)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(rng.integers(1, 5)):
+        cls = int(rng.integers(1, len(SHAPES_CLASSES)))
+        r = rng.uniform(0.1, 0.25) * size
+        cx, cy = rng.uniform(r * 0.5, size - r * 0.5, size=2)
+        colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        if cls == 1:
+            centre = (int(cx), int(cy))
+            cv2.circle(image, centre, int(r), colour, -1, lineType=cv2.LINE_AA)
+            cv2.circle(mask, centre, int(r), cls, -1)
+        else:
+            pts = _polygon(cls, cx, cy, r, rng.uniform(0, 2 * math.pi))
+            cv2.fillPoly(image, [pts], colour, lineType=cv2.LINE_AA)
+            cv2.fillPoly(mask, [pts], cls)
+    # Grain so flat shapes are not trivially separable by a constant colour.
+    grain = np.frombuffer(rng.bytes(size * size), np.uint8).reshape(size, size, 1) >> 4
+    image = np.clip(image.astype(np.int16) + grain.astype(np.int16) - 8, 0, 255)
+    return image.astype(np.uint8), mask
+
+
+def _write_split(out: Path, split: str, count: int, shards: int, size: int, seed: int) -> None:
+    from datasets import Dataset, Features, Image
+
+    features = Features({"image": Image(), "annotation": Image()})
+    split_key = 0 if split == "train" else 1
+    bounds = np.linspace(0, count, shards + 1).astype(int)
+    for shard in range(shards):
+        images, masks = [], []
+        for i in range(bounds[shard], bounds[shard + 1]):
+            image, mask = render_example(np.random.default_rng([seed, split_key, i]), size)
+            jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, 92])[1]  # fmt: skip
+            images.append({"bytes": jpg.tobytes(), "path": f"{split}_{i:06d}.jpg"})
+            masks.append({"bytes": cv2.imencode(".png", mask)[1].tobytes(),
+                          "path": f"{split}_{i:06d}.png"})  # fmt: skip
+        name = f"{split}-{shard:05d}-of-{shards:05d}.parquet"
+        with quiet_progress():
+            Dataset.from_dict({"image": images, "annotation": masks}, features=features).to_parquet(
+                out / "data" / name, batch_size=_ROWS_PER_ROW_GROUP
+            )
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """Silence ``datasets``' per-file progress bars (one per shard is noise), then restore."""
+    from datasets import utils as hf_tqdm
+
+    was_disabled = hf_tqdm.are_progress_bars_disabled()
+    hf_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            hf_tqdm.enable_progress_bars()
+
+
+def shapes_files(root: str | os.PathLike, split: str) -> list[str]:
+    """The parquet shards of ``split`` in a generated shapes dataset, in order."""
+    return sorted(str(p) for p in (Path(root) / "data").glob(f"{split}-*.parquet"))
+
+
+def generate_shapes(
+    root: str | os.PathLike,
+    *,
+    num_train: int = 2000,
+    num_val: int = 200,
+    image_size: int = 128,
+    train_shards: int = 8,
+    val_shards: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Generate the shapes dataset into ``root`` unless it is already there; return its path.
+
+    Idempotent and safe to call from several processes at once: the dataset is written
+    into a temporary sibling directory and renamed into place, so ``root`` either does not
+    exist or holds a complete dataset. An existing ``root`` generated with other parameters
+    is a ``UserError``; an empty ``root`` directory is filled.
+    """
+    params = {
+        "version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val,
+        "image_size": image_size, "train_shards": train_shards, "val_shards": val_shards,
+        "seed": seed,
+    }  # fmt: skip
+    if num_train < train_shards or num_val < val_shards:
+        raise UserError(
+            f"shapes: cannot cut {num_train} train / {num_val} val images into "
+            f"{train_shards} / {val_shards} shards; lower train_shards/val_shards"
+        )
+    root = Path(root).absolute()
+    if not _is_complete(root, params):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            (tmp / "data").mkdir()
+            _write_split(tmp, "train", num_train, train_shards, image_size, seed)
+            _write_split(tmp, "validation", num_val, val_shards, image_size, seed)
+            meta = {**params, "classes": SHAPES_CLASSES, "palette": SHAPES_PALETTE}
+            (tmp / _MANIFEST).write_text(json.dumps(meta, indent=1))
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                if not root.exists():  # a real failure, not a lost race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _is_complete(root, params)  # a concurrent writer with other parameters is an error
+    return root
+
+
+def _is_complete(root: Path, params: dict) -> bool:
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return False  # an empty directory is replaced by the rename
+    manifest = root / _MANIFEST
+    if not manifest.is_file():
+        raise UserError(
+            f"{root} exists but is not a generated shapes dataset (no {_MANIFEST}); "
+            "remove it or point data.*.source.root at another directory"
+        )
+    found = {k: v for k, v in json.loads(manifest.read_text()).items() if k in params}
+    if found != params:
+        diff = ", ".join(f"{k}={found.get(k)} (recipe: {v})" for k, v in params.items()
+                         if found.get(k) != v)  # fmt: skip
+        raise UserError(
+            f"{root} holds a shapes dataset generated with other parameters ({diff}); "
+            "delete it to regenerate or set data.*.source.root to another directory"
+        )
+    return True

@@ -1,0 +1,217 @@
+"""Sources: every kind ends as a ``datasets.IterableDataset`` with two raw columns.
+
+``load_source`` returns a dataset whose only columns are ``image`` and ``annotation``, both
+typed ``Image(decode=False)``: each value is ``{"bytes": ..., "path": ...}`` and the loaders
+decode it themselves with OpenCV. Parquet-backed sources are resharded per row group when
+``datasets`` can, so shards (the units of splitting, shuffling and resuming) stay small.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hooktrain.data.config import (
+    DataConfig,
+    FolderSource,
+    HubSource,
+    ParquetSource,
+    ShapesSource,
+)
+from hooktrain.data.shapes import generate_shapes, shapes_files
+from hooktrain.errors import UserError, did_you_mean
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def prepare_data(cfg: DataConfig) -> None:
+    """One-time work before streaming: generate the shapes dataset, download non-streamed
+    Hub splits into the cache. Idempotent; call it on the main process first, then on the
+    others (``with accelerator.main_process_first(): prepare_data(cfg)``)."""
+    sources = [("data.train.source", cfg.train.source)]
+    if cfg.val is not None:
+        sources.append(("data.val.source", cfg.val.source))
+    for where, source in sources:
+        if isinstance(source, ShapesSource):
+            _generate(source)
+        elif isinstance(source, HubSource) and not source.streaming:
+            load_source(source, where=where)
+
+
+def _generate(source: ShapesSource) -> Path:
+    return generate_shapes(
+        source.root,
+        num_train=source.num_train,
+        num_val=source.num_val,
+        image_size=source.image_size,
+        train_shards=source.train_shards,
+        val_shards=source.val_shards,
+        seed=source.seed,
+    )
+
+
+def load_source(source: Any, *, where: str = "data.train.source"):
+    """Open ``source`` as a ``datasets.IterableDataset`` with raw ``image`` and
+    ``annotation`` columns. ``where`` is the recipe key of the source, used in messages."""
+    from datasets import Image
+
+    image_column, annotation_column = "image", "annotation"
+    if isinstance(source, HubSource):
+        ds = _load_hub(source, where)
+        image_column, annotation_column = source.image_column, source.annotation_column
+    elif isinstance(source, ParquetSource):
+        ds = _load_parquet(_resolve_globs(source.data_files, f"{where}.data_files"), where)
+        image_column, annotation_column = source.image_column, source.annotation_column
+    elif isinstance(source, ShapesSource):
+        files = shapes_files(source.root, source.split)
+        if not files:
+            raise UserError(
+                f"{where}: no shapes dataset in {Path(source.root).absolute()}; "
+                "call hooktrain.data.prepare_data(cfg) first (training does it for you)"
+            )
+        ds = _load_parquet(files, where)
+    elif isinstance(source, FolderSource):
+        return _load_folder(source, where)
+    else:  # pragma: no cover - the config union admits nothing else
+        raise TypeError(f"unknown source {source!r}")
+
+    columns = _column_names(ds)
+    for key, column in (("image_column", image_column), ("annotation_column", annotation_column)):
+        if column not in columns:
+            raise UserError(
+                f"{where}: column '{column}' not found{did_you_mean(column, columns)}; the "
+                f"source has columns {columns}; set {where}.{key} to the right one"
+            )
+    ds = ds.select_columns([image_column, annotation_column])
+    if (image_column, annotation_column) != ("image", "annotation"):
+        ds = ds.rename_columns({image_column: "_img", annotation_column: "_ann"})
+        ds = ds.rename_columns({"_img": "image", "_ann": "annotation"})
+    ds = ds.cast_column("image", Image(decode=False))
+    ds = ds.cast_column("annotation", Image(decode=False))
+    try:
+        ds = ds.reshard()
+    except NotImplementedError:
+        pass
+    return ds
+
+
+def _column_names(ds) -> list[str]:
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    return list(next(iter(ds)).keys())  # features unknown until the first example
+
+
+def _resolve_globs(patterns: str | list[str], where: str) -> list[str]:
+    """Expand globs relative to the working directory into a sorted list of files."""
+    files: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not found:
+            raise UserError(
+                f"{where}: '{pattern}' matched no files (relative paths resolve against the "
+                f"working directory {os.getcwd()}); fix the path or glob"
+            )
+        files.extend(str(Path(f).absolute()) for f in found)
+    return files
+
+
+def _load_parquet(files: list[str], where: str):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"{where}: cannot read parquet files {files[:3]}...: {exc}") from exc
+
+
+def _load_hub(source: HubSource, where: str):
+    from datasets import load_dataset
+
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        ds = load_dataset(
+            source.path,
+            source.name,
+            revision=source.revision,
+            split=source.split,
+            streaming=source.streaming,
+            token=token,
+        )
+    except Exception as exc:  # noqa: BLE001 - the Hub's message is the useful part
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"{where}: cannot load '{source.path}' (name={source.name}, revision="
+            f"{source.revision}, split={source.split}): {message}; check path/name/revision/"
+            "split, and HF_TOKEN for gated or private datasets"
+        ) from exc
+    if not source.streaming:
+        ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64) or 1)
+    return ds
+
+
+def folder_pairs(images_dir: Path, annotations_dir: Path, where: str) -> list[tuple[str, str]]:
+    """``(image, annotation)`` paths paired by file stem, sorted by stem."""
+    for key, d in (("images_dir", images_dir), ("annotations_dir", annotations_dir)):
+        if not d.is_dir():
+            raise UserError(
+                f"{where}: {key} {d} is not a directory (relative paths resolve against the "
+                f"working directory {os.getcwd()}); fix {where}.root or {where}.{key}"
+            )
+    images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks = {p.stem: p for p in annotations_dir.iterdir() if p.suffix.lower() == ".png"}
+    unpaired = sorted(images.keys() ^ masks.keys())
+    if unpaired:
+        which = "annotation" if unpaired[0] in images else "image"
+        raise UserError(
+            f"{where}: {len(unpaired)} files have no partner (e.g. '{unpaired[0]}' has no "
+            f"{which}); images in {images_dir} and PNG annotations in {annotations_dir} "
+            "must pair by file stem"
+        )
+    if not images:
+        raise UserError(f"{where}: no images found in {images_dir}")
+    return [(str(images[s].absolute()), str(masks[s].absolute())) for s in sorted(images)]
+
+
+def folder_dirs(source: FolderSource) -> tuple[Path, Path]:
+    """The images and annotations directories a folder source points at."""
+    root = Path(source.root) if source.root is not None else None
+    images = Path(source.images_dir) if source.images_dir else root / "images" / source.split
+    annotations = (
+        Path(source.annotations_dir)
+        if source.annotations_dir
+        else root / "annotations" / source.split
+    )
+    return images, annotations
+
+
+def _load_folder(source: FolderSource, where: str):
+    from datasets import Dataset, Features, Image
+
+    pairs = folder_pairs(*folder_dirs(source), where)
+    # Only paths go into the dataset: skipping examples never touches the files.
+    table = {
+        "image": [{"bytes": None, "path": img} for img, _ in pairs],
+        "annotation": [{"bytes": None, "path": ann} for _, ann in pairs],
+    }
+    features = Features({"image": Image(decode=False), "annotation": Image(decode=False)})
+    ds = Dataset.from_dict(table, features=features)
+    return ds.to_iterable_dataset(num_shards=min(source.num_shards, len(pairs)))
+
+
+def read_bytes(value: dict[str, Any] | bytes) -> bytes:
+    """The encoded bytes of a raw ``Image(decode=False)`` value (reading the file when the
+    dataset holds only a path)."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if value.get("bytes") is not None:
+        return value["bytes"]
+    path = value.get("path")
+    if not path:
+        raise ValueError("image value holds neither bytes nor a path")
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,291 @@
+"""The training stream: endless, sharded across ranks and workers, shuffled, exactly resumable.
+
+Design (why it resumes exactly)
+    The source's shards (parquet row groups when ``datasets`` can split files that finely)
+    are divided between ranks and then between each rank's DataLoader workers by
+    :func:`~hooktrain.data.reading.plan_reader`: every (rank, worker) reader owns a fixed,
+    disjoint set of rows. A reader walks its rows in passes ("epochs", counted per reader).
+    Pass ``e`` visits the reader's shards in an order drawn from ``rng(seed, e, rank,
+    worker)``, cuts the concatenated rows into consecutive windows of ``shuffle_buffer`` rows
+    and yields each window in a permutation drawn from ``rng(seed, e, window start, rank,
+    worker)``. Augmentation draws from ``rng(seed, e, shard, row)`` of each example.
+
+    Everything is a function of the position, so the position is the whole state:
+    ``(epoch, window start = (shard cursor, row), offset in the window, corrupt count)``.
+    Restoring re-opens the window's first shard at its row (``datasets`` skips the rows
+    before it on Arrow tables, without converting or decoding them), re-reads the raw bytes
+    of that one window, re-draws its permutation and continues at the offset. Only the
+    examples still to come are decoded, so resume costs one window of raw reads wherever
+    the position is.
+
+    With ``num_workers > 0``, torchdata's ``StatefulDataLoader`` asks each worker's dataset
+    for its state after every batch and hands batches out round-robin by worker; workers
+    never run dry (passes are endless), so the batch order is fixed and its state dict
+    (per worker positions plus the next worker) restores it exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+
+from hooktrain.data.config import DataConfig
+from hooktrain.data.reading import (
+    CorruptExample,
+    ExampleDecoder,
+    RawRow,
+    ReaderPlan,
+    corrupt_cap_error,
+    loader_options,
+    plan_reader,
+    reraise_user_error,
+    shard_rows,
+    warn_corrupt,
+    worker_position,
+)
+from hooktrain.data.sources import load_source
+from hooktrain.data.transforms import TrainTransform
+from hooktrain.errors import UserError
+
+_STATE_FORMAT = 1
+# Distinct first words of the RNG keys, so no two uses of the seed share a stream.
+_ORDER, _WINDOW, _EXAMPLE = 1, 2, 3
+
+
+def _fresh_position() -> dict[str, int]:
+    return {"epoch": 0, "cursor": 0, "row": 0, "pos": 0, "corrupt": 0}
+
+
+class TrainExamples(torch.utils.data.IterableDataset):
+    """The examples of one rank, as seen by each of its DataLoader workers (a reader).
+
+    Iterating yields ``(image [3,h,w], mask [h,w], worker, corrupt_count)`` forever.
+    ``state_dict``/``load_state_dict`` hold the reader's position (see the module doc).
+    """
+
+    def __init__(
+        self,
+        base,
+        cfg: DataConfig,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.num_shards = base.num_shards
+        self.cfg = cfg
+        self.seed = int(seed) % 2**63
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers
+        self.window = cfg.train.shuffle_buffer
+        self.decode = ExampleDecoder(cfg)
+        self.transform = TrainTransform(
+            cfg.train.pipeline, mean=cfg.mean, std=cfg.std, ignore_index=cfg.ignore_index
+        )
+        self._position = _fresh_position()
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of this reader: everything needed to continue exactly."""
+        return dict(self._position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a position returned by ``state_dict``."""
+        self._position = {**_fresh_position(), **state}
+
+    def _plan(self) -> tuple[int, ReaderPlan]:
+        worker, _ = worker_position()
+        return worker, plan_reader(
+            self.num_shards,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=self.num_workers,
+        )
+
+    def _rows_from(self, plan: ReaderPlan, order: list[int], cursor: int, row: int):
+        """``(cursor, kept row index, RawRow)`` from position ``(cursor, row)`` to the end of
+        the pass."""
+        for c in range(cursor, len(order)):
+            for kept, raw in shard_rows(self.base, self.num_shards, order[c], plan,
+                                        row if c == cursor else 0):  # fmt: skip
+                yield c, kept, raw
+
+    def __iter__(self):
+        worker, plan = self._plan()
+        pos = self._position
+        while True:
+            epoch, at_pass_start = pos["epoch"], pos["cursor"] == pos["row"] == 0
+            order = list(plan.shards)
+            np.random.default_rng([self.seed, _ORDER, epoch, self.rank, worker]).shuffle(order)
+            rows = self._rows_from(plan, order, pos["cursor"], pos["row"])
+            seen = 0
+            while window := list(islice(rows, self.window)):
+                seen += len(window)
+                key = [self.seed, _WINDOW, epoch, pos["cursor"], pos["row"], self.rank, worker]
+                perm = np.random.default_rng(key).permutation(len(window))
+                last_cursor, last_kept, _ = window[-1]
+                for p in range(pos["pos"], len(window)):
+                    # The position moves before the example is used: a snapshot taken after
+                    # this yield must point past it.
+                    if p + 1 < len(window):
+                        pos["pos"] = p + 1
+                    else:
+                        pos.update(cursor=last_cursor, row=last_kept + 1, pos=0)
+                    example = self._example(window[perm[p]][2], epoch, worker, pos)
+                    if example is not None:
+                        yield example
+            if at_pass_start and seen == 0:
+                raise UserError(
+                    f"data.train.source: rank {self.rank} worker {worker} got no training "
+                    f"examples ({self.num_shards} shards for {self.world_size} ranks x "
+                    f"{max(self.num_workers, 1)} workers); lower data.train.num_workers or "
+                    "use a larger dataset"
+                )
+            pos.update(epoch=epoch + 1, cursor=0, row=0, pos=0)
+
+    def _example(self, raw: RawRow, epoch: int, worker: int, pos: dict[str, int]):
+        try:
+            image, mask = self.decode(raw)
+        except CorruptExample as exc:
+            if epoch > 0:
+                return None  # counted (and reported) in the first pass already
+            pos["corrupt"] += 1
+            count = pos["corrupt"]
+            warn_corrupt(str(exc), count, self.cfg)
+            if count > self.cfg.max_corrupt:
+                raise corrupt_cap_error(count, self.cfg, str(exc)) from None
+            return None
+        rng = np.random.default_rng([self.seed, _EXAMPLE, epoch, raw.shard, raw.row])
+        image_t, mask_t = self.transform(image, mask, rng, example_id=raw.example_id)
+        return image_t, mask_t, worker, pos["corrupt"]
+
+
+def collate_train(examples: list[tuple]) -> dict[str, Any]:
+    """Stack examples into a batch; ``_worker``/``_corrupt`` are removed by ``TrainStream``."""
+    images, masks, workers, corrupt = zip(*examples, strict=True)
+    return {
+        "image": torch.stack(images),
+        "mask": torch.stack(masks),
+        "_worker": workers[-1],
+        "_corrupt": corrupt[-1],
+    }
+
+
+class TrainStream:
+    """Endless iterator of training batches ``{"image": float32 [B,3,H,W], "mask": int64
+    [B,H,W]}`` on the CPU, with ``state_dict``/``load_state_dict`` for exact resume.
+
+    The state belongs to this rank: save and restore it per process, with the same
+    ``world_size``, ``num_workers``, ``batch_size``, ``shuffle_buffer``, seed and data.
+    """
+
+    def __init__(self, dataset: TrainExamples, cfg: DataConfig) -> None:
+        self.dataset = dataset
+        self.cfg = cfg
+        self._workers = max(cfg.train.num_workers, 1)
+        self._corrupt = [0] * self._workers
+        self._loader = self._make_loader()
+        self._iter = None
+        self.fingerprint = {
+            "rank": dataset.rank,
+            "world_size": dataset.world_size,
+            "num_workers": cfg.train.num_workers,
+            "batch_size": cfg.train.batch_size,
+            "shuffle_buffer": cfg.train.shuffle_buffer,
+            "seed": dataset.seed,
+            "num_shards": dataset.num_shards,
+        }
+
+    def _make_loader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        train = self.cfg.train
+        with warnings.catch_warnings():  # torchdata 0.11 warns about its own set_vital call
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            return StatefulDataLoader(
+                self.dataset,
+                batch_size=train.batch_size,
+                collate_fn=collate_train,
+                **loader_options(train.num_workers, train.prefetch_factor),
+            )
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._iter = iter(self._loader)
+        try:
+            batch = next(self._iter)
+        except UserError as exc:
+            raise reraise_user_error(exc) from None
+        self._corrupt[batch.pop("_worker")] = batch.pop("_corrupt")
+        if sum(self._corrupt) > self.cfg.max_corrupt:
+            raise corrupt_cap_error(sum(self._corrupt), self.cfg)
+        return batch
+
+    @property
+    def num_corrupt(self) -> int:
+        """Undecodable examples skipped so far by this rank."""
+        return sum(self._corrupt)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position (plain Python data, picklable)."""
+        return {
+            "format": _STATE_FORMAT,
+            "fingerprint": dict(self.fingerprint),
+            "loader": self._loader.state_dict(),
+            "corrupt": list(self._corrupt),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the stream that wrote ``state`` was."""
+        if state.get("format") != _STATE_FORMAT:
+            raise UserError(
+                f"the checkpoint's data stream state has format {state.get('format')}, this "
+                f"version reads {_STATE_FORMAT}; resume with the hooktrain version that wrote it"
+            )
+        saved = state["fingerprint"]
+        diff = [f"{k}={saved.get(k)} (now {v})" for k, v in self.fingerprint.items()
+                if saved.get(k) != v]  # fmt: skip
+        if diff:
+            raise UserError(
+                "cannot resume the data stream exactly: the checkpoint was written with "
+                f"{', '.join(diff)}; resume with the same processes, data.train settings, "
+                "seed and dataset"
+            )
+        self.close()
+        self._loader = self._make_loader()
+        self._loader.load_state_dict(state["loader"])
+        self._corrupt = list(state["corrupt"])
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``next`` starts them again)."""
+        it, self._iter = self._iter, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+def build_train_stream(
+    cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1
+) -> TrainStream:
+    """The training stream of process ``rank`` of ``world_size`` (see :class:`TrainStream`)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    base = load_source(cfg.train.source, where="data.train.source")
+    dataset = TrainExamples(
+        base,
+        cfg,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.train.num_workers,
+    )
+    return TrainStream(dataset, cfg)

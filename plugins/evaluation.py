@@ -1,0 +1,205 @@
+"""Evaluation hook: mIoU / mDice / mFscore on the validation split, exact across ranks.
+
+Each rank predicts its own share of the validation split (``build_val_loader`` gives every
+example to exactly one rank, so there is no padding to drop), reduces every prediction to
+four per-class area rows on the device, and sums them. One all-reduce of ``4 * C + 1``
+integers then gives every rank the exact totals, whatever the number of ranks, workers or
+batches per rank; memory does not grow with the validation set.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from hooktrain.config_base import Section
+from hooktrain.data import build_val_loader
+from hooktrain.errors import UserError
+from hooktrain.hooks import PRIORITIES, Hook
+from hooktrain.metrics import METRICS, Areas, format_table, intersect_and_union, summarize
+
+logger = logging.getLogger("hooktrain")
+
+
+class EvaluateModule(Section):
+    """An extra metric from the ``evaluate`` library, computed on the main process."""
+
+    path: str = Field(description="evaluate.load() argument: a local module path or a Hub name.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments of its compute()."
+    )
+
+
+class EvalHook(Hook):
+    """Evaluates mIoU / mDice / mFscore on the validation split every `interval` iterations.
+
+    Metrics go to ``runner.state.metrics``, to ``after_val`` and to ``runner.log`` with a
+    ``val/`` prefix; the best value of ``best_key`` is kept in ``runner.state.best`` before any
+    later hook (a checkpoint saving the best model) runs in the same iteration.
+    """
+
+    priority = PRIORITIES["HIGH"]
+
+    def __init__(
+        self,
+        interval: int = 4000,
+        eval_at_end: bool = True,
+        metrics: list[str] = ["mIoU", "mDice", "mFscore"],  # noqa: B006 (copied, never mutated)
+        beta: float = 1.0,
+        nan_to_num: float | None = None,
+        best_key: str = "mIoU",
+        rule: Literal["greater", "less"] = "greater",
+        evaluate: list[EvaluateModule] = [],  # noqa: B006
+    ) -> None:
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise UserError(f"eval hook: unknown metrics {unknown}; choose from {list(METRICS)}")
+        if interval < 1:
+            raise UserError("eval hook: interval must be at least 1")
+        self.interval = interval
+        self.eval_at_end = eval_at_end
+        self.metrics = list(metrics)
+        self.beta = beta
+        self.nan_to_num = nan_to_num
+        self.best_key = best_key
+        self.rule = rule
+        self.evaluate_specs = list(evaluate)
+        self._evaluate_modules: list = []
+
+    def before_run(self, runner) -> None:
+        self._evaluate_modules = [_load_evaluate(spec) for spec in self.evaluate_specs]
+
+    def after_train_iter(self, runner, outputs: dict[str, Any]) -> None:
+        state = runner.state
+        last = state.iter == state.max_iters
+        if state.iter % self.interval == 0 or (last and self.eval_at_end):
+            self.evaluate(runner)
+
+    def evaluate(self, runner) -> dict[str, Any]:
+        """Predict the whole validation split, reduce across ranks, publish the metrics."""
+        runner.call_hooks("before_val")
+        if not self._evaluate_modules and self.evaluate_specs:
+            self._evaluate_modules = [_load_evaluate(spec) for spec in self.evaluate_specs]
+        areas, num_images = self._predict_areas(runner)
+        summary = summarize(areas, self.metrics, beta=self.beta, nan_to_num=self.nan_to_num)
+        metrics: dict[str, Any] = dict(summary.scalars)
+        for module in self._evaluate_modules:
+            metrics.update(self._compute_evaluate(runner, module))
+        self._update_best(runner, metrics)
+        runner.state.metrics = metrics
+        data = runner.recipe.data
+        if runner.accelerator.is_main_process:
+            names = data.class_names or [str(i) for i in range(data.num_classes)]
+            logger.info(
+                "validation at iter %d on %d images:\n%s",
+                runner.state.iter, num_images, format_table(summary.per_class, names),
+            )  # fmt: skip
+        if int(areas.num_out_of_range):
+            logger.warning(
+                "validation: %d pixels had labels outside [0, %d) and were not scored",
+                int(areas.num_out_of_range), data.num_classes,
+            )  # fmt: skip
+        runner.call_hooks("after_val", metrics)
+        per_class = {key: values.tolist() for key, values in summary.per_class.items()}
+        runner.log({**{f"val/{k}": v for k, v in metrics.items()}, "val/per_class": per_class})
+        return metrics
+
+    def _predict_areas(self, runner) -> tuple[Areas, int]:
+        accelerator = runner.accelerator
+        data = runner.recipe.data
+        model = runner.unwrapped_model
+        was_training = model.training
+        model.eval()
+        total = Areas.zeros(data.num_classes, device=accelerator.device)
+        count = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        loader = build_val_loader(
+            data, rank=accelerator.process_index, world_size=accelerator.num_processes
+        )
+        try:
+            with torch.no_grad(), accelerator.autocast():
+                for batch in loader:
+                    image = batch["image"].to(accelerator.device, non_blocking=True)
+                    logits = model.predict(image, batch["img_shapes"], batch["ori_shapes"])
+                    for i, image_logits in enumerate(logits):
+                        height, width = batch["ori_shapes"][i]
+                        label = batch["mask"][i, :height, :width].to(accelerator.device)
+                        pred = image_logits.argmax(0)
+                        total += intersect_and_union(pred, label, data.num_classes, data.ignore_index)
+                        for module in self._evaluate_modules:
+                            module.pending.append((pred.cpu().numpy(), label.cpu().numpy()))
+                    count += len(logits)
+                    self._flush_pending()
+        finally:
+            model.train(was_training)
+        packed = accelerator.reduce(torch.cat([total.pack(), count[None]]), reduction="sum")
+        return Areas.unpack(packed[:-1]), int(packed[-1])
+
+    def _flush_pending(self) -> None:
+        """Hand the batch's predictions to each evaluate module (it spills them to disk)."""
+        for module in self._evaluate_modules:
+            if module.pending:
+                preds, labels = zip(*module.pending, strict=True)
+                module.local_batches.append((list(preds), list(labels)))
+                module.pending.clear()
+
+    def _compute_evaluate(self, runner, module) -> dict[str, Any]:
+        """Gather every rank's predictions on the main process and run the module there."""
+        from accelerate.utils import gather_object
+
+        batches = module.local_batches
+        module.local_batches = []
+        if runner.accelerator.num_processes > 1:
+            batches = gather_object([batches])  # one list per rank
+            batches = [b for rank_batches in batches for b in rank_batches]
+        if not runner.accelerator.is_main_process:
+            return {}
+        for preds, labels in batches:
+            module.metric.add_batch(predictions=preds, references=labels)
+        kwargs = {"num_labels": runner.recipe.data.num_classes,
+                  "ignore_index": runner.recipe.data.ignore_index, **module.spec.kwargs}  # fmt: skip
+        result = module.metric.compute(**kwargs) or {}
+        name = module.metric.name
+        return {
+            f"{name}/{key}": float(value)
+            for key, value in result.items()
+            if isinstance(value, int | float) or getattr(value, "ndim", 1) == 0
+        }
+
+    def _update_best(self, runner, metrics: dict[str, Any]) -> None:
+        if self.best_key not in metrics:
+            raise UserError(
+                f"eval hook: best_key '{self.best_key}' is not a computed metric; "
+                f"choose one of {sorted(metrics)}"
+            )
+        value = metrics[self.best_key]
+        best = runner.state.best
+        better = (
+            not best
+            or best.get("key") != self.best_key
+            or (value > best["value"] if self.rule == "greater" else value < best["value"])
+        )
+        if better and value == value:  # NaN never becomes the best
+            runner.state.best = {"key": self.best_key, "value": value, "iter": runner.state.iter}
+
+
+class _LoadedEvaluate:
+    def __init__(self, spec: EvaluateModule, metric) -> None:
+        self.spec = spec
+        self.metric = metric
+        self.pending: list = []
+        self.local_batches: list = []
+
+
+def _load_evaluate(spec: EvaluateModule) -> _LoadedEvaluate:
+    import evaluate
+
+    try:
+        return _LoadedEvaluate(spec, evaluate.load(spec.path))
+    except Exception as exc:  # evaluate raises FileNotFoundError, ConnectionError, ImportError...
+        raise UserError(
+            f"eval hook: cannot load evaluate module '{spec.path}' ({type(exc).__name__}: {exc}); "
+            "give a local module path (the Hub is unreachable offline)"
+        ) from None
