@@ -62,7 +62,41 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved, validated recipe")
     _add_recipe_args(config)
 
+    test = sub.add_parser("test", help="evaluate a checkpoint on the validation split")
+    _add_recipe_args(test)
+    test.add_argument(
+        "--checkpoint", required=True, help="a checkpoint directory or a .safetensors file"
+    )
+
     sub.add_parser("plugins", help="list every discoverable hook")
+
+    export = sub.add_parser(
+        "export", help="write a checkpoint's weights and recipe into one .safetensors file"
+    )
+    export.add_argument("checkpoint", help="a checkpoint directory (iter_N, best) or its latest file")
+    export.add_argument("out", help="the .safetensors file to write")
+
+    predict = sub.add_parser("predict", help="segment images with an exported model")
+    predict.add_argument("model", help="a .safetensors file written by `hooktrain export`")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or directories")
+    predict.add_argument("--out", required=True, help="directory for the colour and label PNGs")
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    convert = data_sub.add_parser(
+        "convert",
+        help="turn an images/annotations folder into parquet shards with image/annotation "
+        "columns (stream them locally or push them to the Hub)",
+    )
+    convert.add_argument(
+        "path", help="dataset root in the ADEChallengeData2016 layout, or an images directory"
+    )
+    convert.add_argument("out", help="output directory for the parquet shards")
+    convert.add_argument("--shards", type=int, default=8, help="parquet files per split")
+    convert.add_argument("--split", help="only this split (default: every split found)")
+    convert.add_argument(
+        "--annotations", help="directory of PNG masks sharing the images' file stems"
+    )
     return parser
 
 
@@ -91,6 +125,62 @@ def config_command(args: argparse.Namespace) -> int:
     from hooktrain.recipe import dump_recipe, load_recipe
 
     print(dump_recipe(load_recipe(args.recipe, args.cfg_options, args.work_dir)), end="")
+    return 0
+
+
+@command("test")
+def test_command(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from hooktrain.hooks import resolve_hook_class, validate_hook_options
+    from hooktrain.recipe import load_recipe
+    from hooktrain.runner import IterRunner
+
+    recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
+    runner = IterRunner.for_evaluation(recipe, args.checkpoint)
+    eval_class = resolve_hook_class("eval")
+    specs = [s for s in recipe.hooks if s.type == "eval"]
+    options = dict(specs[0].model_extra or {}) if specs else {}
+    evaluator = eval_class(**validate_hook_options(eval_class, options, "eval hook"))
+    try:
+        metrics = evaluator.evaluate(runner)
+    finally:
+        runner.accelerator.end_training()
+    if runner.accelerator.is_main_process:
+        out = Path(runner.work_dir) / "test_metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=1))
+        print(f"metrics written to {out}")
+    return 0
+
+
+@command("data")
+def data_command(args: argparse.Namespace) -> int:
+    from hooktrain.data import convert_folder
+
+    written = convert_folder(
+        args.path, args.out, shards=args.shards, split=args.split, annotations_dir=args.annotations
+    )
+    for split, files in written.items():
+        print(f"{split}: {len(files)} parquet files in {files[0].parent if files else args.out}")
+    return 0
+
+
+@command("export")
+def export_command(args: argparse.Namespace) -> int:
+    from hooktrain.export import export_checkpoint
+
+    print(f"exported {export_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+@command("predict")
+def predict_command(args: argparse.Namespace) -> int:
+    from hooktrain.export import predict_images
+
+    written = predict_images(args.model, args.inputs, args.out)
+    print(f"wrote {len(written)} colour masks (and *_label.png) to {args.out}")
     return 0
 
 

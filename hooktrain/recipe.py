@@ -44,6 +44,10 @@ class TrainConfig(Section):
     clip_grad_norm: float | None = Field(
         None, gt=0, description="Clip the global gradient norm to this value; null disables."
     )
+    sync_bn: bool = Field(
+        True, description="Use SyncBatchNorm when training on several CUDA GPUs, as "
+        "MMSegmentation's SyncBN configs do (CPU processes keep per-rank BN statistics)."
+    )
     deterministic: bool = Field(
         False, description="Ask torch for deterministic algorithms (slower on GPU)."
     )

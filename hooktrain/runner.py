@@ -18,7 +18,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from hooktrain.checkpoints import CHECKPOINTS, clean_stale, complete_checkpoints, resolve_resume
+from hooktrain.checkpoints import (
+    CHECKPOINTS,
+    clean_stale,
+    complete_checkpoints,
+    resolve_resume,
+    save_plain_weights,
+)
 from hooktrain.data import build_train_stream, prepare_data
 from hooktrain.errors import UserError
 from hooktrain.hooks import LoadedHook, build_hooks, call_hooks, hooks_info
@@ -90,9 +96,9 @@ class IterRunner:
         recipe: Recipe,
         accelerator: Accelerator,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        train_stream: Iterator[dict[str, torch.Tensor]],
+        optimizer: torch.optim.Optimizer | None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        train_stream: Iterator[dict[str, torch.Tensor]] | None,
         hooks: list[LoadedHook],
         work_dir: str | os.PathLike,
     ) -> None:
@@ -107,11 +113,11 @@ class IterRunner:
         self.state = TrainState(max_iters=recipe.train.max_iters)
         self.stop_requested: str | None = None  # the signal's name once one arrived
         self.error: BaseException | None = None  # what ended the loop, if it failed
-        self._train_iter = iter(train_stream)
+        self._train_iter = iter(train_stream) if train_stream is not None else None
         self._clip = recipe.train.clip_grad_norm
         self._accum = recipe.train.grad_accum_steps
         # The LR reported in logs: the group without a multiplier (the recipe's lr).
-        groups = optimizer.param_groups
+        groups = optimizer.param_groups if optimizer is not None else []
         self._lr_group = next((i for i, g in enumerate(groups) if g.get("lr_mult", 1) == 1), 0)
 
     @classmethod
@@ -147,8 +153,11 @@ class IterRunner:
         )
         if recipe.load_from and checkpoint is None:
             load_weights(model, recipe.load_from, strict=False)
+        if recipe.train.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer = build_optimizer(model, recipe.optimizer)
         model, optimizer = accelerator.prepare(model, optimizer)
+        save_plain_weights(accelerator)  # no DDP `module.` prefix in model.safetensors
         scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
         accelerator.register_for_checkpointing(scheduler)
         stream = build_train_stream(
@@ -171,6 +180,31 @@ class IterRunner:
             runner.load_state(checkpoint)
         return runner
 
+    @classmethod
+    def for_evaluation(cls, recipe: Recipe, checkpoint: str | os.PathLike) -> IterRunner:
+        """A runner that only predicts: the recipe's model with ``checkpoint``'s weights and
+        the recipe's hooks, without optimizer or training data (``hooktrain test``)."""
+        accelerator = make_accelerator(recipe.train)
+        setup_logging(accelerator.is_main_process)
+        hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
+        with accelerator.main_process_first():
+            prepare_data(recipe.data)
+        model = build_segmentor(
+            recipe.model, num_classes=recipe.data.num_classes, ignore_index=recipe.data.ignore_index
+        )
+        load_weights(model, checkpoint, strict=True)
+        model = accelerator.prepare(model)
+        return cls(
+            recipe=recipe,
+            accelerator=accelerator,
+            model=model,
+            optimizer=None,
+            scheduler=None,
+            train_stream=None,
+            hooks=hooks,
+            work_dir=recipe.work_dir or "work_dirs/run",
+        )
+
     # -- what hooks use -------------------------------------------------------------------
 
     @property
@@ -183,13 +217,11 @@ class IterRunner:
         call_hooks(self.hooks, stage, self, *args)
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
-        """Publish values at ``step`` (default: the current iteration) to the logging hooks
-        and to Accelerate's trackers. Call it on every rank; only the main process writes."""
+        """Publish values at ``step`` (default: the current iteration) to every hook's
+        ``on_log`` (the logger hooks write them: console, history file, trackers). Call it
+        on every rank; only the main process writes."""
         step = self.state.iter if step is None else step
         self.call_hooks("on_log", values, step)
-        if self.accelerator.trackers:
-            scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
-            self.accelerator.log(scalars, step=step)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -232,7 +264,7 @@ class IterRunner:
             )  # fmt: skip
         elif data_file.exists() and hasattr(self.train_stream, "load_state_dict"):
             self.train_stream.load_state_dict(torch.load(data_file, weights_only=False))
-        self._train_iter = iter(self.train_stream)
+        self._train_iter = _rng_neutral_start(iter(self.train_stream))
         logger.info("resumed from %s at iteration %d", directory, self.state.iter)
 
     # -- the loop --------------------------------------------------------------------------
@@ -325,6 +357,20 @@ class IterRunner:
         if code and not self.stop_requested:
             self.stop_requested = next(name for name, c in EXIT_CODES.items() if c == code)
         return bool(code)
+
+
+def _rng_neutral_start(batches: Iterator[dict[str, torch.Tensor]]):
+    """``batches``, but the first ``next`` leaves torch's global RNG as it found it.
+
+    Starting a DataLoader iterator draws its base seed from the global RNG. The run that
+    wrote the checkpoint drew it at iteration 0, before the RNG state was saved; a resumed
+    run would draw again and shift every later dropout mask, so resume would not be exact.
+    """
+    state = torch.get_rng_state()
+    first = next(batches)
+    torch.set_rng_state(state)
+    yield first
+    yield from batches
 
 
 def _hook_key(index: int, name: str) -> str:

@@ -53,6 +53,7 @@ class EvalHook(Hook):
         best_key: str = "mIoU",
         rule: Literal["greater", "less"] = "greater",
         evaluate: list[EvaluateModule] = [],  # noqa: B006
+        num_samples: int = 4,
     ) -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
@@ -67,6 +68,7 @@ class EvalHook(Hook):
         self.best_key = best_key
         self.rule = rule
         self.evaluate_specs = list(evaluate)
+        self.num_samples = num_samples
         self._evaluate_modules: list = []
 
     def before_run(self, runner) -> None:
@@ -83,6 +85,7 @@ class EvalHook(Hook):
         runner.call_hooks("before_val")
         if not self._evaluate_modules and self.evaluate_specs:
             self._evaluate_modules = [_load_evaluate(spec) for spec in self.evaluate_specs]
+        self._samples: list[dict[str, Any]] = []
         areas, num_images = self._predict_areas(runner)
         summary = summarize(areas, self.metrics, beta=self.beta, nan_to_num=self.nan_to_num)
         metrics: dict[str, Any] = dict(summary.scalars)
@@ -92,7 +95,7 @@ class EvalHook(Hook):
         runner.state.metrics = metrics
         data = runner.recipe.data
         if runner.accelerator.is_main_process:
-            names = data.class_names or [str(i) for i in range(data.num_classes)]
+            names = data.names
             logger.info(
                 "validation at iter %d on %d images:\n%s",
                 runner.state.iter, num_images, format_table(summary.per_class, names),
@@ -104,7 +107,10 @@ class EvalHook(Hook):
             )  # fmt: skip
         runner.call_hooks("after_val", metrics)
         per_class = {key: values.tolist() for key, values in summary.per_class.items()}
-        runner.log({**{f"val/{k}": v for k, v in metrics.items()}, "val/per_class": per_class})
+        logged = {**{f"val/{k}": v for k, v in metrics.items()}, "val/per_class": per_class}
+        if self._samples:
+            logged["val/samples"] = self._samples
+        runner.log(logged)
         return metrics
 
     def _predict_areas(self, runner) -> tuple[Areas, int]:
@@ -127,6 +133,8 @@ class EvalHook(Hook):
                         height, width = batch["ori_shapes"][i]
                         label = batch["mask"][i, :height, :width].to(accelerator.device)
                         pred = image_logits.argmax(0)
+                        if len(self._samples) < self.num_samples and accelerator.is_main_process:
+                            self._samples.append(_sample(batch, i, pred, data))
                         total += intersect_and_union(pred, label, data.num_classes, data.ignore_index)
                         for module in self._evaluate_modules:
                             module.pending.append((pred.cpu().numpy(), label.cpu().numpy()))
@@ -183,6 +191,24 @@ class EvalHook(Hook):
         )
         if better and value == value:  # NaN never becomes the best
             runner.state.best = {"key": self.best_key, "value": value, "iter": runner.state.iter}
+
+
+def _sample(batch: dict[str, Any], i: int, pred: torch.Tensor, data) -> dict[str, Any]:
+    """One validation image for dashboards: the input (de-normalised, at its original size),
+    the prediction and the ground truth, as numpy arrays."""
+    import cv2
+    import numpy as np
+
+    height, width = batch["img_shapes"][i]
+    ori_h, ori_w = batch["ori_shapes"][i]
+    image = batch["image"][i, :, :height, :width].permute(1, 2, 0).float().cpu().numpy()
+    image = image * np.asarray(data.std, dtype=np.float32) + np.asarray(data.mean, dtype=np.float32)
+    image = cv2.resize(np.clip(image, 0, 255).astype(np.uint8), (ori_w, ori_h), interpolation=cv2.INTER_LINEAR)
+    return {
+        "image": image,
+        "prediction": pred.cpu().numpy().astype(np.int64),
+        "ground_truth": batch["mask"][i, :ori_h, :ori_w].cpu().numpy().astype(np.int64),
+    }
 
 
 class _LoadedEvaluate:

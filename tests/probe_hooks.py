@@ -40,12 +40,57 @@ class ProbeHook(Hook):
     def after_run(self, runner):
         self.record["stages"].append("after_run")
         self.record["final_iter"] = runner.state.iter
-        digest = hashlib.sha256()
-        for name, tensor in sorted(runner.unwrapped_model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        self.record["weights_sha256"] = digest.hexdigest()
+        model = runner.unwrapped_model
+        self.record["weights_sha256"] = _digest(model.state_dict().items())
+        self.record["params_sha256"] = _digest(model.named_parameters())
         path = f"{self.prefix}.rank{runner.accelerator.process_index}.json"
         with open(path + ".tmp", "w") as f:
             json.dump(self.record, f)
         os.replace(path + ".tmp", path)
+
+
+class StallSaveHook(Hook):
+    """Wraps ``accelerator.save_state``: after it has written the checkpoint of iteration
+    ``at_iter``, touches ``marker`` and sleeps, so a test can ``kill -9`` mid-save."""
+
+    def __init__(self, marker: str, at_iter: int, sleep: float = 600.0) -> None:
+        self.marker = marker
+        self.at_iter = at_iter
+        self.sleep = sleep
+
+    def before_run(self, runner):
+        original = runner.accelerator.save_state
+
+        def save_state(output_dir=None, **kwargs):
+            result = original(output_dir, **kwargs)
+            if runner.state.iter == self.at_iter:
+                with open(self.marker, "w") as f:
+                    f.write(str(output_dir))
+                time.sleep(self.sleep)
+            return result
+
+        runner.accelerator.save_state = save_state
+
+
+class SignalSelfHook(Hook):
+    """Sends ``signal`` to its own process after iteration ``at_iter`` (on rank ``rank``
+    only), as a scheduler preempting the job would."""
+
+    def __init__(self, at_iter: int, signal: str = "SIGTERM", rank: int = 0) -> None:
+        self.at_iter = at_iter
+        self.signal = signal
+        self.rank = rank
+
+    def after_train_iter(self, runner, outputs):
+        if runner.state.iter == self.at_iter and runner.accelerator.process_index == self.rank:
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+def _digest(named_tensors) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ original files, not re-encoded), so it can be streamed locally (``type: hub, pat
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -90,30 +89,3 @@ def _write_shards(pairs: list[tuple[str, str]], out: Path, split: str, shards: i
         os.replace(tmp, path)  # a crash never leaves a half-written shard under its real name
         files.append(path)
     return files
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``data convert`` on an argparse subparsers object; the parsed namespace is
-    handled by :func:`run_cli`."""
-    data = subparsers.add_parser("data", help="dataset tools")
-    tools = data.add_subparsers(dest="data_command", required=True)
-    convert = tools.add_parser(
-        "convert", help="turn an images/annotations folder into parquet shards"
-    )
-    convert.add_argument("path", help="ADEChallengeData2016-style root, or an images directory")
-    convert.add_argument("out", help="output directory (Hub repo layout: OUT/data/*.parquet)")
-    convert.add_argument("--shards", type=int, default=8, help="parquet files per split")
-    convert.add_argument("--split", help="convert only this split (default: all found)")
-    convert.add_argument("--annotations", help="masks directory when PATH holds only images")
-    return data
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run a parsed ``data`` subcommand; returns the exit code."""
-    written = convert_folder(
-        args.path, args.out, shards=args.shards, split=args.split,
-        annotations_dir=args.annotations,
-    )  # fmt: skip
-    for split, files in written.items():
-        print(f"{split}: {len(files)} shards in {files[0].parent}")
-    return 0

@@ -9,7 +9,6 @@ decode it themselves with OpenCV. Parquet-backed sources are resharded per row g
 from __future__ import annotations
 
 import glob
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ from hooktrain.data.config import (
 )
 from hooktrain.data.shapes import generate_shapes, shapes_files
 from hooktrain.errors import UserError, did_you_mean
-
-logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

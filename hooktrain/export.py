@@ -1,0 +1,161 @@
+"""Export a checkpoint to one ``.safetensors`` file, and predict masks with it.
+
+An exported file holds the model's weights (plain module keys) and, in the safetensors
+metadata, the resolved recipe as YAML (``hooktrain.recipe``) plus the format and the
+iteration it came from. ``predict`` needs nothing else: it rebuilds the segmentor from that
+recipe, runs the recipe's val pipeline and ``Segmentor.predict`` at each image's original
+size, and writes a colour PNG (the recipe's palette) and a raw label PNG per image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from hooktrain.checkpoints import LATEST, WEIGHTS, checkpoint_iteration, plain_state_dict
+from hooktrain.errors import UserError
+
+logger = logging.getLogger("hooktrain")
+
+FORMAT = "hooktrain-export/1"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _checkpoint_dir(checkpoint: Path) -> Path:
+    if checkpoint.is_file() and checkpoint.name == LATEST:
+        checkpoint = checkpoint.parent / checkpoint.read_text().strip()
+    if not checkpoint.is_dir():
+        raise UserError(
+            f"export: checkpoint {checkpoint} not found; give a checkpoint directory such as "
+            "work_dirs/run/checkpoints/iter_1000 (or its best/ or latest)"
+        )
+    if not (checkpoint / WEIGHTS).is_file():
+        raise UserError(f"export: {checkpoint} has no {WEIGHTS}; is it a hooktrain checkpoint?")
+    return checkpoint
+
+
+def _recipe_text(checkpoint: Path) -> str:
+    # Checkpoints carry their recipe; older ones only have the run's recipe.yaml two levels up.
+    for candidate in (checkpoint / "recipe.yaml", checkpoint.parent.parent / "recipe.yaml"):
+        if candidate.is_file():
+            return candidate.read_text()
+    raise UserError(
+        f"export: no recipe.yaml in {checkpoint} or its run directory; "
+        "export a checkpoint written by `hooktrain train`"
+    )
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write ``checkpoint``'s weights and recipe to the single file ``out`` (atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    directory = _checkpoint_dir(Path(checkpoint))
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"export: output {out} must end with .safetensors")
+    weights = plain_state_dict(load_file(str(directory / WEIGHTS)))
+    recipe = _recipe_text(directory)
+    iteration = checkpoint_iteration(directory)
+    best_file = directory / "best.json"
+    if iteration is None and best_file.is_file():
+        iteration = json.loads(best_file.read_text()).get("iter")
+    metadata = {"format": FORMAT, "hooktrain.recipe": recipe, "iter": str(iteration)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    save_file(weights, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    return out
+
+
+def load_exported(path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
+    """The segmentor (eval mode, weights loaded) and the ``Recipe`` of an exported file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from hooktrain.models import build_segmentor
+    from hooktrain.recipe import validate_recipe
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"predict: model file {path} not found; create one with `hooktrain export`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for non-safetensors files
+        raise UserError(f"predict: {path} is not a safetensors file ({exc})") from None
+    if metadata.get("format") != FORMAT or "hooktrain.recipe" not in metadata:
+        raise UserError(
+            f"predict: {path} carries no hooktrain recipe; export it with "
+            "`hooktrain export CHECKPOINT OUT.safetensors`"
+        )
+    data = yaml.safe_load(metadata["hooktrain.recipe"])
+    data["hooks"] = []  # the training hooks (maybe not installed here) play no part
+    data.pop("load_from", None)
+    data["model"]["encoder"]["pretrained"] = False  # the exported weights replace them
+    data["model"]["encoder"]["pretrained_path"] = None
+    recipe = validate_recipe(data)
+    model = build_segmentor(
+        recipe.model, num_classes=recipe.data.num_classes, ignore_index=recipe.data.ignore_index
+    )
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval(), recipe
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """The image files named by ``inputs`` (files, or directories searched recursively)."""
+    images: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise UserError(f"predict: input {path} not found; give image files or directories")
+    if not images:
+        raise UserError(f"predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {inputs}")
+    return images
+
+
+def predict_images(model_file: str | os.PathLike, inputs: list[str], out_dir: str | os.PathLike) -> list[Path]:
+    """Segment every image; writes ``<stem>.png`` (colours) and ``<stem>_label.png`` (class
+    indices) into ``out_dir``. Returns the colour PNGs' paths."""
+    import cv2
+
+    from hooktrain.data.labels import decode_image
+    from hooktrain.data.transforms import ValTransform
+
+    model, recipe = load_exported(model_file)
+    images = find_images(inputs)
+    data = recipe.data
+    if data.val is None:
+        raise UserError(f"predict: the recipe in {model_file} has no data.val section (its pipeline is the predict pipeline)")
+    if data.num_classes > 256:
+        raise UserError(f"predict: {data.num_classes} classes do not fit an 8-bit label PNG")
+    transform = ValTransform(data.val.pipeline, mean=data.mean, std=data.std)
+    palette = np.asarray(data.colours, dtype=np.uint8)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in images:
+        image = decode_image(path.read_bytes(), example_id=str(path))
+        tensor, _ = transform(image, example_id=str(path))
+        logits = model.predict(tensor[None], [tuple(tensor.shape[-2:])], [image.shape[:2]])[0]
+        label = logits.argmax(0).to(torch.uint8).numpy()
+        colour = palette[label]
+        stem = path.stem if len(images) == len({p.stem for p in images}) else _unique_stem(path)
+        cv2.imwrite(str(out_dir / f"{stem}_label.png"), label)
+        cv2.imwrite(str(out_dir / f"{stem}.png"), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
+        written.append(out_dir / f"{stem}.png")
+    return written
+
+
+def _unique_stem(path: Path) -> str:
+    return "_".join(path.with_suffix("").parts[-2:])

@@ -1,0 +1,115 @@
+"""Checkpoint hook: atomic full-state saves every ``interval`` iterations and when the run
+ends or is stopped, pruning to ``max_keep``, and the best model by a validation metric.
+
+The on-disk layout and the atomic protocol live in ``hooktrain.checkpoints``; this hook only
+decides when to save. See docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hooktrain.checkpoints import prune_checkpoints, save_best, save_checkpoint
+from hooktrain.errors import UserError
+from hooktrain.hooks import PRIORITIES, Hook
+
+logger = logging.getLogger("hooktrain")
+
+
+class CheckpointHook(Hook):
+    """Saves resumable checkpoints every `interval` iterations, at the end and on SIGTERM/SIGINT.
+
+    ``max_keep`` keeps only the newest complete checkpoints (``best`` is never pruned);
+    ``save_best: mIoU`` also keeps ``checkpoints/best`` with the weights of the best score the
+    eval hook reported (its ``best_key`` must be the same metric). No checkpoint is written
+    after the run failed.
+    """
+
+    priority = PRIORITIES["NORMAL"]  # after the eval hook (HIGH): sees this iteration's best
+
+    def __init__(
+        self,
+        interval: int = 1000,
+        max_keep: int | None = None,
+        save_best: str | None = None,
+        save_last: bool = True,
+    ) -> None:
+        if interval < 1:
+            raise UserError(f"checkpoint hook: interval must be at least 1 (got {interval})")
+        if max_keep is not None and max_keep < 1:
+            raise UserError(
+                f"checkpoint hook: max_keep must be at least 1 (got {max_keep}); "
+                "use null to keep every checkpoint"
+            )
+        self.interval = interval
+        self.max_keep = max_keep
+        self.save_best = save_best
+        self.save_last = save_last
+        self._last_saved: int | None = None
+        self._best_saved_iter: int | None = None
+
+    def before_run(self, runner) -> None:
+        # A resumed run starts at the iteration of the checkpoint it came from.
+        self._last_saved = runner.state.iter or None
+        self._best_saved_iter = runner.state.best.get("iter")
+        if self.save_best is not None:
+            self._check_eval_hook(runner)
+
+    def _check_eval_hook(self, runner) -> None:
+        names = [h.name for h in runner.hooks]
+        evaluators = [i for i, h in enumerate(runner.hooks) if hasattr(h.hook, "best_key")]
+        if not evaluators:
+            raise UserError(
+                f"checkpoint hook: save_best '{self.save_best}' needs an eval hook in the "
+                "recipe's hooks (e.g. {type: eval, best_key: " + self.save_best + "})"
+            )
+        eval_index = evaluators[0]
+        eval_hook = runner.hooks[eval_index].hook
+        if eval_hook.best_key != self.save_best:
+            raise UserError(
+                f"checkpoint hook: save_best is '{self.save_best}' but the eval hook's "
+                f"best_key is '{eval_hook.best_key}'; set both to the same metric"
+            )
+        own_index = next(i for i, h in enumerate(runner.hooks) if h.hook is self)
+        if eval_index > own_index:
+            raise UserError(
+                f"checkpoint hook: it runs before the eval hook (order: {names}), so save_best "
+                "would see last evaluation's best; give the checkpoint hook a larger priority"
+            )
+
+    def after_train_iter(self, runner, outputs: dict[str, Any]) -> None:
+        state = runner.state
+        if state.iter % self.interval == 0:
+            self._save(runner)
+        best = state.best
+        if self.save_best is not None and best.get("iter") == state.iter != self._best_saved_iter:
+            if best.get("key") != self.save_best:
+                raise UserError(
+                    f"checkpoint hook: save_best is '{self.save_best}' but the best score "
+                    f"reported is '{best.get('key')}'; set the eval hook's best_key to match"
+                )
+            if runner.accelerator.is_main_process:
+                path = save_best(runner, dict(best))
+                logger.info("saved best %s %.4f (iter %d) to %s",
+                            best["key"], best["value"], best["iter"], path)  # fmt: skip
+            self._best_saved_iter = state.iter
+
+    def after_run(self, runner) -> None:
+        if runner.error is not None or runner.state.iter == 0:
+            return  # never save what a crash left; nothing learned yet at iteration 0
+        finished = runner.state.iter >= runner.state.max_iters
+        if (finished and self.save_last) or runner.stop_requested:
+            if self._last_saved != runner.state.iter:
+                self._save(runner)
+
+    def _save(self, runner) -> None:
+        start = time.perf_counter()
+        path = save_checkpoint(runner)
+        self._last_saved = runner.state.iter
+        if runner.accelerator.is_main_process:
+            logger.info("saved checkpoint %s in %.2fs", path, time.perf_counter() - start)
+            if self.max_keep is not None:
+                for old in prune_checkpoints(runner.work_dir, self.max_keep, keep=path):
+                    logger.info("removed old checkpoint %s (max_keep=%d)", old.name, self.max_keep)
