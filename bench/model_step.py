@@ -8,6 +8,9 @@ compared. A ratio (hooktrain / plain) near 1.0 means the segmentor adds no overh
     python bench/model_step.py --quick         # fewer steps at 256x256
     python bench/model_step.py --device cuda   # also images/s and peak memory
 
+On a CPU without native bf16 (no AVX512-BF16/AMX), bf16 autocast is emulated and many times
+slower than fp32; ``--precision bf16 --size 128`` keeps that measurement short.
+
 The last line printed is one JSON object.
 """
 
@@ -137,6 +140,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 10, 3 with --quick)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16", "both"], default="both", help="bf16 = torch.autocast(bfloat16)"
+    )
     args = parser.parse_args()
     args.size = args.size or (256 if args.quick else 512)
     args.steps = args.steps or (3 if args.quick else 10)
@@ -149,7 +155,7 @@ def main() -> None:
     print(f"  device {device}, threads {torch.get_num_threads()}, {args.steps} timed steps after {args.warmup} warmup")
     print(f"  parameters: hooktrain {params['hooktrain']:,}, plain {params['plain']:,}")
     summary = {"bench": "model_step", "device": device.type}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16") if args.precision == "both" else (args.precision,):
         result = run(args, device, bf16=precision == "bf16")
         ratio = result["hooktrain"] / result["plain"]
         line = (
@@ -161,7 +167,8 @@ def main() -> None:
         summary[f"{precision}_plain_step_s"] = round(result["plain"], 4)
         if device.type == "cuda":
             ips = args.batch / result["hooktrain"]
-            line += f", {ips:.1f} images/s, peak {result['peak_mib']['hooktrain']} MiB (plain {result['peak_mib']['plain']} MiB)"
+            peak = result["peak_mib"]
+            line += f", {ips:.1f} images/s, peak {peak['hooktrain']} MiB (plain {peak['plain']} MiB)"
             summary[f"{precision}_images_per_s"] = round(ips, 2)
             summary[f"{precision}_plain_images_per_s"] = round(args.batch / result["plain"], 2)
             summary[f"{precision}_max_memory_allocated_mib"] = result["peak_mib"]["hooktrain"]

@@ -173,7 +173,10 @@ def fsync_tree(path: Path) -> None:
     """Flush every file under ``path`` (and the directory entries) to disk before a rename."""
     for root, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except FileNotFoundError:  # another rank's temporary file, renamed meanwhile
+                continue
             try:
                 os.fsync(fd)
             finally:

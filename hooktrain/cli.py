@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("plugins", help="list every discoverable hook")
+    sub.add_parser("reference", help="print the recipe reference (docs/recipes.md) as Markdown")
 
     export = sub.add_parser(
         "export", help="write a checkpoint's weights and recipe into one .safetensors file"
@@ -181,6 +182,14 @@ def predict_command(args: argparse.Namespace) -> int:
 
     written = predict_images(args.model, args.inputs, args.out)
     print(f"wrote {len(written)} colour masks (and *_label.png) to {args.out}")
+    return 0
+
+
+@command("reference")
+def reference_command(args: argparse.Namespace) -> int:
+    from hooktrain.reference import recipe_reference
+
+    print(recipe_reference(), end="")
     return 0
 
 

@@ -86,7 +86,9 @@ class Recipe(Section):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what is written to ``<work_dir>/recipe.yaml``)."""
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        data["hooks"] = [spec.model_dump(mode="json", exclude_none=True) for spec in self.hooks]
+        return data
 
 
 # -- loading and merging ------------------------------------------------------------------

@@ -36,6 +36,8 @@ logger = logging.getLogger("hooktrain")
 
 #: Exit codes of an interrupted run (shell convention 128 + signal number).
 EXIT_CODES = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+#: A repeat of the stopping signal within this many seconds is the same request, not a second.
+_REPEAT_S = 2.0
 
 
 @dataclass
@@ -331,15 +333,24 @@ class IterRunner:
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """SIGTERM/SIGINT finish the current iteration, then stop (hooks save in after_run);
-        a second signal aborts at once."""
+        a second signal aborts at once (the same one within ``_REPEAT_S`` is a repeat)."""
         if threading.current_thread() is not threading.main_thread():
             return {}
 
+        received: dict[str, float] = {}  # what this process itself was sent, and when
+
         def request_stop(signum: int, frame: Any) -> None:
-            if self.stop_requested:
-                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting")
-            self.stop_requested = signal.Signals(signum).name
-            logger.warning("%s received: stopping after this iteration", self.stop_requested)
+            name = signal.Signals(signum).name
+            if received:
+                # A launcher forwards the signal its process group already delivered (Ctrl-C,
+                # scancel under `accelerate launch`): the same signal at once is not a second.
+                first, at = next(iter(received.items()))
+                if name == first and time.monotonic() - at < _REPEAT_S:
+                    return
+                raise KeyboardInterrupt(f"second {name}: aborting")
+            received[name] = time.monotonic()
+            self.stop_requested = self.stop_requested or name
+            logger.warning("%s received: stopping after this iteration", name)
 
         previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT):

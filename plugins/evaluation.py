@@ -19,7 +19,7 @@ from hooktrain.config_base import Section
 from hooktrain.data import build_val_loader
 from hooktrain.errors import UserError
 from hooktrain.hooks import PRIORITIES, Hook
-from hooktrain.metrics import METRICS, Areas, format_table, intersect_and_union, summarize
+from hooktrain.metrics import Areas, format_table, intersect_and_union, summarize
 
 logger = logging.getLogger("hooktrain")
 
@@ -39,6 +39,17 @@ class EvalHook(Hook):
     Metrics go to ``runner.state.metrics``, to ``after_val`` and to ``runner.log`` with a
     ``val/`` prefix; the best value of ``best_key`` is kept in ``runner.state.best`` before any
     later hook (a checkpoint saving the best model) runs in the same iteration.
+
+    Args:
+        interval: Evaluate every this many iterations.
+        eval_at_end: Also evaluate after the last iteration.
+        metrics: Metric families; aAcc is always computed, each family adds its per-class values and their means (mIoU: IoU, Acc; mDice: Dice, Acc; mFscore: Fscore, Precision, Recall).
+        beta: The F-score's beta.
+        nan_to_num: Replace NaN per-class values (classes absent from prediction and ground truth) by this before averaging; null skips them, as MMSegmentation does.
+        best_key: Metric whose best value is tracked in runner.state.best (and saved by the checkpoint hook's save_best).
+        rule: Whether greater or less is better for best_key.
+        evaluate: Extra metrics from the evaluate library, as [{path: local module dir or Hub name, kwargs: {...}}]; each gets every prediction and reference on the main process (costly: full masks are gathered).
+        num_samples: Validation images (input, prediction, ground truth) passed to the loggers per evaluation.
     """
 
     priority = PRIORITIES["HIGH"]
@@ -47,7 +58,7 @@ class EvalHook(Hook):
         self,
         interval: int = 4000,
         eval_at_end: bool = True,
-        metrics: list[str] = ["mIoU", "mDice", "mFscore"],  # noqa: B006 (copied, never mutated)
+        metrics: list[Literal["mIoU", "mDice", "mFscore"]] = ["mIoU", "mDice", "mFscore"],  # noqa: B006
         beta: float = 1.0,
         nan_to_num: float | None = None,
         best_key: str = "mIoU",
@@ -55,9 +66,6 @@ class EvalHook(Hook):
         evaluate: list[EvaluateModule] = [],  # noqa: B006
         num_samples: int = 4,
     ) -> None:
-        unknown = [m for m in metrics if m not in METRICS]
-        if unknown:
-            raise UserError(f"eval hook: unknown metrics {unknown}; choose from {list(METRICS)}")
         if interval < 1:
             raise UserError("eval hook: interval must be at least 1")
         self.interval = interval
@@ -139,33 +147,37 @@ class EvalHook(Hook):
                         for module in self._evaluate_modules:
                             module.pending.append((pred.cpu().numpy(), label.cpu().numpy()))
                     count += len(logits)
-                    self._flush_pending()
+                    self._flush_pending(accelerator.num_processes == 1)
         finally:
             model.train(was_training)
         packed = accelerator.reduce(torch.cat([total.pack(), count[None]]), reduction="sum")
         return Areas.unpack(packed[:-1]), int(packed[-1])
 
-    def _flush_pending(self) -> None:
-        """Hand the batch's predictions to each evaluate module (it spills them to disk)."""
+    def _flush_pending(self, single_process: bool) -> None:
+        """Hand the batch's predictions to each evaluate module: straight to ``add_batch``
+        (which spills them to disk) in one process; kept until the end-of-pass gather in
+        several, because ranks see different numbers of batches."""
         for module in self._evaluate_modules:
             if module.pending:
-                preds, labels = zip(*module.pending, strict=True)
-                module.local_batches.append((list(preds), list(labels)))
+                preds, labels = (list(x) for x in zip(*module.pending, strict=True))
                 module.pending.clear()
+                if single_process:
+                    module.metric.add_batch(predictions=preds, references=labels)
+                else:
+                    module.local_batches.append((preds, labels))
 
     def _compute_evaluate(self, runner, module) -> dict[str, Any]:
         """Gather every rank's predictions on the main process and run the module there."""
         from accelerate.utils import gather_object
 
-        batches = module.local_batches
-        module.local_batches = []
         if runner.accelerator.num_processes > 1:
-            batches = gather_object([batches])  # one list per rank
-            batches = [b for rank_batches in batches for b in rank_batches]
+            gathered = gather_object([module.local_batches])  # one list per rank
+            module.local_batches = []
+            if runner.accelerator.is_main_process:
+                for preds, labels in (b for rank_batches in gathered for b in rank_batches):
+                    module.metric.add_batch(predictions=preds, references=labels)
         if not runner.accelerator.is_main_process:
             return {}
-        for preds, labels in batches:
-            module.metric.add_batch(predictions=preds, references=labels)
         kwargs = {"num_labels": runner.recipe.data.num_classes,
                   "ignore_index": runner.recipe.data.ignore_index, **module.spec.kwargs}  # fmt: skip
         result = module.metric.compute(**kwargs) or {}

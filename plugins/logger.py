@@ -23,7 +23,7 @@ logger = logging.getLogger("hooktrain")
 
 
 class LoggerHook(Hook):
-    """Logs training progress to the console, metrics.jsonl, wandb and TensorBoard.
+    """Logs iteration progress and metrics to the console, metrics.jsonl, wandb and TensorBoard.
 
     Every ``interval`` iterations (and at the last one) it publishes the loss terms averaged
     over the interval and over ranks, the LR, the grad norm (when ``train.clip_grad_norm``

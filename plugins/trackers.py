@@ -97,6 +97,7 @@ class Dashboards:
         try:
             accelerator.init_trackers(self.wandb_options.project)
         except Exception as exc:
+            accelerator.trackers.clear()  # end_training() must not finish trackers never started
             _raise_start_error(exc)
         if "wandb" in self.names:
             self._define_wandb_metrics(accelerator.get_tracker("wandb", unwrap=True))
@@ -179,7 +180,7 @@ def _raise_start_error(exc: Exception) -> None:
         wandb_error = False
     if wandb_error:
         raise UserError(
-            f"logger hook: wandb could not start a run ({exc}); run `wandb login` (or set "
+            f"wandb could not start a run ({exc}); run `wandb login` (or set "
             "WANDB_API_KEY), or set WANDB_MODE=offline to log locally and `wandb sync` later"
         ) from None
     raise exc

@@ -37,6 +37,11 @@ class ProbeHook(Hook):
         if self.sleep:
             time.sleep(self.sleep)
 
+    def after_val(self, runner, metrics):
+        self.record.setdefault("val", []).append(
+            {"iter": runner.state.iter, "metrics": metrics, "best": dict(runner.state.best)}
+        )
+
     def after_run(self, runner):
         self.record["stages"].append("after_run")
         self.record["final_iter"] = runner.state.iter

@@ -90,6 +90,7 @@ class _HeadBase(Section):
     )
     losses: list[LossConfig] = Field(
         default_factory=lambda: _default_losses(1.0),
+        min_length=1,
         description="Loss terms on this head's logits, each logged as '<head>.loss_<kind>'.",
     )
     sampler: OhemConfig | None = Field(None, description="Pixel sampler for the cross-entropy terms; null = none.")
@@ -157,6 +158,7 @@ class AuxHeadConfig(FCNHeadConfig):
     )
     losses: list[LossConfig] = Field(
         default_factory=lambda: _default_losses(0.4),
+        min_length=1,
         description="Loss terms on the auxiliary logits, each logged as 'aux.loss_<kind>'.",
     )
 

@@ -29,7 +29,7 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     The returned module maps an image batch to a list of feature maps; its ``feature_info``
     gives ``channels()`` and ``reduction()`` (stride) of each returned level.
     """
-    if not timm.is_model(cfg.name):
+    if not cfg.name.startswith("hf-hub:") and not timm.is_model(cfg.name):
         raise UserError(
             f"model.encoder.name: unknown timm model '{cfg.name}'{did_you_mean(cfg.name, timm.list_models())};"
             " pick a name from timm.list_models()"
@@ -63,8 +63,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     if any(os.environ.get(var) for var in _PROXY_VARS):
         return True
     url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+        with socket.create_connection((url.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -78,8 +79,13 @@ def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
     patch = mock.patch.object(constants, "HF_HUB_OFFLINE", True) if offline else contextlib.nullcontext()
     try:
         with patch:
-            return timm.create_model(name, features_only=True, pretrained=True, **kwargs)
-    except (OSError, RuntimeError) as err:
+            return _create(name, pretrained=True, **kwargs)
+    except RuntimeError as err:  # timm: "No pretrained weights exist for ..."
+        raise UserError(
+            f"model.encoder: {str(err).splitlines()[0]}; set model.encoder.pretrained: false "
+            "or give model.encoder.pretrained_path"
+        ) from err
+    except OSError as err:  # huggingface_hub's not-found / offline / connection errors
         where = "the Hugging Face Hub is offline or unreachable" if offline else str(err).splitlines()[0]
         raise UserError(
             f"model.encoder: pretrained weights for '{name}' could not be downloaded ({where}); "
@@ -97,7 +103,8 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
     """
     if not path.is_file():
         raise UserError(
-            f"model.encoder.pretrained_path: no such file '{path}'; point it at a local .safetensors or torch checkpoint"
+            f"model.encoder.pretrained_path: no such file '{path}'; "
+            "point it at a local .safetensors or torch checkpoint"
         )
     try:
         state_dict = timm.models.load_state_dict(str(path), use_ema=False)
@@ -139,13 +146,14 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
 
 
 def _compare_with_full_model(name: str, state_dict: dict, kwargs: dict) -> tuple[list[str], list[str], int]:
-    """Missing keys, unexpected keys and the number of matching keys of ``state_dict`` against timm's full ``name`` model, after the
-    model's own checkpoint filter (which converts e.g. original PVT/SegFormer checkpoints).
-    Built on the meta device, so it costs no memory or init time."""
+    """Missing keys, unexpected keys and the number of matching keys of ``state_dict`` against
+    timm's full ``name`` model (classifier aside), after the model's own checkpoint filter (which
+    converts e.g. original PVT/SegFormer checkpoints). Built on the meta device: no memory, no init."""
     full_kwargs = {k: v for k, v in kwargs.items() if k != "out_indices"}
     with torch.device("meta"):
         model = timm.create_model(name, **full_kwargs)
-    filter_fn = getattr(importlib.import_module(timm.models.model_entrypoint(name).__module__), "checkpoint_filter_fn", None)
+    module = importlib.import_module(timm.models.model_entrypoint(name).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             state_dict = filter_fn(dict(state_dict), model)

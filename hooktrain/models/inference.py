@@ -13,7 +13,9 @@ from hooktrain.models.heads import resize
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
+def slide_windows(
+    height: int, width: int, crop: Sequence[int], stride: Sequence[int]
+) -> list[tuple[int, int, int, int]]:
     """mmseg's window grid: ``ceil((H - crop) / stride) + 1`` windows per axis, each shifted back
     inside the image at the far edge. Returns ``(y1, y2, x1, x2)``; windows are ``min(crop, H)``
     by ``min(crop, W)``."""
@@ -61,7 +63,9 @@ def predict_logits(
     logits are resized to ``ori_shapes[i]``.
     """
     if len(img_shapes) != image.shape[0] or len(ori_shapes) != image.shape[0]:
-        raise ValueError(f"batch of {image.shape[0]} images with {len(img_shapes)} img_shapes, {len(ori_shapes)} ori_shapes")
+        raise ValueError(
+            f"batch of {image.shape[0]} images with {len(img_shapes)} img_shapes and {len(ori_shapes)} ori_shapes"
+        )
 
     def infer(batch: torch.Tensor) -> list[torch.Tensor]:
         if cfg.mode == "whole":

@@ -1,0 +1,77 @@
+"""Evaluates one random-init model on folder datasets of several lengths and batch sizes and
+writes the metrics as JSON. Run once with 1 process and once under `accelerate launch` with 2;
+the test compares the two files. Usage: python eval_exactness_script.py DATA_ROOT OUT.json"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hooktrain.hooks import build_hooks
+from hooktrain.models import build_segmentor
+from hooktrain.recipe import load_recipe
+from hooktrain.runner import IterRunner, make_accelerator
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+LENGTHS = (1, 2, 3, 7, 8, 9)
+BATCH_SIZES = (1, 2)
+NUM_CLASSES = 5
+
+
+def write_folder(root: Path, length: int) -> None:
+    """``length`` images of different sizes with masks that include ignore (255) pixels."""
+    rng = np.random.default_rng(length)
+    for split in ("images", "annotations"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+    for i in range(length):
+        h, w = rng.integers(20, 44, size=2)
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        mask = rng.integers(0, NUM_CLASSES, size=(h, w), dtype=np.uint8)
+        mask[: h // 5] = 255
+        Image.fromarray(image).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(mask, mode="L").save(root / "annotations" / f"{i:03d}.png")
+
+
+def main() -> None:
+    data_root, out = Path(sys.argv[1]), Path(sys.argv[2])
+    recipe = load_recipe(QUICKSTART)
+    accelerator = make_accelerator(recipe.train)
+    if accelerator.is_main_process:
+        for length in LENGTHS:
+            if not (data_root / str(length)).exists():
+                write_folder(data_root / str(length), length)
+    accelerator.wait_for_everyone()
+    torch.manual_seed(0)
+    model = accelerator.prepare(build_segmentor(recipe.model, num_classes=NUM_CLASSES))
+    results = {}
+    for length in LENGTHS:
+        for batch_size in BATCH_SIZES:
+            folder = data_root / str(length)
+            source = (
+                f"{{type: folder, images_dir: '{folder}/images', "
+                f"annotations_dir: '{folder}/annotations', num_shards: 3}}"
+            )
+            case = load_recipe(
+                QUICKSTART,
+                [f"data.val.source={source}", f"data.val.batch_size={batch_size}",
+                 "data.val.pipeline.scale=[48,32]", "hooks=[{type: eval, num_samples: 0}]"],
+            )  # fmt: skip
+            hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in case.hooks])
+            runner = IterRunner(
+                recipe=case, accelerator=accelerator, model=model, optimizer=None,
+                scheduler=None, train_stream=None, hooks=hooks, work_dir=data_root / "wd",
+            )  # fmt: skip
+            metrics = hooks[0].hook.evaluate(runner)
+            results[f"{length}x{batch_size}"] = metrics
+    if accelerator.is_main_process:
+        out.write_text(json.dumps(results))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
