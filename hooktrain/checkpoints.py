@@ -22,15 +22,15 @@ weights load at any world size, into ``load_from`` and into ``hooktrain export``
 ``recipe.yaml``.
 
 Saving (``save_checkpoint``): every rank writes into ``.tmp-iter_<N>`` and flushes it to
-disk; after a barrier the main process renames it to ``iter_<N>``, updates ``latest`` and
-prunes; a final barrier lets no rank leave before the checkpoint is complete. A kill at any
-moment therefore leaves either the previous set of complete checkpoints or the new one.
+disk; after a barrier the main process renames it to ``iter_<N>`` and updates ``latest``; a
+final barrier lets no rank leave before the checkpoint is complete. Pruning
+(``prune_checkpoints``) renames a checkpoint aside before deleting it. A kill at any moment
+therefore leaves only complete ``iter_*`` checkpoints under their names.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from hooktrain.runner import IterRunner
-
-logger = logging.getLogger("hooktrain")
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

@@ -10,7 +10,6 @@ size, and writes a colour PNG (the recipe's palette) and a raw label PNG per ima
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ import yaml
 
 from hooktrain.checkpoints import LATEST, WEIGHTS, checkpoint_iteration, plain_state_dict
 from hooktrain.errors import UserError
-
-logger = logging.getLogger("hooktrain")
 
 FORMAT = "hooktrain-export/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -124,7 +121,9 @@ def find_images(inputs: list[str]) -> list[Path]:
     return images
 
 
-def predict_images(model_file: str | os.PathLike, inputs: list[str], out_dir: str | os.PathLike) -> list[Path]:
+def predict_images(
+    model_file: str | os.PathLike, inputs: list[str], out_dir: str | os.PathLike
+) -> list[Path]:
     """Segment every image; writes ``<stem>.png`` (colours) and ``<stem>_label.png`` (class
     indices) into ``out_dir``. Returns the colour PNGs' paths."""
     import cv2
@@ -136,7 +135,10 @@ def predict_images(model_file: str | os.PathLike, inputs: list[str], out_dir: st
     images = find_images(inputs)
     data = recipe.data
     if data.val is None:
-        raise UserError(f"predict: the recipe in {model_file} has no data.val section (its pipeline is the predict pipeline)")
+        raise UserError(
+            f"predict: the recipe in {model_file} has no data.val section, whose pipeline "
+            "predict uses; export a checkpoint of a recipe with data.val"
+        )
     if data.num_classes > 256:
         raise UserError(f"predict: {data.num_classes} classes do not fit an 8-bit label PNG")
     transform = ValTransform(data.val.pipeline, mean=data.mean, std=data.std)

@@ -100,9 +100,9 @@ class Dashboards:
             accelerator.trackers.clear()  # end_training() must not finish trackers never started
             _raise_start_error(exc)
         if "wandb" in self.names:
-            self._define_wandb_metrics(accelerator.get_tracker("wandb", unwrap=True))
+            self._setup_wandb_run(accelerator.get_tracker("wandb", unwrap=True))
 
-    def _define_wandb_metrics(self, run) -> None:
+    def _setup_wandb_run(self, run) -> None:
         self.run_id = run.id
         self._wandb_floor = run.step  # > 0 when an online run resumes
         run.define_metric(STEP_METRIC)
@@ -119,7 +119,7 @@ class Dashboards:
         if "wandb" in self.names:
             if step < self._wandb_floor:
                 logger.warning(
-                    "logger: not sending %s at step %d to wandb: the run already holds step %d "
+                    "logger: not sending %s at step %d to wandb: the run is already at step %d "
                     "and wandb would drop it silently", sorted(values), step, self._wandb_floor,
                 )  # fmt: skip
                 return
@@ -135,9 +135,10 @@ class Dashboards:
         for key, value in values.items():
             if _is_per_class(value, len(self._class_names)):
                 columns = list(value)
-                rows = [[name, *(value[c][i] for c in columns)] for i, name in enumerate(self._class_names)]
+                rows = [[name, *(value[c][i] for c in columns)]
+                        for i, name in enumerate(self._class_names)]  # fmt: skip
                 media[key] = wandb.Table(columns=["class", *columns], data=rows)
-            elif isinstance(value, list) and value and all(isinstance(v, dict) and "image" in v for v in value):
+            elif _is_samples(value):
                 media[key] = [self._wandb_image(sample, i) for i, sample in enumerate(value)]
         return media
 
@@ -167,6 +168,13 @@ def _is_per_class(value: Any, num_classes: int) -> bool:
         isinstance(value, dict)
         and bool(value)
         and all(isinstance(v, list | tuple) and len(v) == num_classes for v in value.values())
+    )
+
+
+def _is_samples(value: Any) -> bool:
+    """``[{"image": HxWx3, "prediction": HxW, "ground_truth": HxW}, ...]`` (eval samples)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, dict) and "image" in v for v in value
     )
 
 

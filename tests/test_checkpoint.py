@@ -27,9 +27,10 @@ HOOKS = (
 HOOKS_NO_EVAL = "{type: logger, interval: 1}, {type: checkpoint, interval: 2}"
 
 
-def options(data_root: Path, *extra: str, workers: int = 0, hooks: str = "", base: str = HOOKS) -> list[str]:
-    return [*tiny(data_root, ITERS), f"data.train.num_workers={workers}",
-            f"hooks=[{base}{', ' + hooks if hooks else ''}]", *extra]  # fmt: skip
+def options(data_root: Path, *extra: str, workers=0, hooks="", base=HOOKS) -> list[str]:
+    """Tiny-run --cfg-options with the hooks ``base`` plus ``hooks``, then ``extra``."""
+    hook_list = f"hooks=[{base}{', ' + hooks if hooks else ''}]"
+    return [*tiny(data_root, ITERS), f"data.train.num_workers={workers}", hook_list, *extra]
 
 
 def train_command(work_dir: Path, *args: str, processes: int = 1, port: int = 0) -> list[str]:
@@ -45,15 +46,19 @@ def train_command(work_dir: Path, *args: str, processes: int = 1, port: int = 0)
 
 def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, **ENV, "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     result.output = result.stdout + result.stderr
     return result
 
 
 def start(command: list[str]) -> subprocess.Popen:
     env = {**os.environ, **ENV, "ACCELERATE_USE_CPU": "1"}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, to signal the launcher and its ranks
+    )  # fmt: skip
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -89,8 +94,9 @@ def test_interval_saves_keep_the_newest_and_the_best(reference):
     assert checkpoints(reference) == ["best", "iter_4", "iter_6", "latest"]
     assert (reference / "checkpoints" / "latest").read_text().strip() == "iter_6"
     files = {p.name for p in (reference / "checkpoints" / "iter_6").iterdir()}
-    assert {"model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl",
-            "train_state.json", "hooks.pt", "data_state_rank0.pt", "recipe.yaml"} <= files  # fmt: skip
+    assert {"model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl",
+            "random_states_0.pkl", "train_state.json", "hooks.pt", "data_state_rank0.pt",
+            "recipe.yaml"} <= files  # fmt: skip
     best = json.loads((reference / "checkpoints" / "best" / "best.json").read_text())
     assert best["key"] == "mIoU" and best["iter"] in (3, 6) and 0 <= best["value"] <= 100
     state = json.loads((reference / "checkpoints" / "iter_6" / "train_state.json").read_text())
@@ -104,7 +110,8 @@ def test_kill_9_mid_save_then_sigterm_then_resume_matches_the_uninterrupted_run(
     work_dir = tmp_path / "run"
     marker = tmp_path / "saving"
     stall = f"{{type: 'probe_hooks:StallSaveHook', marker: '{marker}', at_iter: 4}}"
-    process = start(train_command(work_dir, "--cfg-options", *options(data_root, workers=2, hooks=stall)))
+    args = options(data_root, workers=2, hooks=stall)
+    process = start(train_command(work_dir, "--cfg-options", *args))
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -124,7 +131,8 @@ def test_kill_9_mid_save_then_sigterm_then_resume_matches_the_uninterrupted_run(
     assert "stopped by SIGTERM at iteration 5" in result.stdout
     assert checkpoints(work_dir) == ["best", "iter_4", "iter_5", "latest"]
 
-    result = run(train_command(work_dir, "--resume", "--cfg-options", *options(data_root, workers=2)))
+    args = options(data_root, workers=2)
+    result = run(train_command(work_dir, "--resume", "--cfg-options", *args))
     assert result.returncode == 0, result.output[-4000:]
     assert "at iteration 5" in result.stdout
     assert_bitwise_equal(weights(work_dir / "checkpoints" / "iter_6"),
@@ -134,7 +142,9 @@ def test_kill_9_mid_save_then_sigterm_then_resume_matches_the_uninterrupted_run(
     assert best == ref_best
 
 
-def test_two_processes_sigterm_resume_exact_with_force_and_load_from(tmp_path, data_root, reference):
+def test_two_processes_sigterm_resume_exact_with_force_and_load_from(
+    tmp_path, data_root, reference
+):
     # load_from: the reference's weights with one key dropped and one foreign key added.
     start_weights = weights(reference / "checkpoints" / "best")
     dropped = sorted(start_weights)[-1]
@@ -147,10 +157,13 @@ def test_two_processes_sigterm_resume_exact_with_force_and_load_from(tmp_path, d
     # A work dir that already holds checkpoints is refused, then --force moves them aside.
     reference_dir = tmp_path / "ref2"
     (reference_dir / "checkpoints" / "iter_9").mkdir(parents=True)
-    refused = run_cli(str(QUICKSTART), "--work-dir", str(reference_dir), "--cfg-options", *tiny(data_root))
+    refused = run_cli(
+        str(QUICKSTART), "--work-dir", str(reference_dir), "--cfg-options", *tiny(data_root)
+    )
     assert refused.returncode == 2 and "--resume" in refused.stderr and "--force" in refused.stderr
-    result = run(train_command(reference_dir, "--force", "--cfg-options", *options(data_root, *common, base=HOOKS_NO_EVAL),
-                               processes=2, port=29631))  # fmt: skip
+    args = options(data_root, *common, base=HOOKS_NO_EVAL)
+    result = run(train_command(reference_dir, "--force", "--cfg-options", *args, processes=2,
+                               port=29631))  # fmt: skip
     assert result.returncode == 0, result.output[-4000:]
     aside = [p for p in reference_dir.iterdir() if p.name.startswith("checkpoints.old-")]
     assert len(aside) == 1 and (aside[0] / "iter_9").is_dir()
@@ -161,9 +174,8 @@ def test_two_processes_sigterm_resume_exact_with_force_and_load_from(tmp_path, d
     # terminal's Ctrl-C or a scheduler's scancel does), then resumed with --resume.
     work_dir = tmp_path / "run"
     slow = "{type: 'probe_hooks:ProbeHook', prefix: '" + str(tmp_path / "p") + "', sleep: 0.5}"
-    command = train_command(work_dir, "--cfg-options", *options(data_root, *common, hooks=slow, base=HOOKS_NO_EVAL),
-                            processes=2, port=29632)  # fmt: skip
-    process = start(command)
+    slow_args = options(data_root, *common, hooks=slow, base=HOOKS_NO_EVAL)
+    process = start(train_command(work_dir, "--cfg-options", *slow_args, processes=2, port=29632))
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -173,14 +185,16 @@ def test_two_processes_sigterm_resume_exact_with_force_and_load_from(tmp_path, d
     output = "".join(lines) + process.communicate(timeout=300)[0]
     stopped = int((work_dir / "checkpoints" / "latest").read_text().strip().removeprefix("iter_"))
     assert 2 <= stopped < ITERS, output[-4000:]
-    assert output.count(f"stopped by SIGTERM at iteration {stopped}") == 2, output[-4000:]  # both ranks
+    both_ranks = output.count(f"stopped by SIGTERM at iteration {stopped}")
+    assert both_ranks == 2, output[-4000:]
     saved = {p.name for p in (work_dir / "checkpoints" / f"iter_{stopped}").iterdir()}
     assert {"random_states_0.pkl", "random_states_1.pkl", "data_state_rank0.pt",
             "data_state_rank1.pt"} <= saved  # fmt: skip
-    assert not any(k.startswith("module.") for k in weights(work_dir / "checkpoints" / f"iter_{stopped}"))
+    stopped_weights = weights(work_dir / "checkpoints" / f"iter_{stopped}")
+    assert not any(k.startswith("module.") for k in stopped_weights)  # loads at any world size
 
-    result = run(train_command(work_dir, "--resume", "--cfg-options", *options(data_root, *common, base=HOOKS_NO_EVAL),
-                               processes=2, port=29633))  # fmt: skip
+    result = run(train_command(work_dir, "--resume", "--cfg-options", *args, processes=2,
+                               port=29633))  # fmt: skip
     assert result.returncode == 0, result.output[-4000:]
     assert f"at iteration {stopped}" in result.stdout
     assert_bitwise_equal(weights(work_dir / "checkpoints" / f"iter_{ITERS}"),
@@ -196,8 +210,9 @@ def test_export_then_predict_writes_colour_and_label_masks(tmp_path, data_root, 
 
     from hooktrain.export import export_checkpoint
 
-    exported = export_checkpoint(reference / "checkpoints" / "best", tmp_path / "model.safetensors")
-    assert_bitwise_equal(load_file(str(exported)), weights(reference / "checkpoints" / "best"))
+    best = reference / "checkpoints" / "best"
+    exported = export_checkpoint(best, tmp_path / "model.safetensors")
+    assert_bitwise_equal(load_file(str(exported)), weights(best))
 
     with safe_open(str(exported), framework="pt") as f:
         recipe = yaml.safe_load(f.metadata()["hooktrain.recipe"])
@@ -224,7 +239,8 @@ def test_missing_files_are_clear_errors(tmp_path, capsys):
 
     for argv, expected in (
         (["export", str(tmp_path / "nope"), str(tmp_path / "o.safetensors")], "not found"),
-        (["predict", str(tmp_path / "nope.safetensors"), "x.png", "--out", str(tmp_path)], "not found"),
+        (["predict", str(tmp_path / "no.safetensors"), "x.png", "--out", str(tmp_path)],
+         "not found"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -152,14 +152,25 @@ def test_predict_batch_of_different_sizes_returns_each_original_size():
     torch.testing.assert_close(out[1], alone)
 
 
-def test_predict_whole_crops_padding_before_resizing():
+def test_predict_whole_runs_each_image_without_the_padding():
     model = make("pvt_v2_b0", "segformer", inference={"flip": True}).eval()
     image, _ = batch(b=2)
     out = model.predict(image, [(64, 64), (32, 48)], [(64, 64), (64, 96)])
+    crop = image[1:, :, :32, :48]
     with torch.no_grad():
-        logits = (model(image) + model(image.flip(-1)).flip(-1)) / 2
-    expected = F.interpolate(logits[1:, :, :32, :48], size=(64, 96), mode="bilinear")[0]
+        logits = (model(crop) + model(crop.flip(-1)).flip(-1)) / 2
+    expected = F.interpolate(logits, size=(64, 96), mode="bilinear")[0]
     torch.testing.assert_close(out[1], expected)
+
+
+def test_a_prediction_does_not_depend_on_the_rest_of_the_batch():
+    model = make("resnet18", "fpn").eval()
+    image, _ = batch(b=3)
+    shapes = [(64, 64), (40, 56), (64, 64)]
+    together = model.predict(image, shapes, shapes)
+    for i, shape in enumerate(shapes):
+        alone = model.predict(image[i : i + 1, :, : shape[0], : shape[1]], [shape], [shape])[0]
+        torch.testing.assert_close(together[i], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_predict_ignores_the_aux_head_and_returns_float32_under_autocast():

@@ -57,7 +57,9 @@ def predict_logits(
     """Per-image float32 logits ``[C, H_i, W_i]`` at each original size.
 
     ``image`` is a padded batch whose i-th image fills the top-left ``img_shapes[i]``. ``whole``
-    runs the padded batch at once (as mmseg 1.x), ``slide`` runs each image's own region. With
+    runs the images of each size together, cropped out of the padding (unlike mmseg 1.x, which
+    runs the padded batch, so its predictions depend on the batch); ``slide`` runs each image's
+    own region. With
     ``flip``, the logits of the horizontally flipped input are flipped back and averaged with the
     plain ones (mmseg 1.x's TTA also averages logits). The padding is then cropped away and the
     logits are resized to ``ori_shapes[i]``.
@@ -67,26 +69,32 @@ def predict_logits(
             f"batch of {image.shape[0]} images with {len(img_shapes)} img_shapes and {len(ori_shapes)} ori_shapes"
         )
 
-    def infer(batch: torch.Tensor) -> list[torch.Tensor]:
-        if cfg.mode == "whole":
-            logits = logits_fn(batch).float()
-            return [logits[i : i + 1, :, :h, :w] for i, (h, w) in enumerate(img_shapes)]
-        return [
-            slide_logits(logits_fn, batch[i : i + 1, :, :h, :w], cfg.crop_size, cfg.stride)
-            for i, (h, w) in enumerate(img_shapes)
-        ]
+    def whole(flip: bool) -> list[torch.Tensor]:
+        # Images of one size run together, each cropped out of the padding first, so a
+        # prediction never depends on which other images share its batch (metrics are then
+        # the same for any batch size and number of processes).
+        outputs: list[torch.Tensor | None] = [None] * len(img_shapes)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, shape in enumerate(img_shapes):
+            groups.setdefault((int(shape[0]), int(shape[1])), []).append(i)
+        for (h, w), members in groups.items():
+            crops = image[members, :, :h, :w]
+            logits = logits_fn(crops.flip(-1) if flip else crops).float()
+            logits = logits.flip(-1) if flip else logits
+            for k, i in enumerate(members):
+                outputs[i] = logits[k : k + 1]
+        return outputs
 
-    outputs = infer(image)
+    def slide(flip: bool) -> list[torch.Tensor]:
+        outputs = []
+        for i, (h, w) in enumerate(img_shapes):
+            crop = image[i : i + 1, :, :h, :w]
+            logits = slide_logits(logits_fn, crop.flip(-1) if flip else crop, cfg.crop_size, cfg.stride)
+            outputs.append(logits.flip(-1) if flip else logits)
+        return outputs
+
+    infer = whole if cfg.mode == "whole" else slide
+    outputs = infer(False)
     if cfg.flip:
-        if cfg.mode == "whole":
-            # The padding moves to the left in the flipped batch; flipping the logits back restores
-            # the top-left layout, so the same crop applies.
-            flipped = logits_fn(image.flip(-1)).float().flip(-1)
-            flipped = [flipped[i : i + 1, :, :h, :w] for i, (h, w) in enumerate(img_shapes)]
-        else:
-            flipped = [
-                slide_logits(logits_fn, image[i : i + 1, :, :h, :w].flip(-1), cfg.crop_size, cfg.stride).flip(-1)
-                for i, (h, w) in enumerate(img_shapes)
-            ]
-        outputs = [(a + b) / 2 for a, b in zip(outputs, flipped)]
+        outputs = [(a + b) / 2 for a, b in zip(outputs, infer(True))]
     return [resize(out, tuple(ori), align_corners)[0] for out, ori in zip(outputs, ori_shapes)]
