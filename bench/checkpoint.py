@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -70,7 +71,7 @@ def main() -> None:
     runner = IterRunner.from_recipe(recipe)
     logging.getLogger("hooktrain").setLevel(logging.WARNING)
     params = sum(p.numel() for p in runner.model.parameters())
-    print(f"quickstart model: {params / 1e6:.1f} M parameters; work dir {tmp}")
+    print(f"quickstart model: {params / 1e6:.1f} M parameters; work dir {tmp} (removed at the end)")
 
     for _ in range(args.early):
         runner.train_step()
@@ -105,6 +106,7 @@ def main() -> None:
           f"({', '.join(f'{t:.2f}' for t in late_times)})")  # fmt: skip
     print(f"late/early resume ratio: {resume_late / resume_early:.2f} (flat means ~1)")
     runner.accelerator.end_training()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({
         "bench": "checkpoint",
         "save_s": round(statistics.median(save_times), 3),

@@ -237,7 +237,7 @@ class IterRunner:
             rank = accelerator.process_index
             torch.save(self.train_stream.state_dict(), directory / f"data_state_rank{rank}.pt")
         if accelerator.is_main_process:
-            hook_states = {_hook_key(i, h.name): h.hook.state_dict() for i, h in enumerate(self.hooks)}
+            hook_states = {key: h.hook.state_dict() for key, h in _hook_keys(self.hooks)}
             torch.save(hook_states, directory / "hooks.pt")
             train_state = {**self.state.state_dict(), "world_size": accelerator.num_processes}
             (directory / "train_state.json").write_text(json.dumps(train_state, indent=1))
@@ -253,8 +253,8 @@ class IterRunner:
         self.state.load_state_dict(train_state)
         hooks_file = directory / "hooks.pt"
         hook_states = torch.load(hooks_file, weights_only=False) if hooks_file.exists() else {}
-        for index, loaded in enumerate(self.hooks):
-            state = hook_states.get(_hook_key(index, loaded.name))
+        for key, loaded in _hook_keys(self.hooks):
+            state = hook_states.get(key)
             if state:
                 loaded.hook.load_state_dict(state)
         data_file = directory / f"data_state_rank{self.accelerator.process_index}.pt"
@@ -384,8 +384,16 @@ def _rng_neutral_start(batches: Iterator[dict[str, torch.Tensor]]):
     yield from batches
 
 
-def _hook_key(index: int, name: str) -> str:
-    return f"{index}:{name}"
+def _hook_keys(hooks: list[LoadedHook]) -> list[tuple[str, LoadedHook]]:
+    """Checkpoint keys of the hooks' states: the hook's name, with ``#k`` for its k-th
+    repetition, so adding or removing other hooks between runs keeps states matched."""
+    seen: dict[str, int] = {}
+    keys = []
+    for loaded in hooks:
+        count = seen.get(loaded.name, 0)
+        seen[loaded.name] = count + 1
+        keys.append((loaded.name if count == 0 else f"{loaded.name}#{count}", loaded))
+    return keys
 
 
 def _check_work_dir(work_dir: Path, force: bool) -> None:
