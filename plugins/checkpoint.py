@@ -25,6 +25,12 @@ class CheckpointHook(Hook):
     ``save_best: mIoU`` also keeps ``checkpoints/best`` with the weights of the best score the
     eval hook reported (its ``best_key`` must be the same metric). No checkpoint is written
     after the run failed.
+
+    Args:
+        interval: Save every this many iterations into checkpoints/iter_N.
+        max_keep: Keep only this many newest complete checkpoints (best is never pruned); null keeps all.
+        save_best: Also keep checkpoints/best with the weights of the best value of this metric (the eval hook's best_key).
+        save_last: Save when the run ends or is stopped by SIGTERM/SIGINT (not after a crash).
     """
 
     priority = PRIORITIES["NORMAL"]  # after the eval hook (HIGH): sees this iteration's best

@@ -30,6 +30,11 @@ class LoggerHook(Hook):
     is set), data and iteration time and, on GPU, peak memory. Whatever else is logged
     through ``runner.log`` (validation metrics, per-class values, sample images) is written
     when it is produced.
+
+    Args:
+        interval: Iterations between training log lines (and the last iteration).
+        log_with: Dashboards through Accelerate's trackers: wandb, tensorboard (either or both).
+        wandb: wandb run options {project, entity, name, tags, group, summary}; only with wandb in log_with (see docs/logging.md).
     """
 
     priority = PRIORITIES["BELOW_NORMAL"]

@@ -31,6 +31,24 @@ def run_cli(*args: str, cwd: Path | str = ROOT, env: dict | None = None, timeout
     )
 
 
+def ensure_installed(distribution_name: str, path: Path) -> None:
+    """pip-install a local plugin package into this environment unless it is there already."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution(distribution_name)
+    except PackageNotFoundError:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(path)],
+            check=True,
+        )
+        importlib.invalidate_caches()
+    from hooktrain.hooks import discover_hooks
+
+    discover_hooks.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> Path:
     """A small shapes dataset shared by the end-to-end tests (generated once per session)."""

@@ -37,6 +37,9 @@ class ProbeHook(Hook):
         if self.sleep:
             time.sleep(self.sleep)
 
+    def before_val(self, runner):
+        self.record["before_val_params_sha256"] = _digest(runner.unwrapped_model.named_parameters())
+
     def after_val(self, runner, metrics):
         self.record.setdefault("val", []).append(
             {"iter": runner.state.iter, "metrics": metrics, "best": dict(runner.state.best)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICKSTART, ROOT, run_cli
+from conftest import QUICKSTART, ROOT, ensure_installed, run_cli
 from hooktrain.optim import ScheduleConfig, scheduled_lr
 
 TESTS = Path(__file__).resolve().parent
@@ -151,18 +151,7 @@ def test_sigterm_finishes_the_iteration_runs_after_run_and_exits_143(tmp_path, d
 @pytest.fixture(scope="module")
 def stage_recorder_installed():
     """Install the third-party plugin distribution in tests/plugin_pkg into this environment."""
-    try:
-        distribution("hooktrain-stage-recorder")
-    except PackageNotFoundError:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-             str(TESTS / "plugin_pkg")],
-            check=True,
-        )  # fmt: skip
-        importlib.invalidate_caches()
-    from hooktrain.hooks import discover_hooks
-
-    discover_hooks.cache_clear()
+    ensure_installed("hooktrain-stage-recorder", TESTS / "plugin_pkg")
 
 
 def test_third_party_plugin_is_listed_and_runs_by_name(tmp_path, data_root, stage_recorder_installed):

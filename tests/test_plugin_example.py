@@ -1,0 +1,55 @@
+"""The plugin authoring kit: examples/hooktrain-ema installs as its own distribution, is
+listed by `hooktrain plugins`, and its average is evaluated and checkpointed in a real run."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from conftest import QUICKSTART, ROOT, ensure_installed, run_cli
+from test_train import ENV, read_probe, tiny
+
+
+def digest(named_tensors) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_ema_plugin_package_is_discovered_evaluated_and_checkpointed(tmp_path):
+    ensure_installed("hooktrain-ema", ROOT / "examples" / "hooktrain-ema")
+    listing = run_cli("plugins")
+    line = next(line for line in listing.stdout.splitlines() if line.startswith("ema "))
+    assert "hooktrain-ema" in line and "exponential moving average" in line
+
+    prefix, work_dir = tmp_path / "p", tmp_path / "run"
+    hooks = (
+        "hooks=[{type: ema, momentum: 0.2}, {type: eval, interval: 4, num_samples: 0}, "
+        f"{{type: checkpoint, interval: 4}}, {{type: 'probe_hooks:ProbeHook', prefix: '{prefix}'}}]"
+    )
+    result = run_cli(
+        str(QUICKSTART), "--work-dir", str(work_dir),
+        "--cfg-options", *tiny(tmp_path / "shapes", 4), hooks, env=ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_probe(prefix)
+    ema_state = torch.load(work_dir / "checkpoints" / "iter_4" / "hooks.pt", weights_only=False)["ema"]
+    assert int(ema_state["n_averaged"]) == 4
+    param_names = {name for name, _ in quickstart_model().named_parameters()}
+    averaged = [(k.removeprefix("module."), v) for k, v in ema_state.items() if k.removeprefix("module.") in param_names]
+    # The eval hook saw the average (swapped in at before_val) ...
+    assert record["before_val_params_sha256"] == digest(averaged)
+    # ... and training continued from the raw weights, which differ from it.
+    assert record["params_sha256"] != record["before_val_params_sha256"]
+
+
+def quickstart_model() -> torch.nn.Module:
+    """The quickstart's segmentor (for its parameter names; buffers are not parameters)."""
+    from hooktrain.models import build_segmentor
+    from hooktrain.recipe import load_recipe
+
+    recipe = load_recipe(QUICKSTART)
+    return build_segmentor(recipe.model, num_classes=recipe.data.num_classes)
