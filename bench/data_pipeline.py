@@ -280,12 +280,41 @@ def compare(examples: Sequence[Example], rounds: int, seed: int) -> dict[str, fl
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def quickstart_data_wait(iterations: int, workers: int) -> float:
+    """Share of the quickstart's step time spent waiting for the next batch (the runner's
+    ``data_time`` over its ``time``), on this machine with ``workers`` DataLoader workers."""
+    import logging
+
+    from hooktrain.recipe import load_recipe
+    from hooktrain.runner import IterRunner
+
+    recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(
+            recipe_path,
+            [f"train.max_iters={iterations}", f"data.train.num_workers={workers}", "hooks=[]",
+             f"data.train.source.root={Path(tmp) / 'shapes'}", f"data.val.source.root={Path(tmp) / 'shapes'}"],
+            work_dir=str(Path(tmp) / "run"),
+        )  # fmt: skip
+        torch.set_num_threads(os.cpu_count() or 1)  # the trainer's own setting, not the bench's
+        runner = IterRunner.from_recipe(recipe)
+        logging.getLogger("hooktrain").setLevel(logging.WARNING)
+        steps = [runner.train_step() for _ in range(iterations)]
+        runner.accelerator.end_training()
+    warm = steps[3:]  # the first batches include worker start-up
+    return sum(s["data_time"] for s in warm) / sum(s["time"] for s in warm)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 examples, 2 rounds (a few seconds)")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quickstart-iters", type=int, default=40,
+        help="iterations of the quickstart for the data-wait share (0 skips it)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     n, rounds = (16, 2) if args.quick else (args.examples, args.rounds)
 
@@ -311,8 +340,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"{medians['hooktrain'] / medians['mmseg_style']:.2f}x")
     print(f"decode only (JPEG + PNG)   {medians['decode_only']:7.1f} images/s")
     print(f"mmseg OpenCV reference     {MMSEG_REFERENCE_IMAGES_PER_S:7d} images/s (measured earlier, not rerun here)")
+    wait = None
+    if args.quickstart_iters:
+        iters = 8 if args.quick else args.quickstart_iters
+        wait = quickstart_data_wait(iters, workers=2)
+        print(f"quickstart, 2 workers: {100 * wait:.1f}% of step time waiting for data (target < 5%)")
     result = {
         "bench": "data_pipeline",
+        "quickstart_data_wait_share": None if wait is None else round(wait, 4),
         "images_per_s": round(medians["hooktrain"], 1),
         "baseline_tv2_images_per_s": round(medians["tv2"], 1),
         "ratio": round(ratio, 2),
