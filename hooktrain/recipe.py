@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from hooktrain.config_base import Section
 from hooktrain.data.config import DataConfig
@@ -37,6 +37,11 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast precision; fp16 needs a CUDA GPU, bf16 also works on CPU."
     )
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x "
         "processes x grad_accum_steps)."

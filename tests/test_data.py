@@ -459,7 +459,7 @@ def test_shapes_recipe_streams_after_prepare_data(tmp_path, monkeypatch):
     prepare_data(cfg)
     assert (tmp_path / "data" / "shapes" / "shapes.json").is_file()
     batch = next(build_train_stream(cfg, seed=0))
-    assert batch["image"].shape == (8, 3, 128, 128) and batch["mask"].shape == (8, 128, 128)
+    assert batch["image"].shape == (8, 3, 96, 96) and batch["mask"].shape == (8, 96, 96)
     assert sum(len(b["index"]) for b in build_val_loader(cfg)) == 4
 
 

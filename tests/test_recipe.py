@@ -64,8 +64,9 @@ def test_cfg_options_parse_yaml_values_and_index_lists():
 
 
 def test_quickstart_resolves_with_defaults():
-    recipe = load_recipe(QUICKSTART, ["train.max_iters=12", "train.seed=3"])
+    recipe = load_recipe(QUICKSTART, ["train.max_iters=12", "train.seed=3", "train.mixed_precision=no"])
     assert recipe.train.max_iters == 12 and recipe.train.seed == 3
+    assert recipe.train.mixed_precision == "no"  # YAML's bare `no` is false
     assert recipe.work_dir == "work_dirs/quickstart"
     assert load_recipe(QUICKSTART, work_dir="elsewhere").work_dir == "elsewhere"
 

@@ -1,6 +1,6 @@
 """The procedural shapes dataset: the quickstart's data, generated locally in seconds.
 
-Each image is a textured background (blobby noise, a gradient or stripes) with a few filled
+Each image is a finely textured background (colour noise or stripes) with a few flat-filled
 shapes drawn over it. Colours are random per shape and per background, so a model has to
 learn shape, not colour. Classes: 0 background, 1 circle, 2 square, 3 triangle, 4 cross.
 
@@ -29,7 +29,14 @@ from hooktrain.errors import UserError
 SHAPES_CLASSES = ["background", "circle", "square", "triangle", "cross"]
 SHAPES_PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]]
 _MANIFEST = "shapes.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: fine textures, flat contrasting non-overlapping shapes
+# Generator knobs (bump _FORMAT_VERSION when changing any): sized so that the quickstart's
+# ResNet-18 FPN, from scratch on 2 CPU cores, reaches mIoU >= 0.7 in about three minutes.
+_TEXTURE_AMPLITUDE = 90.0  # background texture swing around its base colour, per channel
+_RADIUS_RANGE = (0.2, 0.34)  # shape "radius" as a fraction of the image size
+_MAX_SHAPES = 2
+_MIN_COLOUR_GAP = 90  # summed |RGB| distance of a shape's colour from the background's base
+_GRAIN = 3  # +- per-pixel noise
 _ROWS_PER_ROW_GROUP = 50  # row groups are the units the train stream shuffles and resumes in
 
 
@@ -39,23 +46,30 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return ys, xs
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    # Textures are computed on a coarse grid and upsampled: smooth by design, and cheap.
-    coarse = max(size // 4, 8)
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A textured background and its base colour (float32 RGB) for picking contrasting shapes.
+
+    Fine textures (colour noise at two grain sizes, or stripes 6-16 px apart) swing around a
+    random base colour, while shapes are flat fills: "textured vs flat" is a local cue, so a
+    model trained from scratch separates shapes from background early and can spend its short
+    schedule on telling the shapes apart. Textures are computed on a half-size grid and upsampled.
+    """
+    coarse = max(size // 2, 8)
+    base = rng.integers(0, 256, size=3).astype(np.float32)
     kind = rng.integers(3)
-    if kind == 0:  # blobby colour noise
-        cells = rng.integers(0, 256, size=(rng.integers(3, 12),) * 2 + (3,), dtype=np.uint8)
-        return cv2.resize(cells, (size, size), interpolation=cv2.INTER_CUBIC)
-    a, b = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
-    angle = rng.uniform(0, 2 * math.pi)
-    ys, xs = _grid(coarse)
-    proj = xs * math.cos(angle) + ys * math.sin(angle)
-    if kind == 1:  # linear gradient
-        t = (proj - proj.min()) / max(float(proj.max() - proj.min()), 1e-6)
+    if kind < 2:  # colour noise: blobs of 4-10 px, or 2-4 px
+        cells = max(int(size / (rng.uniform(4, 10) if kind == 0 else rng.uniform(2, 4))), 3)
+        tex = cv2.resize(rng.uniform(-1, 1, size=(cells, cells, 3)).astype(np.float32),
+                         (coarse, coarse), interpolation=cv2.INTER_CUBIC)  # fmt: skip
     else:  # stripes
-        t = (np.sin(proj * rng.uniform(8, 30)) > 0).astype(np.float32)
-    small = (a + t[..., None] * (b - a)).astype(np.uint8)
-    return cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR)
+        angle = rng.uniform(0, 2 * math.pi)
+        ys, xs = _grid(coarse)
+        proj = xs * math.cos(angle) + ys * math.sin(angle)
+        t = np.sin(proj * 2 * math.pi * size / rng.uniform(6, 16))
+        tex = t[..., None] * rng.uniform(-1, 1, size=3).astype(np.float32)
+    small = np.clip(base + _TEXTURE_AMPLITUDE * tex, 0, 255).astype(np.float32)
+    image = cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR)
+    return np.clip(image, 0, 255).astype(np.uint8), base
 
 
 def _polygon(cls: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
@@ -75,14 +89,30 @@ def _polygon(cls: int, cx: float, cy: float, r: float, angle: float) -> np.ndarr
 
 
 def render_example(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image (HxWx3 uint8 RGB) and its mask (HxW uint8 class ids) drawn from ``rng``."""
-    image = _background(rng, size)
+    """One image (HxWx3 uint8 RGB) and its mask (HxW uint8 class ids) drawn from ``rng``.
+
+    One to ``_MAX_SHAPES`` shapes of radius ``_RADIUS_RANGE`` (fractions of ``size``), placed
+    without overlapping each other, each in a random colour at least ``_MIN_COLOUR_GAP``
+    (summed over RGB) away from the background's base colour.
+    """
+    image, base = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(rng.integers(1, 5)):
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(rng.integers(1, _MAX_SHAPES + 1)):
         cls = int(rng.integers(1, len(SHAPES_CLASSES)))
-        r = rng.uniform(0.1, 0.25) * size
-        cx, cy = rng.uniform(r * 0.5, size - r * 0.5, size=2)
-        colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        r = rng.uniform(*_RADIUS_RANGE) * size
+        for _attempt in range(10):
+            cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
+            if all(math.hypot(cx - x, cy - y) > r + other for x, y, other in placed):
+                break
+        else:
+            continue  # no room left for this one
+        placed.append((cx, cy, r))
+        for _attempt in range(20):
+            colour = rng.integers(0, 256, size=3)
+            if np.abs(colour - base).sum() >= _MIN_COLOUR_GAP:
+                break
+        colour = tuple(int(v) for v in colour)
         if cls == 1:
             centre = (int(cx), int(cy))
             cv2.circle(image, centre, int(r), colour, -1, lineType=cv2.LINE_AA)
@@ -92,8 +122,8 @@ def render_example(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
             cv2.fillPoly(image, [pts], colour, lineType=cv2.LINE_AA)
             cv2.fillPoly(mask, [pts], cls)
     # Grain so flat shapes are not trivially separable by a constant colour.
-    grain = np.frombuffer(rng.bytes(size * size), np.uint8).reshape(size, size, 1) >> 4
-    image = np.clip(image.astype(np.int16) + grain.astype(np.int16) - 8, 0, 255)
+    grain = rng.integers(-_GRAIN, _GRAIN + 1, size=(size, size, 1), dtype=np.int16)
+    image = np.clip(image.astype(np.int16) + grain, 0, 255)
     return image.astype(np.uint8), mask
 
 
