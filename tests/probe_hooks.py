@@ -38,7 +38,7 @@ class ProbeHook(Hook):
             time.sleep(self.sleep)
 
     def before_val(self, runner):
-        self.record["before_val_params_sha256"] = _digest(runner.unwrapped_model.named_parameters())
+        self.record["before_val_params_sha256"] = digest(runner.unwrapped_model.named_parameters())
 
     def after_val(self, runner, metrics):
         self.record.setdefault("val", []).append(
@@ -49,8 +49,8 @@ class ProbeHook(Hook):
         self.record["stages"].append("after_run")
         self.record["final_iter"] = runner.state.iter
         model = runner.unwrapped_model
-        self.record["weights_sha256"] = _digest(model.state_dict().items())
-        self.record["params_sha256"] = _digest(model.named_parameters())
+        self.record["weights_sha256"] = digest(model.state_dict().items())
+        self.record["params_sha256"] = digest(model.named_parameters())
         path = f"{self.prefix}.rank{runner.accelerator.process_index}.json"
         with open(path + ".tmp", "w") as f:
             json.dump(self.record, f)
@@ -96,9 +96,10 @@ class SignalSelfHook(Hook):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
-def _digest(named_tensors) -> str:
-    digest = hashlib.sha256()
+def digest(named_tensors) -> str:
+    """sha256 over (name, bytes) of named tensors in name order."""
+    h = hashlib.sha256()
     for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

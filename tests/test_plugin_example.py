@@ -3,20 +3,11 @@ listed by `hooktrain plugins`, and its average is evaluated and checkpointed in 
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from conftest import QUICKSTART, ROOT, ensure_installed, run_cli
+from probe_hooks import digest
 from test_train import ENV, read_probe, tiny
-
-
-def digest(named_tensors) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_ema_plugin_package_is_discovered_evaluated_and_checkpointed(tmp_path):
