@@ -29,10 +29,11 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options",
         nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         help="override recipe keys, e.g. train.max_iters=100 data.train.batch_size=4 "
-        "(values are YAML: x=[1,2], y=null)",
+        "(values are YAML: x=[1,2], y=null); may be given more than once, later keys win",
     )
     parser.add_argument("--work-dir", help="run directory (default: work_dirs/<recipe name>)")
 

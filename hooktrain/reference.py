@@ -24,8 +24,8 @@ A recipe is YAML. `_base_: [a.yaml, b.yaml]` merges other recipes first (paths r
 file, recursive, later wins); a mapping with `_delete_: true` replaces the inherited mapping
 instead of merging into it; lists and scalars always replace. On the command line,
 `--cfg-options key.path=value ...` overrides keys after merging (values are YAML:
-`x=[1,2]`, `y=null`, `hooks.0.interval=10`). Unknown keys and wrong types are errors that name
-the key and the closest valid one.
+`x=[1,2]`, `y=null`, `hooks.0.interval=10`); the flag may be given more than once, and later
+keys win. Unknown keys and wrong types are errors that name the key and the closest valid one.
 """
 
 

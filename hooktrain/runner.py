@@ -274,6 +274,12 @@ class IterRunner:
     def run(self) -> str | None:
         """Train until ``max_iters`` or a stop signal. Returns the signal's name when one
         stopped the run (the CLI turns it into ``EXIT_CODES``), else ``None``."""
+        if self.state.iter >= self.state.max_iters:  # resumed a finished run: no hook fires
+            logger.info(
+                "already at iteration %d of %d: nothing to train (raise train.max_iters to go on)",
+                self.state.iter, self.state.max_iters,
+            )  # fmt: skip
+            return None
         logger.info(hooks_info(self.hooks))
         previous = self._install_signal_handlers()
         try:

@@ -15,8 +15,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 RECIPES = ROOT / "recipes"
 QUICKSTART = RECIPES / "quickstart.yaml"
+# Lets the training subprocesses import the probe hooks in tests/ by "module:Class".
+ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
 def run_cli(*args: str, cwd: Path | str = ROOT, env: dict | None = None, timeout: int = 600):
@@ -25,6 +28,29 @@ def run_cli(*args: str, cwd: Path | str = ROOT, env: dict | None = None, timeout
         [sys.executable, "-m", "hooktrain", *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def launch_command(*args: str, port: int, processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``processes`` CPU processes (gloo) running ARGS, for example
+    ``"-m", "hooktrain", recipe, ...``; each test passes its own ``port``."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+        str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), *args,
+    ]  # fmt: skip
+
+
+def run_launch(*args: str, port: int, processes: int = 2, timeout: int = 600):
+    """Run :func:`launch_command` from the repository root with the probe hooks importable and
+    ``ACCELERATE_USE_CPU=1``; returns the CompletedProcess."""
+    return subprocess.run(
+        launch_command(*args, port=port, processes=processes),
+        cwd=ROOT,
+        env={**os.environ, **ENV, "ACCELERATE_USE_CPU": "1"},
         capture_output=True,
         text=True,
         timeout=timeout,

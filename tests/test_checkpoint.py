@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import QUICKSTART, ROOT, run_cli
-from test_train import ENV, tiny
+from conftest import ENV, QUICKSTART, ROOT, launch_command, run_cli
+from test_train import tiny
 
 ITERS = 6
 HOOKS = (
@@ -34,13 +34,10 @@ def options(data_root: Path, *extra: str, workers=0, hooks="", base=HOOKS) -> li
 
 
 def train_command(work_dir: Path, *args: str, processes: int = 1, port: int = 0) -> list[str]:
-    launch = [sys.executable, "-m", "hooktrain"]
     if processes > 1:
-        launch = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-            "no", "--main_process_port", str(port), "-m", "hooktrain",
-        ]  # fmt: skip
+        launch = launch_command("-m", "hooktrain", processes=processes, port=port)
+    else:
+        launch = [sys.executable, "-m", "hooktrain"]
     return [*launch, str(QUICKSTART), "--work-dir", str(work_dir), *args]
 
 

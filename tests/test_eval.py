@@ -14,23 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import QUICKSTART, ROOT, run_cli
-from test_train import ENV, read_probe, tiny
-
-TESTS = Path(__file__).resolve().parent
+from conftest import ENV, QUICKSTART, ROOT, TESTS, run_cli, run_launch
+from test_train import read_probe, tiny
 
 
-def launch(*args: str, port: int) -> subprocess.CompletedProcess:
-    """``accelerate launch`` two CPU processes (gloo) running ARGS."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port), *args,
-    ]  # fmt: skip
-    return subprocess.run(
-        command, cwd=ROOT, env={**os.environ, **ENV, "ACCELERATE_USE_CPU": "1"},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
 
 
 def same(a: float, b: float) -> bool:
@@ -44,7 +31,7 @@ def test_two_processes_equal_one_process_for_every_length_and_batch_size(tmp_pat
         cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch(script, str(tmp_path / "data"), str(tmp_path / "two.json"), port=29621)
+    two = run_launch(script, str(tmp_path / "data"), str(tmp_path / "two.json"), port=29621)
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
     single = json.loads((tmp_path / "one.json").read_text())
     double = json.loads((tmp_path / "two.json").read_text())
@@ -109,7 +96,7 @@ def test_test_command_evaluates_a_checkpoint_on_one_and_two_processes(tmp_path, 
     one = run_cli("test", str(QUICKSTART), "--checkpoint", str(weights),
                   "--work-dir", str(tmp_path / "one"), "--cfg-options", *options)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch("-m", "hooktrain", "test", str(QUICKSTART), "--checkpoint", str(weights),
+    two = run_launch("-m", "hooktrain", "test", str(QUICKSTART), "--checkpoint", str(weights),
                  "--work-dir", str(tmp_path / "two"), "--cfg-options", *options, port=29622)  # fmt: skip
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
     single = json.loads((tmp_path / "one" / "test_metrics.json").read_text())

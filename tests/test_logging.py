@@ -4,9 +4,7 @@ two processes, and the errors a user sees when a tracker cannot start."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,11 +13,11 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import QUICKSTART, ROOT, run_cli
+from conftest import ENV, QUICKSTART, run_cli, run_launch
 from hooktrain.errors import UserError
 from hooktrain.hooks import PRIORITIES, Hook, build_hooks
 from hooktrain_plugins.history import HistoryFile, read_history
-from test_train import ENV, tiny
+from test_train import tiny
 from wandb_reader import offline_runs, read_run
 
 CLASSES = ["background", "circle", "square", "triangle", "cross"]
@@ -181,16 +179,8 @@ def test_resume_continues_history_wandb_run_and_tensorboard(tmp_path, first_run,
 
 def test_two_processes_write_one_history_and_one_wandb_run(tmp_path, data_root):
     work_dir = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29640", "-m", "hooktrain", str(QUICKSTART),
-        "--work-dir", str(work_dir), "--cfg-options", *tiny(data_root, 2), hooks(),
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, **ENV, "ACCELERATE_USE_CPU": "1"},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_launch("-m", "hooktrain", str(QUICKSTART), "--work-dir", str(work_dir),
+                        "--cfg-options", *tiny(data_root, 2), hooks(), port=29640)  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert result.stdout.count("iter 2/2") == 1
     (run_dir,) = offline_runs(work_dir / "wandb")

@@ -100,10 +100,11 @@ def test_nested_unknown_key_gets_full_path_and_suggestion():
 
 
 def test_config_command_prints_resolved_recipe_and_errors_exit_2():
-    ok = run_cli("config", str(QUICKSTART), "--cfg-options", "train.max_iters=42")
+    ok = run_cli("config", str(QUICKSTART), "--cfg-options", "train.max_iters=42", "train.seed=3",
+                 "--cfg-options", "train.max_iters=43")  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     resolved = yaml.safe_load(ok.stdout)
-    assert resolved["train"]["max_iters"] == 42
+    assert resolved["train"]["max_iters"] == 43 and resolved["train"]["seed"] == 3  # repeated flags add up
     assert resolved["hooks"][0]["type"] == "logger"
     bad = run_cli("config", str(QUICKSTART), "--cfg-options", "train.max_iter=5")
     assert bad.returncode == 2

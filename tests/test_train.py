@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
 
-from conftest import QUICKSTART, ROOT, ensure_installed, run_cli
+from conftest import ENV, QUICKSTART, ROOT, TESTS, ensure_installed, run_cli, run_launch
 from hooktrain.optim import ScheduleConfig, scheduled_lr
+from hooktrain.recipe import load_recipe
 
-TESTS = Path(__file__).resolve().parent
-ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+BASE_LR = load_recipe(QUICKSTART).optimizer.lr
 
 
 def tiny(data_root: Path, iters: int = 6, *extra: str) -> list[str]:
@@ -73,7 +71,7 @@ def test_one_process_run_trains_and_writes_resolved_recipe(tmp_path, data_root):
     assert recorded["final_iter"] == 6 and len(recorded["loss"]) == 6
     assert recorded["conv_dtype"] == "torch.float32"
     schedule = ScheduleConfig(warmup_iters=2, warmup_ratio=0.1, power=1.0)
-    expected = [scheduled_lr(2e-3, k, 6, schedule) for k in range(6)]
+    expected = [scheduled_lr(BASE_LR, k, 6, schedule) for k in range(6)]
     assert recorded["lr"] == pytest.approx(expected, rel=1e-9)
     resolved = (work_dir / "recipe.yaml").read_text()
     assert "max_iters: 6" in resolved and str(data_root) in resolved
@@ -121,7 +119,7 @@ def test_grad_accumulation_keeps_the_per_iteration_schedule(tmp_path, data_root)
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     schedule = ScheduleConfig(warmup_iters=2, warmup_ratio=0.1, power=1.0)
-    expected = [scheduled_lr(2e-3, k, 4, schedule) for k in range(4)]
+    expected = [scheduled_lr(BASE_LR, k, 4, schedule) for k in range(4)]
     assert read_probe(tmp_path / "p")["lr"] == pytest.approx(expected, rel=1e-9)
     assert "grad_norm" in result.stdout
 
@@ -173,16 +171,8 @@ def test_third_party_plugin_is_listed_and_runs_by_name(tmp_path, data_root, stag
 
 def test_two_processes_end_with_identical_weights_and_the_same_schedule(tmp_path, data_root):
     prefix = tmp_path / "p"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29613", "-m", "hooktrain", str(QUICKSTART),
-        "--work-dir", str(tmp_path / "run"), "--cfg-options", *tiny(data_root), probe(prefix),
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, **ENV, "ACCELERATE_USE_CPU": "1"},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_launch("-m", "hooktrain", str(QUICKSTART), "--work-dir", str(tmp_path / "run"),
+                        "--cfg-options", *tiny(data_root), probe(prefix), port=29613)  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     rank0, rank1 = read_probe(prefix, 0), read_probe(prefix, 1)
     assert rank0["world_size"] == rank1["world_size"] == 2
@@ -191,6 +181,6 @@ def test_two_processes_end_with_identical_weights_and_the_same_schedule(tmp_path
     assert rank0["params_sha256"] == rank1["params_sha256"]
     assert rank0["loss"] != rank1["loss"]  # each rank saw its own data
     schedule = ScheduleConfig(warmup_iters=2, warmup_ratio=0.1, power=1.0)
-    expected = [scheduled_lr(2e-3, k, 6, schedule) for k in range(6)]
+    expected = [scheduled_lr(BASE_LR, k, 6, schedule) for k in range(6)]
     assert rank0["lr"] == pytest.approx(expected, rel=1e-9) == rank1["lr"]
     assert result.stdout.count("hook order:") == 1  # only the main process prints
