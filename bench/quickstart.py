@@ -33,18 +33,12 @@ def main(extra: list[str]) -> None:
                                 capture_output=True, text=True)  # fmt: skip
         seconds = time.perf_counter() - started
         if result.returncode != 0:
-            sys.exit(
-                f"quickstart failed ({result.returncode}):\n{result.stderr[-3000:]}"
-            )
+            sys.exit(f"quickstart failed ({result.returncode}):\n{result.stderr[-3000:]}")
         lines = result.stdout.splitlines()
         first = max(i for i, line in enumerate(lines) if "validation at iter" in line)
         last = next(i for i in range(first, len(lines)) if "val/mIoU" in lines[i])
         print("\n".join(lines[first : last + 1]))  # the per-class table and the summary
-        rows = (
-            (scratch / "work_dirs" / "quickstart" / "metrics.jsonl")
-            .read_text()
-            .splitlines()
-        )
+        rows = (scratch / "work_dirs" / "quickstart" / "metrics.jsonl").read_text().splitlines()
         final = [row for row in map(json.loads, rows) if "val/mIoU" in row][-1]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
