@@ -32,7 +32,8 @@ SHAPES_PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 
 _MANIFEST = "shapes.json"
 _FORMAT_VERSION = 3  # 2: fine textures, flat contrasting shapes; 3: upright shapes, PNG images
 # Generator knobs (bump _FORMAT_VERSION when changing any): sized so that the quickstart's
-# ResNet-18 FPN, from scratch on 2 CPU cores, reaches mIoU >= 0.7 in about three minutes.
+# ResNet-18 FPN, from scratch on 2 CPU cores, tells the shapes apart within about three
+# minutes (the measured variants are in docs/benchmarks.md, "quickstart").
 _TEXTURE_AMPLITUDE = 90.0  # background texture swing around its base colour, per channel
 _RADIUS_RANGE = (0.2, 0.34)  # shape "radius" as a fraction of the image size
 _MAX_SHAPES = 2
