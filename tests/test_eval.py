@@ -18,8 +18,6 @@ from conftest import ENV, QUICKSTART, ROOT, TESTS, run_cli, run_launch
 from test_train import read_probe, tiny
 
 
-
-
 def same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12
 
