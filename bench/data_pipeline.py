@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from hooktrain.data.parquet import write_image_shard
 from hooktrain.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -74,16 +75,11 @@ def make_example(rng: np.random.Generator, height: int = 512, width: int = 683) 
 
 def write_parquet(path: Path, examples: Sequence[Example]) -> None:
     """Write examples as a parquet file with ``image``/``annotation`` ``datasets.Image()`` columns."""
-    from datasets import Dataset, Features, Image
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
-    features = Features({"image": Image(), "annotation": Image()})
     columns = {
         "image": [{"bytes": img, "path": None} for img, _ in examples],
         "annotation": [{"bytes": ann, "path": None} for _, ann in examples],
     }
-    Dataset.from_dict(columns, features=features).to_parquet(str(path))
+    write_image_shard(path, columns, row_group_size=100)
 
 
 def read_stream(path: Path) -> list[Example]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ENV, QUICKSTART, ROOT, TESTS, ensure_installed, run_cli, run_launch
 from hooktrain.optim import ScheduleConfig, scheduled_lr
@@ -99,6 +100,26 @@ def test_fp16_without_gpu_is_refused_clearly(tmp_path, data_root):
     assert result.returncode == 2
     assert "fp16 needs a CUDA GPU" in result.stderr and "bf16" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision, dtype", [("fp16", "torch.float16"), ("bf16", "torch.bfloat16")])
+def test_mixed_precision_on_gpu_trains_and_logs_peak_memory(tmp_path, data_root, precision, dtype):
+    work_dir = tmp_path / "run"
+    result = run_cli(
+        str(QUICKSTART), "--work-dir", str(work_dir),
+        "--cfg-options", *tiny(data_root, 20), f"train.mixed_precision={precision}",
+        probe(tmp_path / "p"), env=ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = read_probe(tmp_path / "p")
+    assert recorded["mixed_precision"] == precision and recorded["conv_dtype"] == dtype
+    losses = recorded["loss"]
+    assert all(loss == loss and loss < 100 for loss in losses)  # finite: the fp16 scaler works
+    assert sum(losses[-5:]) < sum(losses[:5])
+    rows = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["train/memory_mb"] > 0 for row in rows if "train/loss" in row)
+    assert "memory:" in result.stdout
 
 
 def test_work_dir_with_checkpoints_is_not_clobbered(tmp_path, data_root):

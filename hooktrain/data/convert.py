@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hooktrain.data.shapes import quiet_progress
+from hooktrain.data.parquet import write_image_shard
 from hooktrain.data.sources import folder_pairs
 from hooktrain.errors import UserError
 
@@ -66,9 +66,6 @@ def convert_folder(
 
 
 def _write_shards(pairs: list[tuple[str, str]], out: Path, split: str, shards: int) -> list[Path]:
-    from datasets import Dataset, Features, Image
-
-    features = Features({"image": Image(), "annotation": Image()})
     out.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, len(pairs), shards + 1).astype(int)
     files = []
@@ -81,11 +78,6 @@ def _write_shards(pairs: list[tuple[str, str]], out: Path, split: str, shards: i
             ],
         }
         path = out / f"{split}-{i:05d}-of-{shards:05d}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with quiet_progress():
-            Dataset.from_dict(table, features=features).to_parquet(
-                tmp, batch_size=_ROWS_PER_ROW_GROUP
-            )
-        os.replace(tmp, path)  # a crash never leaves a half-written shard under its real name
+        write_image_shard(path, table, row_group_size=_ROWS_PER_ROW_GROUP)
         files.append(path)
     return files

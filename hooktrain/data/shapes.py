@@ -13,7 +13,6 @@ through exactly the code path of the real datasets.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hooktrain.data.parquet import write_image_shard
 from hooktrain.errors import UserError
 
 SHAPES_CLASSES = ["background", "circle", "square", "triangle", "cross"]
@@ -127,9 +127,6 @@ def render_example(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
 
 
 def _write_split(out: Path, split: str, count: int, shards: int, size: int, seed: int) -> None:
-    from datasets import Dataset, Features, Image
-
-    features = Features({"image": Image(), "annotation": Image()})
     split_key = 0 if split == "train" else 1
     bounds = np.linspace(0, count, shards + 1).astype(int)
     for shard in range(shards):
@@ -143,24 +140,8 @@ def _write_split(out: Path, split: str, count: int, shards: int, size: int, seed
             masks.append({"bytes": cv2.imencode(".png", mask)[1].tobytes(),
                           "path": f"{split}_{i:06d}.png"})  # fmt: skip
         name = f"{split}-{shard:05d}-of-{shards:05d}.parquet"
-        with quiet_progress():
-            Dataset.from_dict({"image": images, "annotation": masks}, features=features).to_parquet(
-                out / "data" / name, batch_size=_ROWS_PER_ROW_GROUP
-            )
-
-
-@contextlib.contextmanager
-def quiet_progress():
-    """Silence ``datasets``' per-file progress bars (one per shard is noise), then restore."""
-    from datasets import utils as hf_tqdm
-
-    was_disabled = hf_tqdm.are_progress_bars_disabled()
-    hf_tqdm.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            hf_tqdm.enable_progress_bars()
+        write_image_shard(out / "data" / name, {"image": images, "annotation": masks},
+                          row_group_size=_ROWS_PER_ROW_GROUP)  # fmt: skip
 
 
 def shapes_files(root: str | os.PathLike, split: str) -> list[str]:
