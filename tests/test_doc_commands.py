@@ -121,7 +121,7 @@ README_INSTALL = f"{INSTALL[0]} && {INSTALL[1]} && "
 README_QUICKSTART = Doc(
     README_INSTALL + "python -m hooktrain recipes/quickstart.yaml", replace=((README_INSTALL, ""),)
 )
-# The quickstart's 480 iterations on batches of 2 small crops: the same data, model, hooks,
+# The quickstart's 960 iterations on batches of 2 small crops: the same data, model, hooks,
 # schedule and checkpoint names in seconds instead of 3 minutes. The full run, and the
 # mIoU it reaches, is `bench/quickstart.py`.
 SMALL_STEPS = "--cfg-options data.train.batch_size=2 data.train.pipeline.crop_size=[48,48] data.train.num_workers=0"
@@ -129,9 +129,9 @@ QUICKSTART = Doc("python -m hooktrain recipes/quickstart.yaml", append=SMALL_STE
 CONFIG = Doc("hooktrain config recipes/quickstart.yaml")
 RESUME = Doc("python -m hooktrain recipes/quickstart.yaml --resume", append=SMALL_STEPS)
 TEST = Doc(
-    "hooktrain test recipes/quickstart.yaml --checkpoint work_dirs/quickstart/checkpoints/iter_480"
+    "hooktrain test recipes/quickstart.yaml --checkpoint work_dirs/quickstart/checkpoints/iter_960"
 )
-EXPORT = Doc("hooktrain export work_dirs/quickstart/checkpoints/iter_480 shapes.safetensors")
+EXPORT = Doc("hooktrain export work_dirs/quickstart/checkpoints/iter_960 shapes.safetensors")
 PREDICT = Doc("hooktrain predict shapes.safetensors data/some_images/ --out predictions/")
 TWO_CPU_PROCESSES = Doc(
     "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port "
@@ -156,12 +156,12 @@ def test_quickstart_page_commands_in_order(sandbox):
     result = run(QUICKSTART, sandbox)
     rows = history(sandbox / "work_dirs" / "quickstart")
     final = [row for row in rows if "val/mIoU" in row][-1]
-    assert final["iter"] == 480 and "validation at iter 480 on 200 images" in result.output
+    assert final["iter"] == 960 and "validation at iter 960 on 200 images" in result.output
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
 
-    assert "max_iters: 480" in run(CONFIG, sandbox).stdout
+    assert "max_iters: 960" in run(CONFIG, sandbox).stdout
     resumed = run(RESUME, sandbox)
-    assert "already at iteration 480 of 480: nothing to train" in resumed.output
+    assert "already at iteration 960 of 960: nothing to train" in resumed.output
     tested = run(TEST, sandbox)
     assert f"val/mIoU: {final['val/mIoU']:.4f}" in tested.output  # the same weights, the same data
 

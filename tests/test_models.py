@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from hooktrain.errors import UserError
 from hooktrain.models import ModelConfig, Segmentor, build_segmentor
@@ -351,6 +351,15 @@ def test_channels_last_gives_the_same_logits():
     image, _ = batch(b=1)
     with torch.no_grad():
         torch.testing.assert_close(fast(image), plain(image), atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_model_saves_contiguous_checkpoints(tmp_path):
+    model = make("resnet18", "fpn", channels_last=True)
+    assert not model.encoder.conv1.weight.is_contiguous()
+    save_file(model.state_dict(), tmp_path / "model.safetensors")  # refuses strided tensors
+    plain = make("resnet18", "fpn")
+    plain.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    torch.testing.assert_close(plain.encoder.conv1.weight, model.encoder.conv1.weight)
 
 
 def test_compile_flag_compiles_in_place_without_renaming_parameters():

@@ -116,9 +116,18 @@ def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 2
     )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        model.register_state_dict_post_hook(_contiguous_state_dict)
     if cfg.compile:
         # nn.Module.compile compiles in place, so parameter names (and checkpoints) are unchanged.
         for module in (model.encoder, model.decode_head, model.aux_head):
             if module is not None:
                 module.compile()
     return model
+
+
+def _contiguous_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """Checkpoints of a channels_last model hold NCHW copies: safetensors refuses strided
+    tensors, and a checkpoint should load the same into a model of either memory format."""
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and not value.is_contiguous():
+            state_dict[key] = value.contiguous()
