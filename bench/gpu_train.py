@@ -109,7 +109,8 @@ def main() -> None:
                 flush=True,
             )
             results.append(result)
-    print(json.dumps({"bench": "gpu_train", "recipe": "ade20k", "iters": args.iters, "runs": results}))
+    summary = {"bench": "gpu_train", "recipe": "ade20k", "iters": args.iters, "runs": results}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
