@@ -121,10 +121,10 @@ README_INSTALL = f"{INSTALL[0]} && {INSTALL[1]} && "
 README_QUICKSTART = Doc(
     README_INSTALL + "python -m hooktrain recipes/quickstart.yaml", replace=((README_INSTALL, ""),)
 )
-# The quickstart's 960 iterations on batches of 2 small crops: the same data, model, hooks,
+# The quickstart's 960 iterations on single small crops: the same data, model, hooks,
 # schedule and checkpoint names in seconds instead of 3 minutes. The full run, and the
 # mIoU it reaches, is `bench/quickstart.py`.
-SMALL_STEPS = "--cfg-options data.train.batch_size=2 data.train.pipeline.crop_size=[48,48] data.train.num_workers=0"
+SMALL_STEPS = "--cfg-options data.train.batch_size=1 data.train.pipeline.crop_size=[32,32] data.train.num_workers=0"
 QUICKSTART = Doc("python -m hooktrain recipes/quickstart.yaml", append=SMALL_STEPS)
 CONFIG = Doc("hooktrain config recipes/quickstart.yaml")
 RESUME = Doc("python -m hooktrain recipes/quickstart.yaml --resume", append=SMALL_STEPS)
