@@ -30,6 +30,7 @@ from hooktrain.data import (  # noqa: E402
 )
 from hooktrain.data import reading, shapes  # noqa: E402
 from hooktrain.data.config import default_palette  # noqa: E402
+from hooktrain.data.parquet import write_image_shard  # noqa: E402
 from hooktrain.data.reading import ReaderPlan, plan_reader, shard_rows  # noqa: E402
 from hooktrain.errors import UserError  # noqa: E402
 
@@ -372,6 +373,27 @@ def test_convert_round_trip_streams_as_parquet_and_as_hub_repo(tmp_path):
     assert sorted(ids(next(build_train_stream(hub, seed=0)))) == [0, 1, 2, 3, 4]
     with pytest.raises(UserError, match="already holds train shards"):
         convert_folder(root, tmp_path / "out", shards=2)
+
+
+def test_shard_writer_matches_what_datasets_writes(tmp_path):
+    import pyarrow.parquet as pq
+    from datasets import Dataset, Features, Image, load_dataset
+
+    columns = {name: [{"bytes": _png(np.full((4, 4), i, np.uint8)), "path": f"{i}.png"}
+                      for i in range(5)] for name in ("image", "annotation")}  # fmt: skip
+    write_image_shard(tmp_path / "ours.parquet", columns, row_group_size=2)
+    features = Features({"image": Image(), "annotation": Image()})
+    theirs_path = tmp_path / "theirs.parquet"
+    Dataset.from_dict(columns, features=features).to_parquet(theirs_path, batch_size=2)
+    ours, theirs = pq.ParquetFile(tmp_path / "ours.parquet"), pq.ParquetFile(theirs_path)
+    assert ours.schema_arrow == theirs.schema_arrow  # the `huggingface` features metadata included
+    assert ours.metadata.num_row_groups == theirs.metadata.num_row_groups == 3
+    assert ours.read().equals(theirs.read())
+    stream = load_dataset(
+        "parquet", data_files=str(tmp_path / "ours.parquet"), split="train", streaming=True
+    )
+    assert stream.features == features and len(list(stream)) == 5
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_hub_source_runs_offline_on_a_local_repo_directory(data24):
