@@ -103,7 +103,9 @@ def test_fp16_without_gpu_is_refused_clearly(tmp_path, data_root):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("precision, dtype", [("fp16", "torch.float16"), ("bf16", "torch.bfloat16")])
+@pytest.mark.parametrize(
+    "precision, dtype", [("fp16", "torch.float16"), ("bf16", "torch.bfloat16")]
+)
 def test_mixed_precision_on_gpu_trains_and_logs_peak_memory(tmp_path, data_root, precision, dtype):
     work_dir = tmp_path / "run"
     result = run_cli(
