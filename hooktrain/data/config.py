@@ -23,13 +23,35 @@ class _ColumnsMixin(Section):
 
 
 class HubSource(_ColumnsMixin):
-    """A dataset on the Hugging Face Hub (or a local directory laid out like a Hub repo)."""
+    """A dataset repository on the Hugging Face Hub (or a local directory laid out like one).
+
+    ``HF_ENDPOINT`` points the client at another Hub-compatible server; ``HF_TOKEN`` gives
+    access to gated and private repositories.
+    """
 
     type: Literal["hub"] = Field("hub", description="Source kind.")
-    path: str = Field(description="Hub repo id (e.g. 'scene_parse_150') or a local directory.")
-    name: str | None = Field(None, description="Dataset configuration name (e.g. 'scene_parsing').")
+    path: str = Field(
+        description="Hub repo id 'namespace/name' (e.g. 'zhoubolei/scene_parse_150') or a "
+        "local directory."
+    )
+    name: str | None = Field(
+        None,
+        description="Configuration name declared by the repo's README. The Hub's parquet "
+        "conversion (revision 'refs/convert/parquet') declares none: select its configuration "
+        "with data_dir instead.",
+    )
     revision: str | None = Field(
-        None, description="Git revision, e.g. 'refs/convert/parquet' for script-based datasets."
+        None, description="Git revision: a branch, tag, commit or 'refs/convert/parquet'."
+    )
+    data_dir: str | None = Field(
+        None,
+        description="Only read files under this folder of the repo (e.g. 'scene_parsing' on "
+        "'refs/convert/parquet').",
+    )
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None,
+        description="Explicit files (paths or globs inside the repo, or full hf:// URLs), "
+        "optionally per split as {split: files}; overrides the repo's own file layout.",
     )
     split: str = Field("train", description="Split to read.")
     streaming: bool = Field(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hooktrain.data.parquet import write_image_shard
-from hooktrain.data.sources import folder_pairs
+from hooktrain.data.folder import folder_pairs
 from hooktrain.errors import UserError
 
 # ADEChallengeData2016 names its splits training/validation; the Hub says train/validation.
