@@ -50,31 +50,36 @@ def _generate(source: ShapesSource) -> Path:
     )
 
 
-def load_source(source: Any, *, where: str = "data.train.source"):
-    """Open ``source`` as a ``datasets.IterableDataset`` with raw ``image`` and
-    ``annotation`` columns. ``where`` is the recipe key of the source, used in messages."""
-    from datasets import Image
-
-    image_column, annotation_column = "image", "annotation"
+def open_source(source: Any, *, where: str = "data.train.source"):
+    """Open ``source`` as it is: ``(dataset, image column, annotation column)``, with every
+    column of the source and its own features. ``where`` is the recipe key of the source,
+    used in messages. :func:`load_source` narrows this to what training reads."""
     if isinstance(source, HubSource):
-        ds = _load_hub(source, where)
-        image_column, annotation_column = source.image_column, source.annotation_column
-    elif isinstance(source, ParquetSource):
+        return _load_hub(source, where), source.image_column, source.annotation_column
+    if isinstance(source, ParquetSource):
         ds = _load_parquet(_resolve_globs(source.data_files, f"{where}.data_files"), where)
-        image_column, annotation_column = source.image_column, source.annotation_column
-    elif isinstance(source, ShapesSource):
+        return ds, source.image_column, source.annotation_column
+    if isinstance(source, ShapesSource):
         files = shapes_files(source.root, source.split)
         if not files:
             raise UserError(
                 f"{where}: no shapes dataset in {Path(source.root).absolute()}; "
                 "call hooktrain.data.prepare_data(cfg) first (training does it for you)"
             )
-        ds = _load_parquet(files, where)
-    elif isinstance(source, FolderSource):
-        return load_folder(source, where)
-    else:  # pragma: no cover - the config union admits nothing else
-        raise TypeError(f"unknown source {source!r}")
+        return _load_parquet(files, where), "image", "annotation"
+    if isinstance(source, FolderSource):
+        return load_folder(source, where), "image", "annotation"
+    raise TypeError(f"unknown source {source!r}")  # pragma: no cover - the union admits no other
 
+
+def load_source(source: Any, *, where: str = "data.train.source"):
+    """Open ``source`` as a ``datasets.IterableDataset`` with raw ``image`` and
+    ``annotation`` columns. ``where`` is the recipe key of the source, used in messages."""
+    from datasets import Image
+
+    ds, image_column, annotation_column = open_source(source, where=where)
+    if isinstance(source, FolderSource):
+        return ds
     columns = _column_names(ds)
     for key, column in (("image_column", image_column), ("annotation_column", annotation_column)):
         if column not in columns:
