@@ -21,6 +21,7 @@ from hooktrain.data.config import (
     ShapesSource,
 )
 from hooktrain.data.folder import load_folder
+from hooktrain.data.hub import load_hub
 from hooktrain.data.shapes import generate_shapes, shapes_files
 from hooktrain.errors import UserError, did_you_mean
 
@@ -130,25 +131,7 @@ def _load_parquet(files: list[str], where: str):
 
 
 def _load_hub(source: HubSource, where: str):
-    from datasets import load_dataset
-
-    token = os.environ.get("HF_TOKEN") or None
-    try:
-        ds = load_dataset(
-            source.path,
-            source.name,
-            revision=source.revision,
-            split=source.split,
-            streaming=source.streaming,
-            token=token,
-        )
-    except Exception as exc:  # noqa: BLE001 - the Hub's message is the useful part
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"{where}: cannot load '{source.path}' (name={source.name}, revision="
-            f"{source.revision}, split={source.split}): {message}; check path/name/revision/"
-            "split, and HF_TOKEN for gated or private datasets"
-        ) from exc
+    ds = load_hub(source, where)
     if not source.streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64) or 1)
     return ds

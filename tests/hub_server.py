@@ -1,0 +1,297 @@
+"""A local Hugging Face Hub stand-in: repositories served from directories over real HTTP.
+
+Point ``HF_ENDPOINT`` at :attr:`HubServer.url` and ``huggingface_hub`` (``HfApi``,
+``HfFileSystem``, ``hf_hub_download``) and ``datasets`` talk to it exactly as they talk to
+the Hub. It answers the requests those clients make to read a repository:
+
+- ``GET /api/{type}s/{repo_id}[/revision/{rev}]``: repo info (the commit sha of the revision);
+- ``GET /api/{type}s/{repo_id}/tree/{rev}[/{path}]?recursive=``: the tree listing;
+- ``POST /api/{type}s/{repo_id}/paths-info/{rev}``: info about given paths;
+- ``HEAD``/``GET /[{type}s/]{repo_id}/resolve/{rev}/{path}``: file metadata and bytes, with
+  ``Range`` requests answered by 206 partial content.
+
+Errors carry the Hub's ``X-Error-Code`` header (``RepoNotFound``, ``RevisionNotFound``,
+``EntryNotFound``, ``GatedRepo``), so the client raises the same exception types as online.
+A revision is served from a directory; its commit sha is derived from the repo and revision,
+and the sha is accepted wherever a revision is (clients pin the sha after the first call).
+Every request is recorded in :attr:`HubServer.requests` for tests to inspect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+# Files at least this large are reported as LFS files, as the Hub does for parquet shards.
+LFS_THRESHOLD = 1024
+
+
+@dataclass
+class Repo:
+    """One served repository: revision name -> directory, and who may read it."""
+
+    repo_type: str  # "dataset" or "model"
+    repo_id: str
+    revisions: dict[str, Path] = field(default_factory=dict)
+    gated: bool = False  # listing is public, file contents need the token
+    private: bool = False  # invisible without the token
+    token: str | None = None
+
+    def sha(self, revision: str) -> str:
+        return hashlib.sha1(f"{self.repo_id}@{revision}".encode()).hexdigest()
+
+    def resolve(self, revision: str) -> tuple[str, Path] | None:
+        """``(sha, directory)`` of a revision name or commit sha."""
+        for name, directory in self.revisions.items():
+            if revision in (name, self.sha(name)):
+                return self.sha(name), directory
+        return None
+
+
+class HubServer:
+    """A threaded HTTP server on 127.0.0.1 serving :class:`Repo` s (use as a context manager)."""
+
+    def __init__(self) -> None:
+        self.repos: dict[tuple[str, str], Repo] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def add(
+        self,
+        repo_id: str,
+        directory: str | Path,
+        *,
+        revision: str = "main",
+        repo_type: str = "dataset",
+        gated: bool = False,
+        private: bool = False,
+        token: str | None = None,
+    ) -> Repo:
+        """Serve ``directory`` as ``revision`` of ``repo_id``."""
+        repo = self.repos.setdefault(
+            (repo_type, repo_id),
+            Repo(repo_type, repo_id, gated=gated, private=private, token=token),
+        )
+        repo.revisions[revision] = Path(directory).resolve()
+        return repo
+
+    def start(self) -> HubServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_API = re.compile(r"^/api/(?P<type>datasets|models)/(?P<repo>[^/]+/[^/]+)(?P<rest>/.*)?$")
+_RESOLVE = re.compile(
+    r"^/(?:(?P<type>datasets|models)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"
+)
+
+
+class _HubError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet: tests read hub.requests instead
+            pass
+
+        def do_HEAD(self) -> None:
+            self._serve(body=False)
+
+        def do_GET(self) -> None:
+            self._serve(body=True)
+
+        def do_POST(self) -> None:
+            self._serve(body=True)
+
+        def _serve(self, *, body: bool) -> None:
+            path = unquote(urlsplit(self.path).path)
+            hub.requests.append((self.command, path, self.headers.get("Range")))
+            length = int(self.headers.get("Content-Length") or 0)
+            form = parse_qs(self.rfile.read(length).decode()) if length else {}
+            try:
+                if match := _RESOLVE.match(urlsplit(self.path).path):
+                    self._file(match, body=body)
+                elif match := _API.match(urlsplit(self.path).path):
+                    self._json(_api(hub, match, self.command, self._token(), form, self.path))
+                else:
+                    raise _HubError(404, "", f"no route for {self.command} {path}")
+            except _HubError as err:
+                self._error(err, body=body)
+
+        def _token(self) -> str | None:
+            auth = self.headers.get("Authorization", "")
+            return auth.removeprefix("Bearer ").strip() or None
+
+        def _file(self, match: re.Match, *, body: bool) -> None:
+            repo = _repo(hub, match["type"] or "models", match["repo"], self._token())
+            sha, directory = _revision(repo, unquote(match["rev"]))
+            relative = unquote(match["path"])
+            file = _inside(directory, relative)
+            if file is None or not file.is_file():
+                raise _HubError(404, "EntryNotFound", f"{relative} does not exist on {sha}")
+            if repo.gated and self._token() != repo.token:
+                raise _HubError(401, "GatedRepo", f"Access to {repo.repo_id} is restricted.")
+            data = file.read_bytes()
+            headers = {"X-Repo-Commit": sha, "ETag": f'"{_etag(data)}"', "Accept-Ranges": "bytes"}
+            if len(data) >= LFS_THRESHOLD:
+                headers |= {"X-Linked-Etag": f'"{_sha256(data)}"', "X-Linked-Size": str(len(data))}
+            status, content = 200, data
+            if (wanted := self.headers.get("Range")) and body:
+                start, end = _byte_range(wanted, len(data))
+                status, content = 206, data[start : end + 1]
+                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            self.send_response(status)
+            headers["Content-Length"] = str(len(content))
+            headers["Content-Type"] = "application/octet-stream"
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if body:
+                self.wfile.write(content)
+
+        def _json(self, payload) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def _error(self, err: _HubError, *, body: bool) -> None:
+            data = json.dumps({"error": err.message}).encode()
+            self.send_response(err.status)
+            if err.code:
+                self.send_header("X-Error-Code", err.code)
+            self.send_header("X-Error-Message", err.message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+    return Handler
+
+
+def _repo(hub: HubServer, plural_type: str, repo_id: str, token: str | None) -> Repo:
+    repo = hub.repos.get((plural_type.removesuffix("s"), repo_id))
+    if repo is None or (repo.private and token != repo.token):
+        raise _HubError(401, "RepoNotFound", "Repository not found")
+    return repo
+
+
+def _revision(repo: Repo, revision: str) -> tuple[str, Path]:
+    found = repo.resolve(revision)
+    if found is None:
+        raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+    return found
+
+
+def _api(hub: HubServer, match: re.Match, method: str, token, form, raw_path: str):
+    repo = _repo(hub, match["type"], match["repo"], token)
+    rest = match["rest"] or ""
+    query = parse_qs(urlsplit(raw_path).query)
+    if method == "GET" and (rest == "" or rest.startswith("/revision/")):
+        sha, directory = _revision(repo, unquote(rest.removeprefix("/revision/")) or "main")
+        return _info(repo, sha, directory)
+    if method == "GET" and (tree := re.match(r"^/tree/([^/]+)(?:/(.*))?$", rest)):
+        _, directory = _revision(repo, unquote(tree[1]))
+        base = unquote(tree[2] or "")
+        folder = _inside(directory, base)
+        if folder is None or not folder.is_dir():
+            raise _HubError(404, "EntryNotFound", f"{base} does not exist")
+        recursive = query.get("recursive", ["False"])[0].lower() == "true"
+        children = folder.rglob("*") if recursive else folder.iterdir()
+        return [_entry(directory, p) for p in sorted(children)]
+    if method == "POST" and (info := re.match(r"^/paths-info/([^/]+)$", rest)):
+        _, directory = _revision(repo, unquote(info[1]))
+        found = [_inside(directory, p) for p in form.get("paths", [])]
+        return [_entry(directory, p) for p in found if p is not None and p.exists()]
+    raise _HubError(404, "", f"no route for {method} {raw_path}")
+
+
+def _info(repo: Repo, sha: str, directory: Path) -> dict:
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    return {
+        "_id": sha[:24],
+        "id": repo.repo_id,
+        "author": repo.repo_id.split("/")[0],
+        "sha": sha,
+        "private": repo.private,
+        "gated": "auto" if repo.gated else False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "cardData": {},
+        "siblings": [{"rfilename": f} for f in files],
+        "lastModified": "2026-01-01T00:00:00.000Z",
+        "createdAt": "2026-01-01T00:00:00.000Z",
+    }
+
+
+def _entry(directory: Path, path: Path) -> dict:
+    relative = str(path.relative_to(directory))
+    if path.is_dir():
+        return {"type": "directory", "oid": _etag(relative.encode()), "path": relative}
+    data = path.read_bytes()
+    entry = {"type": "file", "oid": _etag(data), "size": len(data), "path": relative}
+    if len(data) >= LFS_THRESHOLD:
+        entry["lfs"] = {"oid": _sha256(data), "size": len(data), "pointerSize": 134}
+    return entry
+
+
+def _inside(directory: Path, relative: str) -> Path | None:
+    """``directory / relative``, or None when it would leave ``directory``."""
+    path = (directory / relative.strip("/")).resolve()
+    return path if path.is_relative_to(directory) else None
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int]:
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if match is None or (match[1] == "" and match[2] == ""):
+        raise _HubError(416, "", f"bad Range {header}")
+    if match[1] == "":  # the last N bytes
+        start, end = max(size - int(match[2]), 0), size - 1
+    else:
+        start, end = int(match[1]), min(int(match[2] or size - 1), size - 1)
+    if start >= size or start > end:
+        raise _HubError(416, "", f"Range {header} outside {size} bytes")
+    return start, end
+
+
+def _etag(data: bytes) -> str:
+    """The git blob sha1, as the Hub reports for regular files."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,165 @@
+"""Hub sources through huggingface_hub's real HTTP client, against a local Hub stand-in.
+
+``HF_ENDPOINT`` points the client at :class:`hub_server.HubServer`, which serves replicas of
+real repositories (``hub_replicas``). Everything runs in subprocesses: the client reads
+``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` once, at import, and this test process is offline.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_cli
+from hub_replicas import ADE20K_ID, PARQUET_REVISION, serve_ade20k
+from hub_server import HubServer
+
+TOKEN = "hf_local_test_token"
+TINY_ADE = [
+    "train.max_iters=2", "schedule.warmup_iters=1", "model.encoder.pretrained=false",
+    "data.train.batch_size=2", "data.train.num_workers=2", "data.train.shuffle_buffer=8",
+    "data.train.pipeline.scale=[64,32]", "data.train.pipeline.crop_size=[32,32]",
+    "data.val.pipeline.scale=[64,32]", "data.val.num_workers=0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """The local Hub: the ADE20K replica, plus gated and private copies of its scene_parsing
+    configuration that only ``TOKEN`` may read."""
+    server = HubServer()
+    root = tmp_path_factory.mktemp("hub")
+    serve_ade20k(server, root)
+    scene_parsing = root / "parquet" / "scene_parsing"
+    server.add("acme/gated-ade", scene_parsing, gated=True, token=TOKEN)
+    server.add("acme/private-ade", scene_parsing, private=True, token=TOKEN)
+    with server:
+        yield server
+
+
+def hub_env(hub: HubServer, tmp_path, **extra: str) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "", **extra}  # fmt: skip
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_ade20k_recipe_trains_and_validates_through_the_hub_client(hub, tmp_path):
+    """recipes/ade20k.yaml unchanged except the endpoint: it streams the parquet conversion's
+    scene_parsing rows over HTTP (Range requests), with DataLoader workers."""
+    hub.requests.clear()
+    result = run_cli("recipes/ade20k.yaml", "--work-dir", str(tmp_path / "run"), "--cfg-options",
+                     *TINY_ADE, env=hub_env(hub, tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "validation at iter 2 on 8 images" in output  # scene_parsing/validation's 8 rows
+    assert (tmp_path / "run" / "checkpoints" / "iter_2" / "model.safetensors").is_file()
+    reads = [(path, byte_range) for method, path, byte_range in hub.requests
+             if method == "GET" and "/resolve/" in path]  # fmt: skip
+    files = {path.split("/", 6)[-1] for path, _ in reads}
+    assert {"scene_parsing/train/0000.parquet", "scene_parsing/train/0001.parquet",
+            "scene_parsing/validation/0000.parquet"} <= files  # fmt: skip
+    assert not [f for f in files if "instance_segmentation" in f]
+    assert all(byte_range for _, byte_range in reads), "parquet files are read by byte ranges"
+
+
+PROBE = """
+import json, sys
+from hooktrain.data.config import HubSource
+from hooktrain.data.sources import load_source
+from hooktrain.errors import UserError
+found = {}
+for case, options in json.loads(sys.argv[1]).items():
+    try:
+        ds = load_source(HubSource(**options), where="data.train.source")
+        found[case] = sum(1 for _ in ds)
+    except UserError as exc:
+        found[case] = str(exc)
+print(json.dumps(found))
+"""
+
+
+def probe(cases: dict, env: dict) -> dict:
+    """Load each case's Hub source in one fresh process: the row count, or the error line."""
+    import os
+
+    result = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cases)], cwd=ROOT,
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_hub_source_failures_each_end_in_one_line_naming_the_fix(hub, tmp_path):
+    parquet = {"path": ADE20K_ID, "revision": PARQUET_REVISION}
+    cases = {
+        "ok": {**parquet, "data_dir": "scene_parsing", "split": "validation"},
+        "data_files": {**parquet, "data_files": {"validation": "scene_parsing/validation/*.parquet"},
+                       "split": "validation"},  # fmt: skip
+        "bare_id": {"path": "scene_parse_150"},
+        "config_by_name": {**parquet, "name": "scene_parsing"},
+        "no_data_dir": {**parquet, "split": "validation"},
+        "wrong_data_dir": {**parquet, "data_dir": "scene_parse"},
+        "script_only": {"path": ADE20K_ID},
+        "split": {**parquet, "data_dir": "scene_parsing", "split": "valid"},
+        "revision": {"path": ADE20K_ID, "revision": "refs/convert/parquett"},
+        "no_such_repo": {"path": "acme/nothing-here"},
+        "gated": {"path": "acme/gated-ade", "split": "validation"},
+        "private": {"path": "acme/private-ade", "split": "validation"},
+    }
+    found = probe(cases, hub_env(hub, tmp_path))
+    assert found["ok"] == 8 and found["data_files"] == 8
+    for case, message in found.items():
+        assert isinstance(message, int) or "\n" not in message, case
+    assert "'namespace/name'" in found["bare_id"] and "'zhoubolei/scene_parse_150'" in found["bare_id"]
+    for case in ("config_by_name", "no_data_dir", "wrong_data_dir"):
+        assert "data_dir" in found[case], found[case]
+        assert "['instance_segmentation', 'scene_parsing']" in found[case], found[case]
+    assert "loading script" in found["script_only"]
+    assert f"revision: {PARQUET_REVISION}" in found["script_only"]
+    assert "data_dir: one of ['instance_segmentation', 'scene_parsing']" in found["script_only"]
+    assert "did you mean 'validation'" in found["split"]
+    assert "['train', 'validation', 'test']" in found["split"]
+    assert "data.train.source.revision: 'refs/convert/parquett' does not exist" in found["revision"]
+    assert "set HF_TOKEN" in found["no_such_repo"]
+    assert "gated" in found["gated"] and "set HF_TOKEN" in found["gated"]
+    assert "set HF_TOKEN" in found["private"]
+
+    with_token = probe({k: cases[k] for k in ("gated", "private")},
+                       hub_env(hub, tmp_path, HF_TOKEN=TOKEN))  # fmt: skip
+    assert with_token == {"gated": 8, "private": 8}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("case", "env", "options", "expected"),
+    [
+        ("bare id", {}, ["data.train.source.path=scene_parse_150"], "'zhoubolei/scene_parse_150'"),
+        ("unreachable", {"HF_ENDPOINT": "http://127.0.0.1:{port}"}, [], "cannot reach the Hub"),
+        ("offline", {"HF_HUB_OFFLINE": "1"}, [], "HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_cli_hub_errors_are_one_line_and_exit_2(hub, tmp_path, case, env, options, expected):
+    env = {key: value.format(port=closed_port()) for key, value in env.items()}
+    started = time.monotonic()
+    result = run_cli("recipes/ade20k.yaml", "--work-dir", str(tmp_path / "run"), "--cfg-options",
+                     *TINY_ADE, *options, env=hub_env(hub, tmp_path, **env))  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = error_lines(result)
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert lines[0].startswith("hooktrain: error: data.train.source")
+    if case != "bare id":
+        assert "{type: folder}" in lines[0] and "hooktrain data convert" in lines[0]
+    assert time.monotonic() - started < 60, "no half-minute of retries before the error"
