@@ -8,6 +8,12 @@ cat_max_ratio, flip, photometric distortion, Normalize, Pad. A literal port of
 MMSegmentation's own pipeline runs alongside as a second reference. Rounds are interleaved
 so load from other processes hits all alike; the medians are compared.
 
+The whole train stream (``build_train_stream``: sharding, shuffling, decoding, the same
+pipeline) is then measured per DataLoader worker on the same shards read two ways,
+interleaved: streamed over HTTP from a local Hub-compatible server (``tests/hub_server.py``,
+through huggingface_hub's client, as ``recipes/ade20k.yaml`` reads the Hub) and read from the
+local parquet files. The ratio is the cost of the HTTP path.
+
     python bench/data_pipeline.py [--quick] [--examples N] [--rounds R] [--seed S]
 
 The last line printed is one JSON object.
@@ -301,6 +307,74 @@ def quickstart_data_wait(iterations: int, workers: int) -> float:
     return sum(s["data_time"] for s in warm) / sum(s["time"] for s in warm)
 
 
+def stream_rate(source: dict, examples: int, seed: int) -> tuple[float, float]:
+    """One pass of ``examples`` through the real train stream of ``source`` with one
+    DataLoader worker: ``(images/s after the first batch, seconds to the first batch)``."""
+    from hooktrain.data import DataConfig, build_train_stream
+    from hooktrain.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "ade20k.yaml")
+    data = recipe.data.model_dump()
+    data["train"].update(source=source, batch_size=1, num_workers=1, shuffle_buffer=16)
+    stream = build_train_stream(DataConfig.model_validate(data), seed=seed)
+    start = time.perf_counter()
+    next(stream)
+    first = time.perf_counter()
+    for _ in range(examples - 1):
+        next(stream)
+    end = time.perf_counter()
+    stream.close()
+    return (examples - 1) / (end - first), first - start
+
+
+def compare_streams(examples: int, rounds: int, seed: int, root: Path) -> dict:
+    """Interleaved passes over the shards under ``root``, from the local Hub server serving
+    ``root`` and from disk."""
+    from hub_replicas import ADE20K_ID, PARQUET_REVISION
+
+    sources = {
+        "hub_http": {"type": "hub", "path": ADE20K_ID, "revision": PARQUET_REVISION,
+                     "data_dir": "scene_parsing", "split": "train"},  # fmt: skip
+        "local_parquet": {"type": "parquet", "data_files": str(root / "scene_parsing" / "train" / "*.parquet")},
+    }  # fmt: skip
+    rates: dict[str, list[float]] = {name: [] for name in sources}
+    starts: dict[str, list[float]] = {name: [] for name in sources}
+    for name, source in sources.items():  # warm-up: imports, the client's first connections
+        stream_rate(source, 4, seed)
+    for r in range(rounds):
+        for name, source in sources.items():
+            rate, first = stream_rate(source, examples, seed + r)
+            rates[name].append(rate)
+            starts[name].append(first)
+    return {
+        name: {"images_per_s": statistics.median(rates[name]),
+               "first_batch_s": statistics.median(starts[name])}
+        for name in sources
+    }  # fmt: skip
+
+
+def serve_shards(examples: Sequence[Example], root: Path):
+    """Write ``examples`` as the ADE20K parquet conversion's ``scene_parsing/train`` shards under
+    ``root`` and serve that folder from a local Hub server; returns the started server. The
+    environment points huggingface_hub at it, so this runs before the client is imported."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    assert "huggingface_hub" not in sys.modules, "HF_ENDPOINT must be set before the client loads"
+    from hub_replicas import ADE20K_ID, PARQUET_REVISION
+    from hub_server import HubServer
+
+    server = HubServer()
+    server.add(ADE20K_ID, root, revision=PARQUET_REVISION)
+    os.environ.update(HF_ENDPOINT=server.url, HF_HUB_OFFLINE="0", HF_HOME=str(root / "hf_home"))
+    shards = root / "scene_parsing" / "train"
+    shards.mkdir(parents=True)
+    half = len(examples) // 2
+    for i, part in enumerate((examples[:half], examples[half:])):
+        write_parquet(shards / f"{i:04d}.parquet", part)
+    return server.start()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 examples, 2 rounds (a few seconds)")
@@ -314,11 +388,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     n, rounds = (16, 2) if args.quick else (args.examples, args.rounds)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     rng = np.random.default_rng(args.seed)
     generated = [make_example(rng) for _ in range(n)]
+    served = tempfile.TemporaryDirectory()
+    hub = serve_shards(generated, Path(served.name))  # only 127.0.0.1 is ever contacted
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train-00000.parquet"
         write_parquet(path, generated)
@@ -336,6 +411,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"{medians['hooktrain'] / medians['mmseg_style']:.2f}x")
     print(f"decode only (JPEG + PNG)   {medians['decode_only']:7.1f} images/s")
     print(f"mmseg OpenCV reference     {MMSEG_REFERENCE_IMAGES_PER_S:7d} images/s (measured earlier, not rerun here)")
+    streams = compare_streams(len(generated), rounds, args.seed, Path(served.name))
+    hub.stop()
+    served.cleanup()
+    http, local = streams["hub_http"], streams["local_parquet"]
+    stream_ratio = http["images_per_s"] / local["images_per_s"]
+    print(f"train stream, 1 worker, local Hub over HTTP {http['images_per_s']:6.1f} images/s "
+          f"(first batch after {http['first_batch_s']:.2f} s)")
+    print(f"train stream, 1 worker, local parquet      {local['images_per_s']:6.1f} images/s "
+          f"(first batch after {local['first_batch_s']:.2f} s)  -> HTTP path is {stream_ratio:.2f}x")
     wait = None
     if args.quickstart_iters:
         iters = 8 if args.quick else args.quickstart_iters
@@ -351,6 +435,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         "ratio_vs_mmseg_style": round(medians["hooktrain"] / medians["mmseg_style"], 2),
         "decode_only_images_per_s": round(medians["decode_only"], 1),
         "mmseg_reference_images_per_s": MMSEG_REFERENCE_IMAGES_PER_S,
+        "stream_hub_http_images_per_s_per_worker": round(http["images_per_s"], 1),
+        "stream_local_parquet_images_per_s_per_worker": round(local["images_per_s"], 1),
+        "stream_ratio_hub_vs_local": round(stream_ratio, 3),
+        "stream_first_batch_s": {"hub_http": round(http["first_batch_s"], 2),
+                                 "local_parquet": round(local["first_batch_s"], 2)},
     }
     print(json.dumps(result))
     return result

@@ -19,6 +19,7 @@ Every request is recorded in :attr:`HubServer.requests` for tests to inspect.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -159,17 +160,21 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 raise _HubError(404, "EntryNotFound", f"{relative} does not exist on {sha}")
             if repo.gated and self._token() != repo.token:
                 raise _HubError(401, "GatedRepo", f"Access to {repo.repo_id} is restricted.")
-            data = file.read_bytes()
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{_etag(data)}"', "Accept-Ranges": "bytes"}
-            if len(data) >= LFS_THRESHOLD:
-                headers |= {"X-Linked-Etag": f'"{_sha256(data)}"', "X-Linked-Size": str(len(data))}
-            status, content = 200, data
+            size = file.stat().st_size
+            git_sha1, sha256 = _digests(file, file.stat().st_mtime_ns, size)
+            headers = {"X-Repo-Commit": sha, "ETag": f'"{git_sha1}"', "Accept-Ranges": "bytes"}
+            if size >= LFS_THRESHOLD:
+                headers |= {"X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(size)}
+            status, (start, end) = 200, (0, size - 1)
             if (wanted := self.headers.get("Range")) and body:
-                start, end = _byte_range(wanted, len(data))
-                status, content = 206, data[start : end + 1]
-                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                start, end = _byte_range(wanted, size)
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            with open(file, "rb") as f:
+                f.seek(start)
+                content = f.read(end - start + 1) if body else b""
             self.send_response(status)
-            headers["Content-Length"] = str(len(content))
+            headers["Content-Length"] = str(end - start + 1)
             headers["Content-Type"] = "application/octet-stream"
             for key, value in headers.items():
                 self.send_header(key, value)
@@ -262,10 +267,11 @@ def _entry(directory: Path, path: Path) -> dict:
     relative = str(path.relative_to(directory))
     if path.is_dir():
         return {"type": "directory", "oid": _etag(relative.encode()), "path": relative}
-    data = path.read_bytes()
-    entry = {"type": "file", "oid": _etag(data), "size": len(data), "path": relative}
-    if len(data) >= LFS_THRESHOLD:
-        entry["lfs"] = {"oid": _sha256(data), "size": len(data), "pointerSize": 134}
+    size = path.stat().st_size
+    git_sha1, sha256 = _digests(path, path.stat().st_mtime_ns, size)
+    entry = {"type": "file", "oid": git_sha1, "size": size, "path": relative}
+    if size >= LFS_THRESHOLD:
+        entry["lfs"] = {"oid": sha256, "size": size, "pointerSize": 134}
     return entry
 
 
@@ -293,5 +299,8 @@ def _etag(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+@functools.lru_cache(maxsize=1024)
+def _digests(path: Path, mtime_ns: int, size: int) -> tuple[str, str]:
+    """``(git blob sha1, sha256)`` of a file, computed once per version of it."""
+    data = path.read_bytes()
+    return _etag(data), hashlib.sha256(data).hexdigest()

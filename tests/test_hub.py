@@ -163,3 +163,39 @@ def test_cli_hub_errors_are_one_line_and_exit_2(hub, tmp_path, case, env, option
     if case != "bare id":
         assert "{type: folder}" in lines[0] and "hooktrain data convert" in lines[0]
     assert time.monotonic() - started < 60, "no half-minute of retries before the error"
+
+
+CLIENT = """
+import json, sys
+from huggingface_hub import HfApi, HfFileSystem, hf_hub_download
+repo, rev, name = sys.argv[1], sys.argv[2], sys.argv[3]
+fs = HfFileSystem()
+base = f"datasets/{repo}@{rev.replace('/', '%2F')}"
+with fs.open(f"{base}/{name}", "rb") as f:
+    f.seek(100)
+    middle = f.read(50).hex()
+print(json.dumps({
+    "info": fs.info(f"{base}/{name}")["size"],
+    "paths_info": [p.path for p in HfApi().get_paths_info(repo, [name, "nope"], revision=rev,
+                                                           repo_type="dataset")],
+    "glob": sorted(fs.glob(f"{base}/*/validation/*.parquet")),
+    "middle": middle,
+    "download": open(hf_hub_download(repo, name, revision=rev, repo_type="dataset"), "rb").read().hex(),
+}))
+"""
+
+
+def test_the_stand_in_answers_huggingface_hub_as_the_hub_does(hub, tmp_path):
+    """HfFileSystem info/glob/seek+read, paths-info and hf_hub_download against the files."""
+    import os
+
+    name = "scene_parsing/validation/0000.parquet"
+    result = subprocess.run([sys.executable, "-c", CLIENT, ADE20K_ID, PARQUET_REVISION, name],
+                            env={**os.environ, **hub_env(hub, tmp_path)}, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout)
+    data = (hub.repos[("dataset", ADE20K_ID)].revisions[PARQUET_REVISION] / name).read_bytes()
+    assert found["info"] == len(data) and found["paths_info"] == [name]
+    assert found["middle"] == data[100:150].hex() and found["download"] == data.hex()
+    assert [g.rsplit("/", 3)[-3] for g in found["glob"]] == ["instance_segmentation", "scene_parsing"]
