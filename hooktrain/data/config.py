@@ -71,19 +71,64 @@ class ParquetSource(_ColumnsMixin):
 
 
 class FolderSource(Section):
-    """Image files and PNG annotations paired by file stem.
+    """Image files and their annotation PNGs on disk, paired the way MMSegmentation pairs them.
 
-    Either ``root`` + ``split`` (the ADEChallengeData2016 layout
-    ``root/images/<split>/*.jpg`` + ``root/annotations/<split>/*.png``) or both
-    ``images_dir`` and ``annotations_dir``.
+    Where the files are: ``root`` + ``split`` (the ADEChallengeData2016 layout
+    ``root/images/<split>/`` + ``root/annotations/<split>/``), or ``images_dir`` and
+    ``annotations_dir`` (relative to ``root`` when it is set, else to the working directory),
+    e.g. ``root: data/cityscapes, images_dir: leftImg8bit/train, annotations_dir: gtFine/train``.
+
+    How they pair: the image ``<images_dir>/<name><img_suffix>`` goes with the annotation
+    ``<annotations_dir>/<name><seg_map_suffix>``, where ``<name>`` may include sub-folders
+    (``aachen/aachen_000000_000019``; the directories are searched recursively). Without
+    ``split_file`` every image under ``images_dir`` is used, sorted by name, and an image or
+    annotation without its partner is an error. With ``split_file`` (a text file of names, one
+    per line, as VOC's ``ImageSets/Segmentation/train.txt``) exactly the listed names are used,
+    in the file's order. Several split files are read one after the other; with as many
+    ``annotations_dir`` entries, the i-th file's annotations come from the i-th directory
+    (mmseg's VOC aug: ``train.txt`` over SegmentationClass + ``aug.txt`` over
+    SegmentationClassAug).
     """
 
     type: Literal["folder"] = Field("folder", description="Source kind.")
-    root: str | None = Field(None, description="Dataset root with images/ and annotations/.")
-    split: str = Field("training", description="Sub-directory of images/ and annotations/.")
-    images_dir: str | None = Field(None, description="Directory of images (overrides root).")
-    annotations_dir: str | None = Field(
-        None, description="Directory of PNG annotations (overrides root)."
+    root: str | None = Field(
+        None,
+        description="Dataset root; images_dir, annotations_dir and split_file are relative to "
+        "it. Alone (with split): the ADEChallengeData2016 layout images/<split>/ + "
+        "annotations/<split>/.",
+    )
+    split: str = Field(
+        "training",
+        description="Sub-directory of root/images/ and root/annotations/ (when images_dir or "
+        "annotations_dir is not set).",
+    )
+    images_dir: str | None = Field(
+        None, description="Directory of images (relative to root when root is set)."
+    )
+    annotations_dir: str | list[str] | None = Field(
+        None,
+        description="Directory of annotation PNGs (relative to root when root is set); a list "
+        "gives one directory per split_file entry.",
+    )
+    img_suffix: str | None = Field(
+        None,
+        description="End of every image file name, e.g. '_leftImg8bit.png' or '.jpg'; null = "
+        "any of .jpg .jpeg .png .bmp .tif .tiff .webp.",
+    )
+    seg_map_suffix: str = Field(
+        ".png",
+        description="End of every annotation file name, e.g. '_gtFine_labelIds.png'; the "
+        "name before it must equal the image's name before img_suffix.",
+    )
+    split_file: str | list[str] | None = Field(
+        None,
+        description="Text file(s) of names to use, one per line, without suffixes (relative "
+        "to root when root is set); null = every image found.",
+    )
+    recursive: bool = Field(
+        True,
+        description="Search images_dir and annotations_dir recursively (Cityscapes' city "
+        "folders); names then include the sub-folders.",
     )
     num_shards: int = Field(
         64, ge=1, description="Shards the file list is cut into (units of shuffling and splitting)."
@@ -93,6 +138,19 @@ class FolderSource(Section):
     def _dirs_given(self) -> FolderSource:
         if self.root is None and (self.images_dir is None or self.annotations_dir is None):
             raise ValueError("set either root (with split) or both images_dir and annotations_dir")
+        for key in ("img_suffix", "seg_map_suffix"):
+            if getattr(self, key) == "":
+                raise ValueError(f"{key} must not be empty; use null for the default")
+        if isinstance(self.annotations_dir, list):
+            files = self.split_file if isinstance(self.split_file, list) else None
+            if not self.annotations_dir or files is None or len(files) != len(self.annotations_dir):
+                raise ValueError(
+                    f"annotations_dir lists {len(self.annotations_dir)} directories, so "
+                    "split_file must list as many files (the i-th file's annotations are in "
+                    "the i-th directory); or give one annotations_dir"
+                )
+        if isinstance(self.split_file, list) and not self.split_file:
+            raise ValueError("split_file is an empty list; give at least one file, or null")
         return self
 
 
