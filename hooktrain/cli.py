@@ -99,6 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--annotations", help="directory of PNG masks sharing the images' file stems"
     )
+    convert.add_argument(
+        "--palette",
+        metavar="SOURCE",
+        help="turn RGB colour masks into class-index PNGs: SOURCE is a recipe (its "
+        "data.palette) or a JSON/YAML list of [r, g, b] colours, one per class index",
+    )
+    check = data_sub.add_parser(
+        "check",
+        help="read the first examples of a recipe's data and diagnose labels, masks and "
+        "images; print class weights (exit 2 when the recipe would not train correctly)",
+    )
+    check.add_argument("recipe", help="path to a recipe YAML file")
+    check.add_argument(
+        "--split", choices=("train", "val"), default="train", help="the source to read"
+    )
+    check.add_argument("--limit", type=int, default=200, help="examples to read (default 200)")
+    check.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override recipe keys, as for training (try the fixes the report suggests)",
+    )
     return parser
 
 
@@ -159,13 +183,33 @@ def test_command(args: argparse.Namespace) -> int:
 
 @command("data")
 def data_command(args: argparse.Namespace) -> int:
+    return {"convert": _data_convert, "check": _data_check}[args.data_command](args)
+
+
+def _data_convert(args: argparse.Namespace) -> int:
     from hooktrain.data import convert_folder
 
+    palette = None
+    if args.palette is not None:
+        from hooktrain.data.palette import load_palette
+
+        palette = load_palette(args.palette)
+        for colour, classes in palette.duplicates:
+            print(f"note: colour {list(colour)} is given to classes {classes} in "
+                  f"{palette.source}; its pixels become class {classes[0]}")  # fmt: skip
     written = convert_folder(
-        args.path, args.out, shards=args.shards, split=args.split, annotations_dir=args.annotations
-    )
+        args.path, args.out, shards=args.shards, split=args.split,
+        annotations_dir=args.annotations, palette=palette,
+    )  # fmt: skip
     for split, files in written.items():
         print(f"{split}: {len(files)} parquet files in {files[0].parent if files else args.out}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from hooktrain.data.check import check_data
+
+    check_data(args.recipe, args.cfg_options, split=args.split, limit=args.limit)
     return 0
 
 

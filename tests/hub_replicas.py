@@ -36,12 +36,13 @@ def _write(path: Path, columns: dict, features, row_group_size: int) -> None:
 
 
 def ade20k_scene(index: int, split: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Example ``index`` of ``split``: a random RGB image and a blocky mask of labels 0..150,
-    both ``size`` = (h, w); a function of its arguments."""
+    """Example ``index`` of ``split``: a random RGB image and a blocky mask of labels 0..150
+    (0 and 150 in every one), both ``size`` = (h, w); a function of its arguments."""
     rng = np.random.default_rng([index, len(split)])
     h, w = size
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     blocks = rng.integers(0, 151, (3, 4), dtype=np.uint8)
+    blocks[0, :2] = 0, 150  # "other" and the last class, in every scene
     return image, cv2.resize(blocks, (w, h), interpolation=cv2.INTER_NEAREST)
 
 

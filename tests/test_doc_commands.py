@@ -312,12 +312,133 @@ def test_plugin_commands_install_and_run_the_example(shapes_sandbox):
     assert "ema(" in result.output and "validation at iter 4 on 200 images" in result.output
 
 
+# -- docs/datasets.md: Cityscapes and VOC 2012 aug on tiny copies of the official layouts -----
+
+
+def _cityscapes_source(key: str, split: str, labels: str) -> str:
+    return (f'"data.{key}.source={{type: folder, root: data/cityscapes, images_dir: leftImg8bit/'
+            f'{split}, annotations_dir: gtFine/{split}, img_suffix: _leftImg8bit.png, '
+            f'seg_map_suffix: _gtFine_{labels}.png}}"')  # fmt: skip
+
+
+TINY_DATASET = TINY_ADE + " data.val.num_workers=0"  # the copies' 32x64 and 24x40 images
+CITYSCAPES_FOLDER = Doc(
+    "accelerate launch -m hooktrain recipes/cityscapes.yaml --cfg-options "
+    f"{_cityscapes_source('train', 'train', 'labelIds')} {_cityscapes_source('val', 'val', 'labelIds')}",
+    append=TINY_DATASET,
+)
+CITYSCAPES_TRAIN_IDS = Doc(
+    "accelerate launch -m hooktrain recipes/cityscapes.yaml --cfg-options data.label_map={} "
+    f"{_cityscapes_source('train', 'train', 'labelTrainIds')} "
+    f"{_cityscapes_source('val', 'val', 'labelTrainIds')}",
+    append=TINY_DATASET,
+)
+VOC_FOLDER = Doc(
+    'accelerate launch -m hooktrain recipes/voc12aug.yaml --cfg-options "data.train.source={type: '
+    "folder, root: data/VOCdevkit/VOC2012, images_dir: JPEGImages, img_suffix: .jpg, "
+    "annotations_dir: [SegmentationClass, SegmentationClassAug], split_file: "
+    '[ImageSets/Segmentation/train.txt, ImageSets/Segmentation/aug.txt]}" "data.val.source={type: '
+    "folder, root: data/VOCdevkit/VOC2012, images_dir: JPEGImages, img_suffix: .jpg, "
+    'annotations_dir: SegmentationClass, split_file: ImageSets/Segmentation/val.txt}"',
+    append=TINY_DATASET,
+)
+
+
+def test_dataset_page_commands_on_tiny_official_layouts(sandbox):
+    from test_dataset_bases import write_cityscapes_folder, write_voc_folder
+
+    write_cityscapes_folder(sandbox / "data" / "cityscapes")
+    write_voc_folder(sandbox / "data" / "VOCdevkit")
+    for doc, name in ((CITYSCAPES_FOLDER, "cityscapes"), (CITYSCAPES_TRAIN_IDS, "cityscapes"),
+                      (VOC_FOLDER, "voc12aug")):  # fmt: skip
+        result = run(doc, sandbox)
+        work_dir = sandbox / "work_dirs" / name
+        assert_trained_and_evaluated(work_dir)
+        assert "validation at iter 2 on" in result.output
+        label_map = (work_dir / "recipe.yaml").read_text().split("label_map:", 1)[1].split("\n", 1)[0]
+        assert (label_map.strip() == "{}") == (doc is not CITYSCAPES_FOLDER)
+        work_dir.rename(work_dir.with_name(f"{name}-{id(doc)}"))  # each command starts afresh
+
+
+# -- docs/data-check.md: checking the quickstart and a tiny ADE20K folder; colour masks ------
+
+DATA_CHECK = Doc("hooktrain data check recipes/quickstart.yaml")
+DATA_CHECK_VAL = Doc("hooktrain data check recipes/quickstart.yaml --split val --limit 50")
+DATA_CHECK_ADE = Doc(
+    'hooktrain data check recipes/ade20k.yaml --cfg-options "data.train.source={type: folder, '
+    'root: data/ADEChallengeData2016, split: training}"'
+)
+CONVERT_PALETTE = Doc(
+    "hooktrain data convert data/colour_dataset data/colour_dataset_parquet --palette "
+    "recipes/quickstart.yaml"
+)
+CONVERT_PALETTE_FILE = Doc(
+    "hooktrain data convert data/photos data/photos_parquet --annotations data/photo_masks "
+    "--palette colours.json"
+)
+
+
+def _paint_colour_masks(images: Path, masks: Path, palette: np.ndarray, seed: int) -> dict:
+    """Random images and RGB masks painted with ``palette``; returns {stem: class indices}."""
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    painted = {}
+    for i in range(3):
+        rng = np.random.default_rng([seed, i])
+        index = cv2.resize(rng.integers(0, len(palette), (3, 4), dtype=np.uint8), (40, 24),
+                           interpolation=cv2.INTER_NEAREST)  # fmt: skip
+        cv2.imwrite(str(images / f"{i}.jpg"), rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+        cv2.imwrite(str(masks / f"{i}.png"), cv2.cvtColor(palette[index], cv2.COLOR_RGB2BGR))
+        painted[f"{i}.png"] = index
+    return painted
+
+
+def _converted_masks(out: Path, split: str) -> dict:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted((out / "data").glob(f"{split}-*.parquet")))
+    return {cell["path"]: cv2.imdecode(np.frombuffer(cell["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+            for cell in table.column("annotation").to_pylist()}  # fmt: skip
+
+
+def test_data_check_page_commands(shapes_sandbox):
+    from hooktrain.recipe import load_recipe
+
+    sandbox = shapes_sandbox
+    for doc in (DATA_CHECK, DATA_CHECK_VAL):
+        assert "Result: no problems" in run(doc, sandbox).stdout
+    write_ade_challenge_folder(sandbox / "data" / "ADEChallengeData2016")
+    checked = run(DATA_CHECK_ADE, sandbox).stdout
+    assert "Classes (after reduce_zero_label; 150 classes" in checked
+    assert "Result: no problems" in checked
+
+    palette = np.asarray(load_recipe(ROOT / "recipes" / "quickstart.yaml").data.palette, np.uint8)
+    root = sandbox / "data" / "colour_dataset"
+    painted = {split: _paint_colour_masks(root / "images" / split, root / "annotations" / split,
+                                          palette, seed)
+               for seed, split in enumerate(("training", "validation"))}  # fmt: skip
+    run(CONVERT_PALETTE, sandbox)
+    for split, name in (("training", "train"), ("validation", "validation")):
+        converted = _converted_masks(sandbox / "data" / "colour_dataset_parquet", name)
+        assert converted.keys() == painted[split].keys()
+        assert all((converted[k] == painted[split][k]).all() for k in converted)
+
+    photos = _paint_colour_masks(sandbox / "data" / "photos", sandbox / "data" / "photo_masks",
+                                 palette, 7)  # fmt: skip
+    (sandbox / "colours.json").write_text(json.dumps(palette.tolist()))
+    run(CONVERT_PALETTE_FILE, sandbox)
+    converted = _converted_masks(sandbox / "data" / "photos_parquet", "train")
+    assert all((converted[k] == photos[k]).all() for k in photos) and len(converted) == 3
+
+
 # -- the inventory -------------------------------------------------------------------------
 
 RUN_HERE = [
     README_QUICKSTART, QUICKSTART, CONFIG, RESUME, TEST, EXPORT, PREDICT, TWO_CPU_PROCESSES,
     CONVERT, ACCELERATE_CONFIG, ADE20K, ADE20K_FOLDER, ADE20K_8_GPUS, ADE20K_2_NODES,
     EXPORT_BEST, PREDICT_FILES, PLUGIN_INSTALL, PLUGIN_RUN,
+    CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,
+    DATA_CHECK, DATA_CHECK_VAL, DATA_CHECK_ADE, CONVERT_PALETTE, CONVERT_PALETTE_FILE,
 ]  # fmt: skip
 
 

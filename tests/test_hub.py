@@ -199,3 +199,17 @@ def test_the_stand_in_answers_huggingface_hub_as_the_hub_does(hub, tmp_path):
     assert found["info"] == len(data) and found["paths_info"] == [name]
     assert found["middle"] == data[100:150].hex() and found["download"] == data.hex()
     assert [g.rsplit("/", 3)[-3] for g in found["glob"]] == ["instance_segmentation", "scene_parsing"]
+
+
+def test_data_check_streams_the_ade20k_recipe_through_the_hub_client(hub, tmp_path):
+    """`hooktrain data check recipes/ade20k.yaml`, unchanged but for the endpoint: the Hub
+    columns (scene_category included), the labels 0..150 that reduce_zero_label expects."""
+    env = hub_env(hub, tmp_path)
+    result = run_cli("data", "check", "recipes/ade20k.yaml", "--limit", "6", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "scene_category" in result.stdout and "ClassLabel" in result.stdout
+    assert "6 examples read, 6 decoded, 0 corrupt" in result.stdout
+    wrong = run_cli("data", "check", "recipes/ade20k.yaml", "--split", "val", "--limit", "4",
+                    "--cfg-options", "data.reduce_zero_label=false", env=env)  # fmt: skip
+    assert wrong.returncode == 2 and "reduce_zero_label is probably wanted" in wrong.stdout
+    assert error_lines(wrong)[-1].startswith("hooktrain: error: data check of data.val.source")
