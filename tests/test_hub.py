@@ -101,6 +101,8 @@ def test_hub_source_failures_each_end_in_one_line_naming_the_fix(hub, tmp_path):
     parquet = {"path": ADE20K_ID, "revision": PARQUET_REVISION}
     cases = {
         "ok": {**parquet, "data_dir": "scene_parsing", "split": "validation"},
+        "downloaded": {**parquet, "data_dir": "scene_parsing", "split": "validation",
+                       "streaming": False},  # fmt: skip
         "data_files": {**parquet, "data_files": {"validation": "scene_parsing/validation/*.parquet"},
                        "split": "validation"},  # fmt: skip
         "bare_id": {"path": "scene_parse_150"},
@@ -115,7 +117,7 @@ def test_hub_source_failures_each_end_in_one_line_naming_the_fix(hub, tmp_path):
         "private": {"path": "acme/private-ade", "split": "validation"},
     }
     found = probe(cases, hub_env(hub, tmp_path))
-    assert found["ok"] == 8 and found["data_files"] == 8
+    assert found["ok"] == found["downloaded"] == found["data_files"] == 8
     for case, message in found.items():
         assert isinstance(message, int) or "\n" not in message, case
     assert "'namespace/name'" in found["bare_id"] and "'zhoubolei/scene_parse_150'" in found["bare_id"]

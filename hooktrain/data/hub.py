@@ -178,7 +178,10 @@ def _diagnose(exc: Exception, source: HubSource, where: str, local: bool) -> Use
             f"{where}.split: {_describe(source)} has no split '{source.split}'"
             f"{did_you_mean(source.split, available)}; its splits are {available}"
         )
-    if "Dataset scripts are no longer supported" in text:
+    cached_instead = "Couldn't find cache for" in text
+    if "Dataset scripts are no longer supported" in text or (
+        cached_instead and not local and _holds_only_a_script(source)
+    ):
         configs = _folders(source.path, PARQUET_REVISION)
         where_to = f"data_dir: one of {configs}" if configs else "data_dir: <config>"
         return UserError(
@@ -199,7 +202,9 @@ def _diagnose(exc: Exception, source: HubSource, where: str, local: bool) -> Use
             f"conversion has no README), so name '{source.name}' cannot select one; remove "
             f"{where}.name and set {where}.data_dir to one of its folders {folders}"
         )
-    if "doesn't contain any data files" in text or "Unable to find" in text:
+    # When the repo was downloaded before, datasets falls back to its cache on any failure and
+    # says only "Couldn't find cache for <repo> for config '<name>-data_dir=...'".
+    if cached_instead or "doesn't contain any data files" in text or "Unable to find" in text:
         folders = _folders(source.path, source.revision) if not local else _local_folders(source)
         return UserError(
             f"{where}: {_describe(source)} has no data files there; set {where}.data_dir to one "
@@ -247,6 +252,27 @@ def _folders(repo_id: str, revision: str | None) -> list[str]:
         return sorted(e.path for e in entries if isinstance(e, RepoFolder))
     except Exception:  # noqa: BLE001 - only a hint for the message
         return []
+
+
+def _holds_only_a_script(source: HubSource) -> bool:
+    """Whether the revision's top level holds a loading script (``<name>.py``) and neither
+    data files nor folders."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFolder
+
+    try:
+        entries = list(HfApi(token=_token()).list_repo_tree(
+            source.path, revision=source.revision, repo_type="dataset"
+        ))  # fmt: skip
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        return False
+    files = [e.path for e in entries if not isinstance(e, RepoFolder)]
+    data = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".zip", ".tar")
+    return (
+        any(f.endswith(".py") for f in files)
+        and not any(f.endswith(data) for f in files)
+        and not any(isinstance(e, RepoFolder) for e in entries)
+    )
 
 
 def _local_folders(source: HubSource) -> list[str]:
