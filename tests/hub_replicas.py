@@ -74,13 +74,16 @@ def write_ade20k_replica(
                 images.append({"bytes": _encoded(".jpg", image), "path": name})
                 masks.append({"bytes": _encoded(".png", mask), "path": None})
                 categories.append(i % 2)
-                instance_masks.append({"bytes": _encoded(".png", np.dstack([mask] * 3)), "path": None})
+                instance_masks.append(
+                    {"bytes": _encoded(".png", np.dstack([mask] * 3)), "path": None}
+                )
             file = f"{split}/{s:04d}.parquet"
-            _write(parquet / "scene_parsing" / file,
-                   {"image": images, "annotation": masks, "scene_category": categories},
-                   scene, row_group_size)  # fmt: skip
-            _write(parquet / "instance_segmentation" / file,
-                   {"image": images, "annotation": instance_masks}, instances, row_group_size)  # fmt: skip
+            scene_rows = {"image": images, "annotation": masks, "scene_category": categories}
+            instance_rows = {"image": images, "annotation": instance_masks}
+            _write(parquet / "scene_parsing" / file, scene_rows, scene, row_group_size)
+            _write(
+                parquet / "instance_segmentation" / file, instance_rows, instances, row_group_size
+            )
     main = root / "main"
     main.mkdir(parents=True, exist_ok=True)
     (main / "scene_parse_150.py").write_text('"""ADE20K loading script."""\nimport datasets\n')

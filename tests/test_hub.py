@@ -101,10 +101,17 @@ def test_hub_source_failures_each_end_in_one_line_naming_the_fix(hub, tmp_path):
     parquet = {"path": ADE20K_ID, "revision": PARQUET_REVISION}
     cases = {
         "ok": {**parquet, "data_dir": "scene_parsing", "split": "validation"},
-        "downloaded": {**parquet, "data_dir": "scene_parsing", "split": "validation",
-                       "streaming": False},  # fmt: skip
-        "data_files": {**parquet, "data_files": {"validation": "scene_parsing/validation/*.parquet"},
-                       "split": "validation"},  # fmt: skip
+        "downloaded": {
+            **parquet,
+            "data_dir": "scene_parsing",
+            "split": "validation",
+            "streaming": False,
+        },  # fmt: skip
+        "data_files": {
+            **parquet,
+            "data_files": {"validation": "scene_parsing/validation/*.parquet"},
+            "split": "validation",
+        },  # fmt: skip
         "bare_id": {"path": "scene_parse_150"},
         "config_by_name": {**parquet, "name": "scene_parsing"},
         "no_data_dir": {**parquet, "split": "validation"},
@@ -120,7 +127,9 @@ def test_hub_source_failures_each_end_in_one_line_naming_the_fix(hub, tmp_path):
     assert found["ok"] == found["downloaded"] == found["data_files"] == 8
     for case, message in found.items():
         assert isinstance(message, int) or "\n" not in message, case
-    assert "'namespace/name'" in found["bare_id"] and "'zhoubolei/scene_parse_150'" in found["bare_id"]
+    assert (
+        "'namespace/name'" in found["bare_id"] and "'zhoubolei/scene_parse_150'" in found["bare_id"]
+    )
     for case in ("config_by_name", "no_data_dir", "wrong_data_dir"):
         assert "data_dir" in found[case], found[case]
         assert "['instance_segmentation', 'scene_parsing']" in found[case], found[case]
@@ -182,7 +191,8 @@ print(json.dumps({
                                                            repo_type="dataset")],
     "glob": sorted(fs.glob(f"{base}/*/validation/*.parquet")),
     "middle": middle,
-    "download": open(hf_hub_download(repo, name, revision=rev, repo_type="dataset"), "rb").read().hex(),
+    "download": open(hf_hub_download(repo, name, revision=rev, repo_type="dataset"), "rb")
+    .read().hex(),
 }))
 """
 
@@ -200,7 +210,10 @@ def test_the_stand_in_answers_huggingface_hub_as_the_hub_does(hub, tmp_path):
     data = (hub.repos[("dataset", ADE20K_ID)].revisions[PARQUET_REVISION] / name).read_bytes()
     assert found["info"] == len(data) and found["paths_info"] == [name]
     assert found["middle"] == data[100:150].hex() and found["download"] == data.hex()
-    assert [g.rsplit("/", 3)[-3] for g in found["glob"]] == ["instance_segmentation", "scene_parsing"]
+    assert [g.rsplit("/", 3)[-3] for g in found["glob"]] == [
+        "instance_segmentation",
+        "scene_parsing",
+    ]
 
 
 def test_data_check_streams_the_ade20k_recipe_through_the_hub_client(hub, tmp_path):

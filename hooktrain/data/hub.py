@@ -155,7 +155,9 @@ def _check_repo(source: HubSource, where: str) -> None:
             f"'{PARQUET_REVISION}')"
         ) from None
     except (HFValidationError, HfUriError) as exc:
-        raise UserError(f"{where}.path: '{path}' is not a valid Hub id: {_first_line(exc)}") from None
+        raise UserError(
+            f"{where}.path: '{path}' is not a valid Hub id: {_first_line(exc)}"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - network failures come in many types
         if _is_network_error(exc):
             raise _unreachable(source, where, exc) from None
@@ -225,7 +227,11 @@ def _diagnose(exc: Exception, source: HubSource, where: str, local: bool) -> Use
 
 
 def _gated(source: HubSource, where: str) -> UserError:
-    action = "check that HF_TOKEN belongs to an account that" if _token() else "set HF_TOKEN to a token of an account that"
+    action = (
+        "check that HF_TOKEN belongs to an account that"
+        if _token()
+        else "set HF_TOKEN to a token of an account that"
+    )
     return UserError(
         f"{where}: '{source.path}' is a gated dataset; accept its conditions on its Hub page, "
         f"then {action} has access"
@@ -248,7 +254,9 @@ def _folders(repo_id: str, revision: str | None) -> list[str]:
     from huggingface_hub.hf_api import RepoFolder
 
     try:
-        entries = HfApi(token=_token()).list_repo_tree(repo_id, revision=revision, repo_type="dataset")
+        entries = HfApi(token=_token()).list_repo_tree(
+            repo_id, revision=revision, repo_type="dataset"
+        )
         return sorted(e.path for e in entries if isinstance(e, RepoFolder))
     except Exception:  # noqa: BLE001 - only a hint for the message
         return []
@@ -300,7 +308,9 @@ def _is_cast_error(chain: list[BaseException]) -> bool:
 def _is_network_error(exc: BaseException) -> bool:
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    if isinstance(exc, (ConnectionError, TimeoutError, OfflineModeIsEnabled, LocalEntryNotFoundError)):
+    if isinstance(
+        exc, (ConnectionError, TimeoutError, OfflineModeIsEnabled, LocalEntryNotFoundError)
+    ):
         return True
     return type(exc).__module__.split(".")[0] in ("httpx", "httpcore", "httpx2", "httpcore2") and (
         "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__
