@@ -9,6 +9,10 @@ for :mod:`hub_server` to serve.
   (PNG, mode L, 0..150) and ``scene_category`` (ClassLabel); ``instance_segmentation`` has
   ``image`` and a three-channel ``annotation`` (instance ids), so a pipeline that mixes the two
   configurations fails on its masks.
+
+``Chris1/cityscapes`` and ``jxie/pascal-voc-2012``: parquet on the main branch as their dataset
+pages and ``dataset_infos.json`` describe them (files, splits, columns); the label encoding of
+their masks could not be checked here, so the replicas hold what the recipes expect.
 """
 
 from __future__ import annotations
@@ -95,3 +99,44 @@ def serve_ade20k(hub, root: Path, **options) -> None:
     """Write the ADE20K replica under ``root`` and serve both its revisions from ``hub``."""
     for revision, folder in write_ade20k_replica(root, **options).items():
         hub.add(ADE20K_ID, folder, revision=revision)
+
+
+CITYSCAPES_ID = "Chris1/cityscapes"
+VOC_ID = "jxie/pascal-voc-2012"
+
+
+def _write_split(path: Path, columns: tuple[str, str], masks: list[np.ndarray]) -> None:
+    from datasets import Features, Image
+
+    rng = np.random.default_rng(len(masks))
+    images = [rng.integers(0, 256, (*m.shape, 3), dtype=np.uint8) for m in masks]
+    rows = {
+        columns[0]: [{"bytes": _encoded(".png", i), "path": None} for i in images],
+        columns[1]: [{"bytes": _encoded(".png", m), "path": None} for m in masks],
+    }
+    _write(path, rows, Features({c: Image() for c in columns}), row_group_size=2)
+
+
+def _blocks(values: list[int], seed: int, size: tuple[int, int]) -> np.ndarray:
+    picks = np.random.default_rng(seed).choice(values, (2, 3)).astype(np.uint8)
+    return cv2.resize(picks, size[::-1], interpolation=cv2.INTER_NEAREST)
+
+
+def write_cityscapes_replica(root: Path, rows: int = 4, size=(16, 32)) -> Path:
+    """``Chris1/cityscapes``'s main branch: ``data/<split>-*.parquet`` with ``image`` and
+    ``semantic_segmentation`` (Cityscapes labelIds 0..33)."""
+    label_ids = [0, 1, 4, 7, 8, 11, 17, 21, 23, 24, 26, 33]
+    for split in ("train", "validation", "test"):
+        masks = [_blocks(label_ids, i, size) for i in range(rows)]
+        path = root / "data" / f"{split}-00000-of-00001.parquet"
+        _write_split(path, ("image", "semantic_segmentation"), masks)
+    return root
+
+
+def write_voc_replica(root: Path, rows: int = 4, size=(16, 16)) -> Path:
+    """``jxie/pascal-voc-2012``'s main branch: ``data/<split>-*.parquet`` with ``image`` and
+    ``mask`` (class indices 0..20, 255 void)."""
+    for split in ("train", "val"):
+        masks = [_blocks([0, 0, 5, 15, 20, 255], i, size) for i in range(rows)]
+        _write_split(root / "data" / f"{split}-00000-of-00001.parquet", ("image", "mask"), masks)
+    return root

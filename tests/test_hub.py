@@ -16,7 +16,15 @@ import time
 import pytest
 
 from conftest import ROOT, run_cli
-from hub_replicas import ADE20K_ID, PARQUET_REVISION, serve_ade20k
+from hub_replicas import (
+    ADE20K_ID,
+    CITYSCAPES_ID,
+    PARQUET_REVISION,
+    VOC_ID,
+    serve_ade20k,
+    write_cityscapes_replica,
+    write_voc_replica,
+)
 from hub_server import HubServer
 
 TOKEN = "hf_local_test_token"
@@ -38,6 +46,8 @@ def hub(tmp_path_factory):
     scene_parsing = root / "parquet" / "scene_parsing"
     server.add("acme/gated-ade", scene_parsing, gated=True, token=TOKEN)
     server.add("acme/private-ade", scene_parsing, private=True, token=TOKEN)
+    server.add(CITYSCAPES_ID, write_cityscapes_replica(root / "cityscapes"))
+    server.add(VOC_ID, write_voc_replica(root / "voc"))
     with server:
         yield server
 
@@ -228,3 +238,21 @@ def test_data_check_streams_the_ade20k_recipe_through_the_hub_client(hub, tmp_pa
                     "--cfg-options", "data.reduce_zero_label=false", env=env)  # fmt: skip
     assert wrong.returncode == 2 and "reduce_zero_label is probably wanted" in wrong.stdout
     assert error_lines(wrong)[-1].startswith("hooktrain: error: data check of data.val.source")
+
+
+def test_cityscapes_and_voc_recipes_read_their_hub_sources(hub, tmp_path):
+    """The recipes' Hub sources (ids, split names, columns) open through the client on
+    replicas of the repositories, and Cityscapes' labelIds pass data check with its label_map."""
+    from hooktrain.recipe import load_recipe
+
+    cases = {}
+    for recipe in ("cityscapes", "voc12aug"):
+        data = load_recipe(ROOT / "recipes" / f"{recipe}.yaml").data
+        for split in ("train", "val"):
+            source = getattr(data, split).source
+            cases[f"{recipe} {split}"] = source.model_dump(exclude={"type"})
+    assert probe(cases, hub_env(hub, tmp_path)) == {case: 4 for case in cases}
+    checked = run_cli("data", "check", "recipes/cityscapes.yaml", "--split", "val", "--limit", "4",
+                      env=hub_env(hub, tmp_path))  # fmt: skip
+    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    assert "semantic_segmentation" in checked.stdout
