@@ -1,0 +1,503 @@
+"""The diagnosis of ``hooktrain data check``: what the counted examples mean for the recipe.
+
+:func:`diagnose` turns the :class:`DataStats` that :func:`hooktrain.data.check.scan` counted
+into :class:`Finding` s. A finding is either a *problem* (training would stop, or would learn
+wrong labels) or a *note*; each says what was seen, what it means and the fix, often with a
+line to paste (``--cfg-options`` values, a ``hooktrain data convert --palette`` command).
+
+Class weights use median frequency balancing (Eigen & Fergus 2015, as in SegNet):
+``w_c = median(f) / f_c`` with ``f_c`` = pixels of class ``c`` / labelled pixels of the images
+that contain ``c`` (the median over the classes seen). Classes not seen get the largest weight
+of those seen. See docs/data-check.md.
+
+``hooktrain.data.check`` (the scan) and ``hooktrain.data.check_report`` (the text) import this
+module; it imports neither.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["CITYSCAPES_LABEL_MAP", "CLASS_WEIGHT_FORMULA", "SHOWN", "DataStats", "Finding",
+           "class_weight_options", "class_weights", "diagnose", "label_steps",
+           "recipe_palette"]  # fmt: skip
+
+CLASS_WEIGHT_FORMULA = (
+    "median frequency balancing as in SegNet (Eigen & Fergus 2015): w_c = median(f) / f_c, where "
+    "f_c = pixels of class c / labelled pixels of the images containing c; classes not seen get "
+    "the largest weight"
+)
+# Cityscapes labelIds (gtFine_labelIds.png) to the 19 trainIds, from cityscapesScripts'
+# labels.py; every other id is not evaluated and becomes 255.
+CITYSCAPES_LABEL_MAP = {
+    **{i: 255 for i in range(34)},
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+SHOWN = 10  # example ids, colours or values listed per finding (and unknown colours kept)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis: ``problem`` (training would stop or learn wrong labels) or a note."""
+
+    problem: bool
+    summary: str  # a short clause for the one-line error
+    detail: str  # the report's text: what was seen, what it means, the fix
+    command: str = ""  # a line to paste (printed unwrapped under the detail)
+    changes_classes: bool = False  # fixing it changes the class counts (and so the weights)
+
+
+@dataclass
+class DataStats:
+    """What :func:`hooktrain.data.check.scan` saw in the examples."""
+
+    num_classes: int
+    ignore_index: int
+    columns: dict[str, str] = field(default_factory=dict)  # name -> type
+    read: int = 0
+    image_sizes: Counter = field(default_factory=Counter)  # (h, w) -> examples
+    mask_sizes: Counter = field(default_factory=Counter)
+    image_formats: Counter = field(default_factory=Counter)  # "JPEG RGB (3 channels, uint8)"
+    mask_formats: Counter = field(default_factory=Counter)
+    raw_pixels: Counter = field(default_factory=Counter)  # raw mask value -> pixels
+    raw_images: Counter = field(default_factory=Counter)  # raw mask value -> images
+    class_pixels: np.ndarray = None  # [C] pixels per class after label handling
+    class_images: np.ndarray = None  # [C] images containing the class
+    class_context: np.ndarray = None  # [C] labelled pixels of the images containing the class
+    ignored_pixels: int = 0
+    total_pixels: int = 0  # pixels of the masks counted (index masks and matched colour masks)
+    out_of_range: Counter = field(default_factory=Counter)  # raw value -> pixels
+    out_of_range_ids: list = field(default_factory=list)
+    corrupt: list = field(default_factory=list)  # (example id, message)
+    bad_masks: list = field(default_factory=list)  # (example id, message): decodable, unusable
+    size_mismatch: list = field(default_factory=list)  # (example id, image hw, mask hw)
+    grey_rgb_masks: list = field(default_factory=list)  # example ids
+    colour_masks: list = field(default_factory=list)  # example ids
+    colours: Counter = field(default_factory=Counter)  # colour -> pixels (colour masks)
+    unknown_colours: dict = field(default_factory=dict)  # colour -> (example id, x, y)
+    unknown_colour_pixels: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        for name in ("class_pixels", "class_images", "class_context"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(self.num_classes, np.int64))
+
+    @property
+    def decoded(self) -> int:
+        """Examples whose image and mask both decoded."""
+        return sum(self.mask_sizes.values())
+
+
+# -- diagnosis ----------------------------------------------------------------------------
+
+
+def diagnose(stats: DataStats, recipe, source=None, recipe_arg: str = "RECIPE") -> list[Finding]:
+    """Findings about ``stats`` for ``recipe`` (its ``data`` and ``model`` sections), problems
+    first. ``source`` (the checked source) and ``recipe_arg`` fill in the suggested commands."""
+    findings: list[Finding] = []
+    for check in (_nothing_read, _corrupt, _bad_masks, _size_mismatch, _colour_masks,
+                  _grey_rgb_masks, _label_values, _label_map_overlap, _ignored_pixels,
+                  _class_weight_lengths, _absent_classes, _image_formats):  # fmt: skip
+        findings.extend(check(stats, recipe, source, recipe_arg))
+    return sorted(findings, key=lambda f: not f.problem)
+
+
+def _ids(ids: list) -> str:
+    """The first example ids, and how many there are when not all are shown."""
+    shown = ", ".join(str(i) for i in ids[:SHOWN])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > SHOWN else "")
+
+
+def _nothing_read(stats, recipe, source, recipe_arg) -> list[Finding]:
+    if stats.read:
+        return []
+    return [Finding(True, "the source yielded no examples",
+                    "The source yielded no examples: check its files and split.")]  # fmt: skip
+
+
+def _corrupt(stats, recipe, source, recipe_arg) -> list[Finding]:
+    if not stats.corrupt:
+        return []
+    n, cap = len(stats.corrupt), recipe.data.max_corrupt
+    listed = "; ".join(f"{i}: {m}" for i, m in stats.corrupt[:SHOWN])
+    more = f"; ... ({n} in all)" if n > SHOWN else ""
+    if n > cap:
+        return [Finding(
+            True, f"{n} examples cannot be decoded, more than data.max_corrupt={cap}: fix or "
+            "remove them",
+            f"{n} of {stats.read} examples cannot be decoded ({listed}{more}). Training skips "
+            f"undecodable examples but stops after data.max_corrupt={cap} per process: fix or "
+            "remove these files, or raise data.max_corrupt.",
+        )]  # fmt: skip
+    return [Finding(
+        False, f"{n} corrupt examples",
+        f"{n} of {stats.read} examples cannot be decoded ({listed}{more}). Training skips them "
+        f"(at most data.max_corrupt={cap} per process); fix or remove them.",
+    )]  # fmt: skip
+
+
+def _bad_masks(stats, recipe, source, recipe_arg) -> list[Finding]:
+    if not stats.bad_masks:
+        return []
+    n = len(stats.bad_masks)
+    example, message = stats.bad_masks[0]
+    return [Finding(
+        True, f"{n} masks are not single-channel integer images (e.g. {example})",
+        f"{n} masks decode but cannot be used ({_ids([i for i, _ in stats.bad_masks])}); "
+        f"training stops at the first one. The first says: {message}",
+    )]  # fmt: skip
+
+
+def _size_mismatch(stats, recipe, source, recipe_arg) -> list[Finding]:
+    if not stats.size_mismatch:
+        return []
+    n = len(stats.size_mismatch)
+    example, (ih, iw), (mh, mw) = stats.size_mismatch[0]
+    return [Finding(
+        True, f"{n} masks differ in size from their images (e.g. {example})",
+        f"{n} masks have another height and width than their image, e.g. {example}: image "
+        f"{ih} x {iw}, mask {mh} x {mw} ({_ids([e[0] for e in stats.size_mismatch])}). "
+        "Training stops at the first one: every mask must have its image's size.",
+    )]  # fmt: skip
+
+
+def _convert_command(source, recipe_arg: str, palette_arg: str) -> str:
+    """The `hooktrain data convert --palette` line for ``source``: its folders when
+    ``data convert`` pairs them the same way (file stems, no split files), else placeholders."""
+    from pathlib import Path
+    from shlex import quote
+
+    from hooktrain.data.config import FolderSource
+
+    where = "FOLDER OUT"  # a parquet or Hub source: convert the folder it was made from
+    plain = (
+        isinstance(source, FolderSource)
+        and source.split_file is None
+        and source.img_suffix is None
+        and source.seg_map_suffix == ".png"
+        and not isinstance(source.annotations_dir, list)
+    )
+    if plain and source.images_dir and source.annotations_dir:
+        root = Path(source.root or "")
+        images, annotations = root / source.images_dir, root / source.annotations_dir
+        where = f"{quote(str(images))} OUT --annotations {quote(str(annotations))}"
+    elif plain and source.root:
+        where = f"{quote(source.root)} OUT --split {quote(source.split)}"
+    return f"hooktrain data convert {where} --palette {quote(palette_arg)}"
+
+
+def _colour_masks(stats, recipe, source, recipe_arg) -> list[Finding]:
+    if not stats.colour_masks:
+        return []
+    data = recipe.data
+    n, k = len(stats.colour_masks), len(stats.colours)
+    seen = (f"{n} of {stats.read} masks are RGB colour images ({k} distinct colours; the first "
+            f"is {stats.colour_masks[0]}); training needs one class index per pixel.")  # fmt: skip
+    mapped = ("The converted masks hold the class indices of the palette, so train them with "
+              "reduce_zero_label: false and no label_map.")  # fmt: skip
+    for colour, classes in recipe_palette(data).duplicates if data.palette else []:
+        mapped += (f" data.palette gives {list(colour)} to classes {classes}: its pixels become "
+                   f"class {classes[0]}.")  # fmt: skip
+    if data.reduce_zero_label or data.label_map:
+        mapped += f" This recipe sets {' and '.join(label_steps(data))}: turn it off."
+    if data.palette is None:
+        return [Finding(
+            True, "the masks are RGB colour images and the recipe has no data.palette: convert "
+            "them with hooktrain data convert --palette COLOURS",
+            f"{seen} The recipe sets no data.palette to match them against. Convert them to "
+            "index masks with --palette and a JSON/YAML list of [r, g, b] colours in class "
+            f"order (or add data.palette to the recipe). {mapped}",
+            _convert_command(source, recipe_arg, "COLOURS.json"),
+            changes_classes=True,
+        )]  # fmt: skip
+    if not stats.unknown_colours:
+        return [Finding(
+            True, "the masks are RGB colour images whose colours all match data.palette: "
+            f"convert them with hooktrain data convert --palette {recipe_arg}",
+            f"{seen} Every colour matches data.palette, so `hooktrain data convert --palette` "
+            f"converts them to index masks (the class table below shows what they hold). {mapped}",
+            _convert_command(source, recipe_arg, recipe_arg),
+        )]  # fmt: skip
+    unknown = sorted(stats.unknown_colours, key=lambda c: -stats.unknown_colour_pixels[c])
+    shown = ", ".join(
+        f"{list(c)} ({stats.unknown_colour_pixels[c]} px, first at {stats.unknown_colours[c][0]} "
+        f"x={stats.unknown_colours[c][1]} y={stats.unknown_colours[c][2]})"
+        for c in unknown[:SHOWN]
+    )
+    return [Finding(
+        True, f"the masks are RGB colour images and {len(unknown)} of their colours are not in "
+        "data.palette: fix the palette, then convert them with hooktrain data convert --palette",
+        f"{seen} {len(unknown)} colours are not in data.palette: {shown}. Fix data.palette (one "
+        "[r, g, b] per class, in class order) or list every colour in a JSON/YAML file, then "
+        f"convert the masks with --palette. {mapped}",
+        _convert_command(source, recipe_arg, recipe_arg),
+        changes_classes=True,
+    )]  # fmt: skip
+
+
+def _grey_rgb_masks(stats, recipe, source, recipe_arg) -> list[Finding]:
+    if not stats.grey_rgb_masks:
+        return []
+    n = len(stats.grey_rgb_masks)
+    return [Finding(
+        True, f"{n} masks are 3-channel images with equal channels: save them as single-channel "
+        "PNGs",
+        f"{n} masks are greyscale saved as 3 channels ({_ids(stats.grey_rgb_masks)}); training "
+        "needs single-channel masks. Save them as PNG mode L, e.g. with OpenCV "
+        "cv2.imwrite(path, cv2.imread(path, cv2.IMREAD_GRAYSCALE)).",
+        changes_classes=True,
+    )]  # fmt: skip
+
+
+def _label_values(stats, recipe, source, recipe_arg) -> list[Finding]:
+    """Raw value patterns MMSegmentation users get wrong, then any other out-of-range values."""
+    data = recipe.data
+    if not stats.raw_pixels:
+        return []
+    n_classes, ignore = data.num_classes, data.ignore_index
+    values = set(stats.raw_pixels)
+    labelled = values - {ignore}
+    top = max(labelled) if labelled else None
+    bad = set(stats.out_of_range)
+    findings: list[Finding] = []
+    if values <= {0, 255} and 255 in values and ignore == 255 and not data.reduce_zero_label \
+            and 255 not in data.label_map:  # fmt: skip
+        findings.append(Finding(
+            True, "the masks hold only 0 and 255 and 255 is the ignore index, so the foreground "
+            "is never learnt: set data.label_map={255: 1} (num_classes 2)",
+            "The masks hold only the values 0 and 255: a binary mask whose foreground is 255. "
+            "255 is data.ignore_index, so those pixels are ignored and the foreground is never "
+            "learnt. Map 255 to class 1 (and use data.num_classes: 2):",
+            "--cfg-options 'data.label_map={255: 1}' data.num_classes=2",
+            changes_classes=True,
+        ))  # fmt: skip
+    elif not data.reduce_zero_label and not data.label_map and 0 in values \
+            and top == n_classes and bad == {n_classes}:  # fmt: skip
+        findings.append(Finding(
+            True, f"0 appears and {top} is the maximum: reduce_zero_label is probably wanted "
+            "(set data.reduce_zero_label=true)",
+            f"0 appears and {top} is the maximum: reduce_zero_label is probably wanted. The "
+            f"masks hold 0..{top}, one more value than num_classes={n_classes}: as in ADE20K, 0 "
+            f"is 'unlabelled' and 1..{top} are the {n_classes} classes. reduce_zero_label makes "
+            f"0 the ignore index and 1..{top} the classes 0..{n_classes - 1}.",
+            "--cfg-options data.reduce_zero_label=true",
+            changes_classes=True,
+        ))  # fmt: skip
+    elif not data.label_map and n_classes == 19 and bad and all(19 <= v <= 33 for v in bad):
+        findings.append(Finding(
+            True, f"values up to {max(bad)}: Cityscapes labelIds, use the label_map "
+            "(labelIds to trainIds; the report prints it)",
+            f"Values up to {max(bad)} with num_classes=19: these are Cityscapes labelIds "
+            "(*_gtFine_labelIds.png, 0..33), not the 19 trainIds. Use the label_map that sends "
+            "the 19 evaluated ids to 0..18 and every other id to 255 (or read the "
+            "*_gtFine_labelTrainIds.png files instead):",
+            "--cfg-options 'data.label_map={" + ", ".join(
+                f"{k}: {v}" for k, v in sorted(CITYSCAPES_LABEL_MAP.items())) + "}'",
+            changes_classes=True,
+        ))  # fmt: skip
+    elif data.reduce_zero_label and 0 not in values and top is not None and top < n_classes:
+        # A note, not a problem: a small sample of ADE20K-like data can lack 0 ("other") and
+        # the top class alike.
+        findings.append(Finding(
+            False, "reduce_zero_label may be wrong: 0 never appears",
+            f"reduce_zero_label is on, but 0 never appears and the maximum is {top} (below "
+            f"num_classes={n_classes}). If the masks are 0-based class indices, every class "
+            "moves down by one and class 0's pixels are ignored: set "
+            "data.reduce_zero_label=false. If 0 only means 'unlabelled' and these examples have "
+            "none, the recipe is right (check more examples with --limit).",
+        ))  # fmt: skip
+    elif bad:
+        findings.append(_out_of_range(stats, data))
+    if data.reduce_zero_label and 0 in values and top == n_classes - 1 and not data.label_map:
+        findings.append(Finding(
+            False, "reduce_zero_label may be wrong",
+            f"reduce_zero_label is on and the largest value is {top} = num_classes - 1, so after "
+            f"the shift class {n_classes - 1} never appears. If 0 is a real class (as VOC's "
+            "background), set data.reduce_zero_label=false.",
+        ))  # fmt: skip
+    return findings
+
+
+
+def _out_of_range(stats: DataStats, data) -> Finding:
+    bad = sorted(stats.out_of_range)
+    pixels = stats.out_of_range.total()
+    shown = ", ".join(str(v) for v in bad[:SHOWN]) + (", ..." if len(bad) > SHOWN else "")
+    steps = label_steps(data)
+    after = f" after {' and '.join(steps)}" if steps else ""
+    seen = (f"Raw values [{shown}] ({pixels} pixels in {len(stats.out_of_range_ids)} examples, "
+            f"e.g. {stats.out_of_range_ids[0]}) fall outside [0, {data.num_classes}){after} and "
+            f"are not the ignore index {data.ignore_index}.")  # fmt: skip
+    fix = (f"If they are classes, raise data.num_classes (to {max(bad) + 1}?); otherwise map them "
+           "with data.label_map (e.g. to the ignore index)")  # fmt: skip
+    if data.out_of_range == "error":
+        return Finding(
+            True, f"mask values [{shown}] are out of range [0, {data.num_classes}){after}: fix "
+            "num_classes or label_map, or set data.out_of_range=ignore",
+            f"{seen} With data.out_of_range: error training stops at the first such mask. "
+            f"{fix}, or set data.out_of_range: ignore.",
+            changes_classes=True,
+        )  # fmt: skip
+    share = pixels / max(stats.total_pixels, 1)
+    return Finding(
+        False, "out-of-range values are ignored",
+        f"{seen} data.out_of_range: ignore treats them as ignored ({share:.2%} of the pixels). "
+        f"{fix}.",
+    )  # fmt: skip
+
+
+def _label_map_overlap(stats, recipe, source, recipe_arg) -> list[Finding]:
+    """Raw values that label_map leaves alone but that land on classes it also produces."""
+    from hooktrain.data.labels import LabelMapper
+
+    data = recipe.data
+    if not data.label_map or not stats.raw_pixels:
+        return []
+    raw = np.array(sorted(stats.raw_pixels))
+    shift = LabelMapper(data.num_classes, data.ignore_index, data.reduce_zero_label)
+    shifted, _ = shift.map_values(raw)  # what label_map's keys are compared with
+    targets = set(data.label_map.values()) - {data.ignore_index}
+    through = [int(r) for r, s in zip(raw, shifted, strict=True)
+               if s not in data.label_map and s != data.ignore_index and s in targets]  # fmt: skip
+    if not through:
+        return []
+    return [Finding(
+        False, "label_map leaves values that collide with its classes",
+        f"Raw values {through[:SHOWN]} are not keys of data.label_map, so they pass through "
+        "unchanged, onto classes that label_map also produces. If they are not those classes, "
+        "map them too (e.g. to the ignore index).",
+    )]  # fmt: skip
+
+
+def _ignored_pixels(stats, recipe, source, recipe_arg) -> list[Finding]:
+    if not stats.total_pixels:
+        return []
+    labelled = int(stats.class_pixels.sum())
+    if labelled == 0:
+        return [Finding(
+            True, "no pixel is labelled with a class: every one is ignored or out of range",
+            "No pixel of these examples is labelled with a class (every one is the ignore index "
+            "or out of range): there is nothing to learn. Check the label handling above.",
+            changes_classes=True,
+        )]  # fmt: skip
+    share = stats.ignored_pixels / stats.total_pixels
+    if share <= 0.5:
+        return []
+    return [Finding(
+        False, "most pixels are ignored",
+        f"{share:.1%} of the pixels are the ignore index {recipe.data.ignore_index}; check that "
+        "the masks and data.ignore_index agree.",
+    )]  # fmt: skip
+
+
+def _class_weight_lengths(stats, recipe, source, recipe_arg) -> list[Finding]:
+    findings = []
+    n_classes = recipe.data.num_classes
+    heads = (("decode_head", recipe.model.decode_head), ("aux_head", recipe.model.aux_head))
+    for key, head in heads:
+        for i, loss in enumerate(head.losses if head is not None else []):
+            if loss.class_weight is not None and len(loss.class_weight) != n_classes:
+                name = f"model.{key}.losses.{i}.class_weight"
+                findings.append(Finding(
+                    True, f"{name} has {len(loss.class_weight)} entries for {n_classes} classes",
+                    f"{name} has {len(loss.class_weight)} entries but data.num_classes is "
+                    f"{n_classes}: the model cannot be built. Give one weight per class (see "
+                    "the class weights below).",
+                ))  # fmt: skip
+    return findings
+
+
+def _absent_classes(stats, recipe, source, recipe_arg) -> list[Finding]:
+    if not stats.class_pixels.sum():
+        return []
+    absent = np.flatnonzero(stats.class_images == 0).tolist()
+    if not absent:
+        return []
+    names = recipe.data.names
+    shown = ", ".join(f"{names[c]} ({c})" for c in absent[:SHOWN])
+    more = ", ..." if len(absent) > SHOWN else ""
+    return [Finding(
+        False, f"{len(absent)} classes never appear",
+        f"{len(absent)} of {len(names)} classes never appear in these {stats.read} examples: "
+        f"{shown}{more}; more examples (--limit) may show them. If they never appear, check "
+        "num_classes and the label handling.",
+    )]  # fmt: skip
+
+
+def _image_formats(stats, recipe, source, recipe_arg) -> list[Finding]:
+    other = {f: n for f, n in stats.image_formats.items() if "(3 channels, uint8)" not in f}
+    if not other:
+        return []
+    listed = ", ".join(f"{n} {f}" for f, n in other.items())
+    return [Finding(
+        False, "some images are not 8-bit RGB",
+        f"Images not stored as 8-bit RGB: {listed}. Training decodes every image to 8-bit RGB "
+        "(grey is repeated, alpha dropped, 16 bits scaled down).",
+    )]  # fmt: skip
+
+
+# -- class weights --------------------------------------------------------------------------
+
+
+def class_weights(stats: DataStats) -> np.ndarray | None:
+    """Median frequency balancing weights, one per class (None when no class was seen).
+
+    ``f_c`` = pixels of class ``c`` / labelled pixels of the images containing ``c``;
+    ``w_c = median(f) / f_c`` over the classes seen; classes not seen get the largest weight.
+    """
+    seen = stats.class_pixels > 0
+    if not seen.any():
+        return None
+    frequency = stats.class_pixels[seen] / stats.class_context[seen]
+    weights = np.empty(stats.num_classes)
+    weights[seen] = np.median(frequency) / frequency
+    weights[~seen] = weights[seen].max()
+    return weights
+
+
+def class_weight_options(weights: np.ndarray, model) -> list[str]:
+    """``--cfg-options`` values giving ``weights`` to the cross-entropy terms (or, in a head
+    without one, to its first loss) of the decode head and the auxiliary head.
+
+    Each value is the head's whole ``losses`` list as the recipe resolves it, weights added:
+    a recipe that leaves a head's losses at their defaults has no list to index into.
+    """
+    import yaml
+
+    rounded = [float(f"{w:.4g}") for w in weights]
+    options = []
+    for key, head in (("decode_head", model.decode_head), ("aux_head", model.aux_head)):
+        if head is None:
+            continue
+        targets = [i for i, loss in enumerate(head.losses) if loss.type == "cross_entropy"]
+        losses = []
+        for i, loss in enumerate(head.losses):
+            entry = {"type": loss.type, **loss.model_dump(exclude_defaults=True, exclude={"type"})}
+            if i in (targets or [0]):
+                entry["class_weight"] = rounded
+            losses.append(entry)
+        value = yaml.safe_dump(losses, default_flow_style=True, sort_keys=False, width=1 << 30)
+        options.append(f"model.{key}.losses={value.strip()}")
+    return options
+
+
+# -- shared with the scan and the report ---------------------------------------------------
+
+
+def label_steps(data) -> list[str]:
+    """The label handling steps the recipe turns on, in the order they apply."""
+    return [name for name, on in (("reduce_zero_label", data.reduce_zero_label),
+                                  ("label_map", bool(data.label_map))) if on]  # fmt: skip
+
+
+def recipe_palette(data):
+    """``data.palette`` as a :class:`~hooktrain.data.palette.Palette`, or None without one."""
+    from hooktrain.data.palette import palette_from_colours
+
+    if data.palette is None:
+        return None
+    return palette_from_colours(data.palette, "data.palette")
