@@ -97,7 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--shards", type=int, default=8, help="parquet files per split")
     convert.add_argument("--split", help="only this split (default: every split found)")
     convert.add_argument(
-        "--annotations", help="directory of PNG masks sharing the images' file stems"
+        "--annotations",
+        help="directory of PNG masks sharing the images' file stems (names before the "
+        "suffixes, with --img-suffix / --seg-map-suffix)",
+    )
+    convert.add_argument(
+        "--img-suffix",
+        metavar="SUFFIX",
+        help="images are the files ending with SUFFIX, which is cut off to pair them with the "
+        "masks, e.g. _leftImg8bit.png (default: any image extension)",
+    )
+    convert.add_argument(
+        "--seg-map-suffix",
+        metavar="SUFFIX",
+        default=".png",
+        help="masks are the files ending with SUFFIX, e.g. _gtFine_labelIds.png (default: .png)",
     )
     convert.add_argument(
         "--palette",
@@ -200,6 +214,7 @@ def _data_convert(args: argparse.Namespace) -> int:
     written = convert_folder(
         args.path, args.out, shards=args.shards, split=args.split,
         annotations_dir=args.annotations, palette=palette,
+        img_suffix=args.img_suffix, seg_map_suffix=args.seg_map_suffix,
     )  # fmt: skip
     for split, files in written.items():
         print(f"{split}: {len(files)} parquet files in {files[0].parent if files else args.out}")

@@ -1,5 +1,5 @@
-"""``hooktrain data check`` and ``hooktrain data convert --palette``, through the real CLI on
-tiny generated datasets (parquet shards and image folders).
+"""``hooktrain data check`` and ``hooktrain data convert`` (``--palette``, suffix pairing),
+through the real CLI on tiny generated datasets (parquet shards and image folders).
 
 Most tests call the CLI's ``main`` in this process (the same parsing, dispatch and one-line
 errors, without paying the imports again); one runs it as a subprocess.
@@ -324,6 +324,36 @@ def test_split_and_limit(tmp_path, capsys):
     assert "data.val.source" in err and "val_2.png (row 2)" in out
     code, out, err = cli(capsys, "data", "check", recipe, "--split", "val", "--limit", "2")
     assert code == 0, err  # the bad example is the third
+
+
+def test_convert_pairs_cityscapes_by_suffix(tmp_path, capsys):
+    from test_dataset_bases import write_cityscapes_folder
+
+    # Two cities of two images; gtFine holds labelIds, labelTrainIds, colour and instanceIds
+    # PNGs (and polygons) for each.
+    names = write_cityscapes_folder(tmp_path / "cityscapes")["train"]
+    images = tmp_path / "cityscapes" / "leftImg8bit" / "train"
+    gt = tmp_path / "cityscapes" / "gtFine" / "train"
+    pairs = [(images / f"{n}_leftImg8bit.png", gt / f"{n}_gtFine_labelIds.png") for n in names]
+
+    # By file stem (the default), no image has a partner: the suffixes differ.
+    code, _, err = cli(capsys, "data", "convert", images, tmp_path / "stems",
+                       "--annotations", gt, "--split", "train")  # fmt: skip
+    assert code == 2 and "have no partner" in one_line_error(err)
+
+    code, out, err = cli(capsys, "data", "convert", images, tmp_path / "out", "--annotations", gt,
+                         "--img-suffix", "_leftImg8bit.png",
+                         "--seg-map-suffix", "_gtFine_labelIds.png", "--split", "train",
+                         "--shards", "2")  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines() == [f"train: 2 parquet files in {tmp_path / 'out' / 'data'}"]
+    table = pq.read_table(sorted((tmp_path / "out" / "data").glob("train-*.parquet")))
+    rows = list(zip(table.column("image").to_pylist(), table.column("annotation").to_pylist(),
+                    strict=True))  # fmt: skip
+    assert len(rows) == len(pairs) == 4  # every image once, in name order across the cities
+    for (image, mask), (image_cell, mask_cell) in zip(pairs, rows, strict=True):
+        assert image_cell == {"bytes": image.read_bytes(), "path": image.name}
+        assert mask_cell == {"bytes": mask.read_bytes(), "path": mask.name}  # the labelIds file
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

@@ -42,6 +42,8 @@ def convert_folder(
     split: str | None = None,
     annotations_dir: str | os.PathLike | None = None,
     palette: Palette | None = None,
+    img_suffix: str | None = None,
+    seg_map_suffix: str = ".png",
 ) -> dict[str, list[Path]]:
     """Write parquet shards of a segmentation folder; return the files per output split.
 
@@ -49,7 +51,12 @@ def convert_folder(
     (``images/<split>/*.jpg`` + ``annotations/<split>/*.png``; every split found is
     converted, or only ``split``) or, with ``annotations_dir``, a directory of images whose
     PNG masks share their file stems (written as ``split``, default ``train``).
-    With ``palette``, colour masks are written as class-index PNGs (see the module docstring).
+    Images and masks pair as a folder source pairs them
+    (:func:`hooktrain.data.folder.folder_pairs`, sub-folders included): the image
+    ``<name><img_suffix>`` (None: any image extension) goes with the mask
+    ``<name><seg_map_suffix>``, e.g. ``_leftImg8bit.png`` and ``_gtFine_labelIds.png`` for
+    Cityscapes. With ``palette``, colour masks are written as class-index PNGs (see the module
+    docstring).
     """
     source = Path(source)
     if shards < 1:
@@ -72,7 +79,8 @@ def convert_folder(
     written: dict[str, list[Path]] = {}
     try:
         for name, images, annotations in jobs:
-            pairs = folder_pairs(images, annotations, f"convert {images}")
+            pairs = folder_pairs(images, annotations, f"convert {images}",
+                                 img_suffix=img_suffix, seg_map_suffix=seg_map_suffix)
             if list(out.glob(f"{name}-*.parquet")):
                 raise UserError(
                     f"{out} already holds {name} shards; remove them or pick another OUT"
