@@ -31,7 +31,7 @@ from hooktrain.data.check_findings import (
     recipe_palette,
 )
 from hooktrain.data.check_report import format_report
-from hooktrain.errors import UserError, did_you_mean
+from hooktrain.errors import UserError, did_you_mean, first_line
 
 __all__ = ["DEFAULT_LIMIT", "DataStats", "check_data", "scan"]
 
@@ -168,7 +168,7 @@ def _scan_example(stats: DataStats, image_value, mask_value, row: int, mapper, p
     try:
         image = decode_image(image_value, example_id)
     except Exception as exc:  # noqa: BLE001 - training skips it as corrupt, whatever the cause
-        stats.corrupt.append((example_id, f"image: {_first_line(exc)}"))
+        stats.corrupt.append((example_id, f"image: {first_line(exc)}"))
         return
     try:
         mask = decode_mask(mask_value, mask_id)
@@ -194,10 +194,10 @@ def _unusable_mask(stats: DataStats, value, example_id: str, error: UserError, p
 
     colour = _colour_array(value)
     if colour is None:
-        stats.corrupt.append((example_id, f"annotation: {_first_line(error)}"))
+        stats.corrupt.append((example_id, f"annotation: {first_line(error)}"))
         return None
     if colour.ndim != 3 or colour.dtype != np.uint8:
-        stats.bad_masks.append((example_id, _first_line(error)))
+        stats.bad_masks.append((example_id, first_line(error)))
         return None
     if np.array_equal(colour[:, :, 0], colour[:, :, 1]) and np.array_equal(
         colour[:, :, 0], colour[:, :, 2]
@@ -306,8 +306,3 @@ def _describe_feature(feature) -> str:
         return feature.dtype
     text = repr(feature)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

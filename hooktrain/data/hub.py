@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hooktrain.data.config import HubSource
-from hooktrain.errors import UserError, did_you_mean
+from hooktrain.errors import UserError, did_you_mean, first_line
 
 PARQUET_REVISION = "refs/convert/parquet"
 # Canonical datasets that moved to their owners' namespaces; the client rejects the old ids.
@@ -156,7 +156,7 @@ def _check_repo(source: HubSource, where: str) -> None:
         ) from None
     except (HFValidationError, HfUriError) as exc:
         raise UserError(
-            f"{where}.path: '{path}' is not a valid Hub id: {_first_line(exc)}"
+            f"{where}.path: '{path}' is not a valid Hub id: {first_line(exc)}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - network failures come in many types
         if _is_network_error(exc):
@@ -170,7 +170,7 @@ def _diagnose(exc: Exception, source: HubSource, where: str, local: bool) -> Use
 
     if isinstance(exc, UserError):
         return exc
-    text = _first_line(exc)
+    text = first_line(exc)
     chain = _causes(exc)
     if any(isinstance(e, GatedRepoError) for e in chain) or "gated" in text.lower():
         return _gated(source, where)
@@ -243,7 +243,7 @@ def _unreachable(source: HubSource, where: str, exc: BaseException) -> UserError
 
     return UserError(
         f"{where}: cannot reach the Hub at {constants.ENDPOINT} to read {_describe(source)} "
-        f"({_first_line(exc)}); check the network (and HF_ENDPOINT), or {LOCAL_ALTERNATIVES}"
+        f"({first_line(exc)}); check the network (and HF_ENDPOINT), or {LOCAL_ALTERNATIVES}"
     )
 
 
@@ -315,11 +315,6 @@ def _is_network_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("httpx", "httpcore", "httpx2", "httpcore2") and (
         "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextmanager

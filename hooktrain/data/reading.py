@@ -15,7 +15,7 @@ import torch
 from hooktrain.data.config import DataConfig
 from hooktrain.data.sources import read_bytes
 from hooktrain.data.transforms import LabelMapper, decode_image, decode_mask
-from hooktrain.errors import UserError
+from hooktrain.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +124,13 @@ class ExampleDecoder:
         try:
             image = decode_image(row.image, example_id)
         except Exception as exc:  # noqa: BLE001 - any failure to decode means corrupt
-            raise CorruptExample(f"{example_id}: {_first_line(exc)}") from exc
+            raise CorruptExample(f"{example_id}: {first_line(exc)}") from exc
         try:
             mask = decode_mask(row.annotation, example_id)
         except UserError as exc:
             if _decodable(row.annotation):
                 raise  # a real annotation that is wrong: the user must fix the dataset
-            raise CorruptExample(f"{example_id}: {_first_line(exc)}") from exc
+            raise CorruptExample(f"{example_id}: {first_line(exc)}") from exc
         return image, self.mapper(mask, example_id)
 
 
@@ -140,11 +140,6 @@ def _decodable(value: Any) -> bool:
     except (OSError, ValueError):
         return False
     return data.size > 0 and cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is not None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def corrupt_cap_error(count: int, cfg: DataConfig, last: str | None = None) -> UserError:
