@@ -374,3 +374,30 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     bad.write_text("[[1, 2, 3], [4, 5]]")
     code, _, err = cli(capsys, "data", "convert", tmp_path, tmp_path / "o", "--palette", bad)
     assert code == 2 and re.search(r"palette entry 1 is \[4, 5\]", one_line_error(err))
+
+
+def test_printed_convert_command_keeps_the_folder_suffixes(tmp_path, capsys, monkeypatch):
+    """A folder source pairing `<name>_img.png` with `<name>_mask.png` (RGB): the printed
+    `data convert --palette` line carries both suffixes and converts every pair."""
+    indices = [paint(i) for i in range(3)]
+    images, masks = write_colour_folder(tmp_path / "raw", indices)
+    for folder, suffix in ((images, "_img.png"), (masks, "_mask.png")):
+        for path in folder.iterdir():
+            path.rename(path.with_name(path.stem + suffix))
+    recipe = tmp_path / "suffixed.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "_base_": [str(RECIPES / "_base_" / "models" / "fpn_resnet18.yaml")],
+        "data": {"num_classes": 3, "palette": PALETTE,
+                 "train": {"source": {"type": "folder", "images_dir": str(images),
+                                      "annotations_dir": str(masks), "img_suffix": "_img.png",
+                                      "seg_map_suffix": "_mask.png"}}},
+    }))  # fmt: skip
+    code, out, _ = cli(capsys, "data", "check", recipe)
+    command = printed_command(out, "hooktrain data convert")
+    assert code == 2 and command[-6:-2] == ["--img-suffix", "_img.png", "--seg-map-suffix",
+                                             "_mask.png"]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, *[("converted" if a == "OUT" else a) for a in command[1:]])
+    assert code == 0, err
+    table = pq.read_table(sorted((tmp_path / "converted" / "data").glob("train-*.parquet")))
+    assert table.num_rows == 3

@@ -166,8 +166,8 @@ def _size_mismatch(stats, recipe, source, recipe_arg) -> list[Finding]:
 
 
 def _convert_command(source, recipe_arg: str, palette_arg: str) -> str:
-    """The `hooktrain data convert --palette` line for ``source``: its folders when
-    ``data convert`` pairs them the same way (file stems, no split files), else placeholders."""
+    """The `hooktrain data convert --palette` line for ``source``: its folders and suffixes
+    when ``data convert`` pairs them the same way (no split files), else placeholders."""
     from pathlib import Path
     from shlex import quote
 
@@ -177,8 +177,7 @@ def _convert_command(source, recipe_arg: str, palette_arg: str) -> str:
     plain = (
         isinstance(source, FolderSource)
         and source.split_file is None
-        and source.img_suffix is None
-        and source.seg_map_suffix == ".png"
+        and source.recursive
         and not isinstance(source.annotations_dir, list)
     )
     if plain and source.images_dir and source.annotations_dir:
@@ -187,6 +186,10 @@ def _convert_command(source, recipe_arg: str, palette_arg: str) -> str:
         where = f"{quote(str(images))} OUT --annotations {quote(str(annotations))}"
     elif plain and source.root:
         where = f"{quote(source.root)} OUT --split {quote(source.split)}"
+    if plain and source.img_suffix is not None:
+        where += f" --img-suffix {quote(source.img_suffix)}"
+    if plain and source.seg_map_suffix != ".png":
+        where += f" --seg-map-suffix {quote(source.seg_map_suffix)}"
     return f"hooktrain data convert {where} --palette {quote(palette_arg)}"
 
 
