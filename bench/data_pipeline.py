@@ -353,6 +353,25 @@ def compare_streams(examples: int, rounds: int, seed: int, root: Path) -> dict:
     }  # fmt: skip
 
 
+def handover_rate(dtype: torch.dtype, batches: int = 200) -> float:
+    """Batches/s a DataLoader worker hands over when each batch is one 512x512 example as the
+    train stream yields it (image [1,3,H,W] and mask [1,H,W]) in ``dtype``, doing nothing else:
+    the ceiling the hand-over alone puts on one worker."""
+
+    class Constant(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            image_dtype, mask_dtype = (dtype, torch.int64) if dtype.is_floating_point else (dtype, dtype)
+            while True:
+                yield torch.zeros(3, 512, 512, dtype=image_dtype), torch.zeros(512, 512, dtype=mask_dtype)
+
+    batches_iter = iter(torch.utils.data.DataLoader(Constant(), batch_size=1, num_workers=1))
+    next(batches_iter)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(batches_iter)
+    return batches / (time.perf_counter() - start)
+
+
 def serve_shards(examples: Sequence[Example], root: Path):
     """Write ``examples`` as the ADE20K parquet conversion's ``scene_parsing/train`` shards under
     ``root`` and serve that folder from a local Hub server; returns the started server. The
@@ -420,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"(first batch after {http['first_batch_s']:.2f} s)")
     print(f"train stream, 1 worker, local parquet      {local['images_per_s']:6.1f} images/s "
           f"(first batch after {local['first_batch_s']:.2f} s)  -> HTTP path is {stream_ratio:.2f}x")
+    handover = {"float32_int64": handover_rate(torch.float32), "uint8": handover_rate(torch.uint8)}
+    print(f"worker hand-over alone, 512x512: float32 image + int64 mask "
+          f"{handover['float32_int64']:.0f} batches/s, uint8 {handover['uint8']:.0f} batches/s")
     wait = None
     if args.quickstart_iters:
         iters = 8 if args.quick else args.quickstart_iters
@@ -438,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         "stream_hub_http_images_per_s_per_worker": round(http["images_per_s"], 1),
         "stream_local_parquet_images_per_s_per_worker": round(local["images_per_s"], 1),
         "stream_ratio_hub_vs_local": round(stream_ratio, 3),
+        "worker_handover_batches_per_s": {k: round(v) for k, v in handover.items()},
         "stream_first_batch_s": {"hub_http": round(http["first_batch_s"], 2),
                                  "local_parquet": round(local["first_batch_s"], 2)},
     }
