@@ -1,16 +1,21 @@
-"""Checkpoint save and resume time of the quickstart model, early and late in a run.
+"""Checkpoint save time, and resume time early and late in a data pass, same-size and elastic.
 
-Resume must not grow with the iteration number: the data stream restores its position
-instead of replaying batches. This bench builds the quickstart segmentor (ResNet-18 + FPN)
-through ``IterRunner.from_recipe`` on a small generated shapes dataset (32x32 images, so the
-stream can be run far ahead cheaply), trains 10 real iterations and saves ``iter_10``. It
-then draws batches from the real stream until it has produced 10,000 batches in total and
-steps the LR schedule and ``TrainState.iter`` to 10,000 (the weights and optimizer moments
-stay those of iteration 10: their size, not their values, sets the I/O), and saves
-``iter_10000``. Resume time = ``runner.load_state`` plus drawing the first batch after it
-(where the stream pays for its restore), median of several repeats.
+Resume must not grow with the position in the pass: the data stream restores its position
+instead of replaying batches, and an elastic resume (another number of processes) skips the
+rows the pass consumed instead of decoding them. This bench builds the quickstart segmentor
+(ResNet-18 + FPN) through ``IterRunner.from_recipe`` on a generated shapes dataset of
+``--rows`` 32x32 training images (one pass = rows / 2 iterations at batch 2), trains
+``--early`` real iterations and saves, then runs the real stream and LR schedule ahead to
+``--late`` (default: 90% of the pass; weights and optimizer stay those of ``--early``: their
+size, not their values, sets the I/O) and saves again.
 
-    python bench/checkpoint.py [--late 10000] [--repeats 3]
+For each of the two checkpoints it also writes an elastic twin: the data states of a 2-process
+run at the same position in the pass (two real streams of world size 2, run ahead), so that
+resuming it in this 1-process run takes the elastic path. Resume time = ``resume_from`` plus
+drawing the first batch after it (where the stream pays for its restore), median of several
+interleaved repeats. Ratios: late/early for each kind (flat means ~1), and elastic/same-size.
+
+    python bench/checkpoint.py [--rows 2048] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -18,29 +23,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import platform
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from hooktrain.checkpoints import save_checkpoint
+import torch
+
+from hooktrain.checkpoints import TRAIN_STATE, data_state_file, save_checkpoint
+from hooktrain.data import build_train_stream
 from hooktrain.recipe import load_recipe
 from hooktrain.runner import IterRunner
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+BATCH = 2
 
 
-def tiny_data(root: Path) -> list[str]:
+def tiny_data(root: Path, rows: int) -> list[str]:
     options = [
-        "data.train.batch_size=2", "data.train.num_workers=0", "data.train.shuffle_buffer=8",
-        "data.train.pipeline.crop_size=[32,32]", "data.train.pipeline.scale=[64,32]",
-        "data.val.pipeline.scale=[64,32]",
+        f"data.train.batch_size={BATCH}", "data.train.num_workers=0",
+        "data.train.shuffle_buffer=8", "data.train.pipeline.crop_size=[32,32]",
+        "data.train.pipeline.scale=[64,32]", "data.val.pipeline.scale=[64,32]",
     ]  # fmt: skip
     for split in ("train", "val"):
-        options += [f"data.{split}.source.root={root}", f"data.{split}.source.num_train=64",
+        options += [f"data.{split}.source.root={root}", f"data.{split}.source.num_train={rows}",
                     f"data.{split}.source.num_val=4", f"data.{split}.source.image_size=32",
-                    f"data.{split}.source.train_shards=4"]  # fmt: skip
+                    f"data.{split}.source.train_shards=8"]  # fmt: skip
     return options
 
 
@@ -52,67 +62,98 @@ def timed(fn) -> float:
 
 def resume_time(runner: IterRunner, checkpoint: Path) -> float:
     def resume() -> None:
-        runner.load_state(checkpoint)
+        runner.resume_from(checkpoint)
         next(runner._train_iter)
 
     return timed(resume)
 
 
+def elastic_twin(runner: IterRunner, checkpoint: Path, iteration: int) -> Path:
+    """``checkpoint`` with the data states of 2 processes that drew ``iteration`` batches of
+    the same global size (``BATCH`` each, so the same position in the pass)."""
+    twin = checkpoint.with_name(checkpoint.name + "-from-2-processes")
+    shutil.copytree(checkpoint, twin)
+    recipe = runner.recipe
+    for rank in range(2):
+        stream = build_train_stream(recipe.data, seed=recipe.train.seed, rank=rank, world_size=2)
+        for _ in range(iteration // 2):
+            next(stream)
+        torch.save(stream.state_dict(), twin / data_state_file(rank))
+        stream.close()
+    state = json.loads((twin / TRAIN_STATE).read_text())
+    (twin / TRAIN_STATE).write_text(json.dumps({**state, "world_size": 2}))
+    return twin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2048, help="training images (pass = rows/2)")
     parser.add_argument("--early", type=int, default=10)
-    parser.add_argument("--late", type=int, default=10_000)
+    parser.add_argument("--late", type=int, help="default: 90%% of the pass")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="256 rows, 1 repeat (CI smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.rows, args.repeats = 256, 1
+    late_iter = args.late or int(0.9 * args.rows / BATCH)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))
-    options = [*tiny_data(tmp / "shapes"), f"train.max_iters={args.late * 2}", "hooks=[]"]
+    options = [
+        *tiny_data(tmp / "shapes", args.rows),
+        f"train.max_iters={late_iter * 2}",
+        "hooks=[]",
+    ]
     recipe = load_recipe(QUICKSTART, options, str(tmp / "run"))
     runner = IterRunner.from_recipe(recipe)
     logging.getLogger("hooktrain").setLevel(logging.WARNING)
     params = sum(p.numel() for p in runner.model.parameters())
-    print(f"quickstart model: {params / 1e6:.1f} M parameters; work dir {tmp} (removed at the end)")
+    print(f"quickstart model: {params / 1e6:.1f} M parameters; {args.rows} training rows "
+          f"(a pass is {args.rows // BATCH} iterations); work dir {tmp} (removed at the end)")  # fmt: skip
 
     for _ in range(args.early):
         runner.train_step()
         runner.state.iter += 1
-    save_times = []
-    for _ in range(args.repeats):
-        save_times.append(timed(lambda: save_checkpoint(runner)))
+    save_times = [timed(lambda: save_checkpoint(runner)) for _ in range(args.repeats)]
     early = runner.work_dir / "checkpoints" / f"iter_{args.early}"
-    print(f"save at iteration {args.early} (real training): median {statistics.median(save_times):.2f}s "
-          f"of {args.repeats} ({', '.join(f'{t:.2f}' for t in save_times)})")  # fmt: skip
-
-    start = time.perf_counter()
-    for _ in range(args.late - args.early):  # the real stream, really run ahead
+    for _ in range(late_iter - args.early):  # the real stream, really run ahead
         next(runner._train_iter)
         runner.scheduler.step()
-    runner.state.iter = args.late
-    print(f"ran the data stream and LR schedule ahead to iteration {args.late} in "
-          f"{time.perf_counter() - start:.1f}s (weights/optimizer: those of iteration {args.early})")  # fmt: skip
+    runner.state.iter = late_iter
     save_checkpoint(runner)
-    late = runner.work_dir / "checkpoints" / f"iter_{args.late}"
-    position = runner.train_stream.state_dict()["loader"]
-    print(f"stream state at {args.late}: {json.dumps(position, default=str)[:160]}...")
-
-    early_times, late_times = [], []
-    for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        early_times.append(resume_time(runner, early))
-        late_times.append(resume_time(runner, late))
-    resume_early, resume_late = statistics.median(early_times), statistics.median(late_times)
-    print(f"resume from iteration {args.early}: median {resume_early:.2f}s "
-          f"({', '.join(f'{t:.2f}' for t in early_times)})")  # fmt: skip
-    print(f"resume from iteration {args.late}: median {resume_late:.2f}s "
-          f"({', '.join(f'{t:.2f}' for t in late_times)})")  # fmt: skip
-    print(f"late/early resume ratio: {resume_late / resume_early:.2f} (flat means ~1)")
+    late = runner.work_dir / "checkpoints" / f"iter_{late_iter}"
+    checkpoints = {
+        "same_early": early,
+        "same_late": late,
+        "elastic_early": elastic_twin(runner, early, args.early),
+        "elastic_late": elastic_twin(runner, late, late_iter),
+    }
+    times: dict[str, list[float]] = {name: [] for name in checkpoints}
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every kind alike
+        for name, path in checkpoints.items():
+            times[name].append(resume_time(runner, path))
     runner.accelerator.end_training()
     shutil.rmtree(tmp, ignore_errors=True)
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"save: median {statistics.median(save_times):.2f}s of {args.repeats}")
+    for name, values in times.items():
+        print(
+            f"resume {name:<14} median {median[name]:.2f}s ({', '.join(f'{t:.2f}' for t in values)})"
+        )
+    ratios = {
+        "same_late_over_early": median["same_late"] / median["same_early"],
+        "elastic_late_over_early": median["elastic_late"] / median["elastic_early"],
+        "elastic_over_same_late": median["elastic_late"] / median["same_late"],
+    }
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
     print(json.dumps({
         "bench": "checkpoint",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "rows": args.rows, "early_iter": args.early, "late_iter": late_iter,
         "save_s": round(statistics.median(save_times), 3),
-        "resume_early_s": round(resume_early, 3),
-        "resume_late_s": round(resume_late, 3),
-        "ratio": round(resume_late / resume_early, 3),
+        **{f"resume_{name}_s": round(value, 3) for name, value in median.items()},
+        **{name: round(value, 3) for name, value in ratios.items()},
     }))  # fmt: skip
 
 

@@ -39,12 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.errors import UserError
+from hooktrain.hooks import LoadedHook, Runner
+from hooktrain.recipe import dump_recipe
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from hooktrain.runner import IterRunner
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -73,41 +72,6 @@ def checkpoint_iteration(path: Path) -> int | None:
     """The iteration in a checkpoint's name (``iter_2000`` -> 2000), else None."""
     match = _NAME.match(Path(path).name)
     return int(match.group(1)) if match else None
-
-
-def read_latest(work_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint the ``latest`` pointer names, or None if it names none."""
-    root = Path(work_dir) / CHECKPOINTS
-    try:
-        name = (root / LATEST).read_text().strip()
-    except OSError:
-        return None
-    path = root / name
-    return path if _NAME.match(name) and (path / "train_state.json").is_file() else None
-
-
-def resolve_resume(work_dir: str | os.PathLike, resume: str | None) -> Path:
-    """The checkpoint ``--resume`` means: with ``"auto"``, the one ``latest`` names (the last
-    one this work dir saved, even after resuming from an older one), else the newest complete
-    one; otherwise the given directory (or a ``latest`` file naming one)."""
-    if resume == "auto":
-        latest = read_latest(work_dir)
-        found = [p for p in complete_checkpoints(work_dir) if (p / "train_state.json").is_file()]
-        if latest is None and not found:
-            raise UserError(
-                f"--resume: no complete checkpoint in {Path(work_dir) / CHECKPOINTS}; "
-                "start without --resume, or pass --resume PATH"
-            )
-        return latest or found[-1]
-    path = Path(resume)
-    if path.is_file() and path.name == LATEST:
-        path = path.parent / path.read_text().strip()
-    if not (path / "train_state.json").is_file():
-        raise UserError(
-            f"--resume {resume}: not a complete hooktrain checkpoint (no train_state.json); "
-            f"pick a directory like {Path(work_dir) / CHECKPOINTS / 'iter_1000'}"
-        )
-    return path
 
 
 def clean_stale(work_dir: str | os.PathLike) -> list[str]:
@@ -218,10 +182,72 @@ def save_plain_weights(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(on_load)
 
 
+# -- what a checkpoint holds ------------------------------------------------------------
+
+TRAIN_STATE = "train_state.json"
+HOOKS = "hooks.pt"
+
+
+def data_state_file(rank: int) -> str:
+    return f"data_state_rank{rank}.pt"
+
+
+def expected_files(world_size: int) -> list[str]:
+    """The files of a complete checkpoint written by ``world_size`` processes, besides
+    ``train_state.json`` (``scaler.pt`` is there only with fp16)."""
+    per_rank = [name for rank in range(world_size)
+                for name in (f"random_states_{rank}.pkl", data_state_file(rank))]  # fmt: skip
+    return [WEIGHTS, "optimizer.bin", "custom_checkpoint_0.pkl", HOOKS, "recipe.yaml", *per_rank]
+
+
+def save_state(runner: Runner, directory: Path) -> None:
+    """Write everything a resume needs into ``directory`` (every rank calls it; see the
+    module doc for the files)."""
+    accelerator = runner.accelerator
+    accelerator.save_state(str(directory))
+    torch.save(runner.train_stream.state_dict(), directory / data_state_file(accelerator.process_index))
+    if accelerator.is_main_process:
+        torch.save({key: h.hook.state_dict() for key, h in hook_keys(runner.hooks)}, directory / HOOKS)
+        train_state = {**runner.state.state_dict(), "world_size": accelerator.num_processes}
+        (directory / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+        (directory / "recipe.yaml").write_text(_recipe_text(runner))
+
+
+def load_state(runner: Runner, directory: Path) -> str:
+    """Restore what ``save_state`` wrote: weights, optimizer, scheduler, RNGs, progress, hook
+    states and the data stream's position. Returns how the stream resumed: ``"exact"``, or
+    ``"elastic"`` when the number of processes or workers changed (the pass goes on without
+    repeating or skipping an example, in another order)."""
+    runner.accelerator.load_state(str(directory))
+    train_state = json.loads((directory / TRAIN_STATE).read_text())
+    saved_world = train_state.pop("world_size", 1)
+    train_state.pop("max_iters", None)  # the recipe decides how long this run goes
+    runner.state.load_state_dict(train_state)
+    hook_states = torch.load(directory / HOOKS, weights_only=True)
+    for key, loaded in hook_keys(runner.hooks):
+        if hook_states.get(key):
+            loaded.hook.load_state_dict(hook_states[key])
+    data_states = [torch.load(directory / data_state_file(rank), weights_only=True)
+                   for rank in range(saved_world)]  # fmt: skip
+    return runner.train_stream.resume(data_states)
+
+
+def hook_keys(hooks: list[LoadedHook]) -> list[tuple[str, LoadedHook]]:
+    """Checkpoint keys of the hooks' states: the hook's name, with ``#k`` for its k-th
+    repetition, so adding or removing other hooks between runs keeps states matched."""
+    seen: dict[str, int] = {}
+    keys = []
+    for loaded in hooks:
+        count = seen.get(loaded.name, 0)
+        seen[loaded.name] = count + 1
+        keys.append((loaded.name if count == 0 else f"{loaded.name}#{count}", loaded))
+    return keys
+
+
 # -- saving -----------------------------------------------------------------------------
 
 
-def save_checkpoint(runner: IterRunner) -> Path:
+def save_checkpoint(runner: Runner) -> Path:
     """Save ``runner``'s full state as ``checkpoints/iter_<N>`` atomically (call on every
     rank at the same point). Returns the checkpoint's path."""
     accelerator = runner.accelerator
@@ -233,9 +259,7 @@ def save_checkpoint(runner: IterRunner) -> Path:
         if tmp.exists():  # left by a save killed at this same iteration
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    runner.save_state(tmp)
-    if accelerator.is_main_process:
-        (tmp / "recipe.yaml").write_text(_recipe_text(runner))
+    save_state(runner, tmp)
     fsync_tree(tmp)  # each rank flushes what it wrote (the work dir may be shared by nodes)
     accelerator.wait_for_everyone()
     final = root / name
@@ -257,7 +281,7 @@ def prune_checkpoints(work_dir: Path, max_keep: int, keep: Path) -> list[Path]:
     return removed
 
 
-def save_best(runner: IterRunner, best: dict[str, Any]) -> Path:
+def save_best(runner: Runner, best: dict[str, Any]) -> Path:
     """Write the model's weights, ``best`` and the recipe to ``checkpoints/best`` atomically
     (main process only)."""
     from safetensors.torch import save_file
@@ -277,8 +301,6 @@ def save_best(runner: IterRunner, best: dict[str, Any]) -> Path:
     return final
 
 
-def _recipe_text(runner: IterRunner) -> str:
-    from hooktrain.recipe import dump_recipe
-
+def _recipe_text(runner: Runner) -> str:
     return dump_recipe(runner.recipe)
 

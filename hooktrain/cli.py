@@ -1,7 +1,8 @@
 """Command line: ``hooktrain RECIPE`` trains; ``config``, ``plugins`` and more are subcommands.
 
 Bad input (a recipe key, a file, a dataset column) prints one line and exits with code 2;
-a run stopped by SIGTERM / SIGINT exits with 143 / 130 after its hooks have run.
+a run stopped by SIGTERM / SIGINT exits with 143 / 130 after its hooks have run; a
+non-finite loss exits with 3, a failure another rank caused with 1 (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from hooktrain.errors import UserError
+from hooktrain.errors import RunError, UserError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -149,7 +150,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 @command("train")
 def train_command(args: argparse.Namespace) -> int:
     from hooktrain.recipe import load_recipe
-    from hooktrain.runner import EXIT_CODES, IterRunner
+    from hooktrain.runner import IterRunner
+    from hooktrain.signals import EXIT_CODES
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
     runner = IterRunner.from_recipe(recipe, resume=args.resume, force=args.force)
@@ -282,4 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         _report(str(exc))
         code = UserError.exit_code
+    except RunError as exc:
+        if exc.per_rank or os.environ.get("RANK", "0") == "0":
+            _report(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt as exc:  # Ctrl-C before training started, or a second signal
+        _report(str(exc) or "interrupted")
+        code = getattr(exc, "exit_code", 130)
     sys.exit(code)

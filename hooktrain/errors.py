@@ -26,3 +26,21 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class RunError(Exception):
+    """A run that cannot go on: a non-finite loss, ranks out of step, a lost rank.
+
+    The CLI prints the message as one line, without a traceback, and exits with
+    ``exit_code``. When every rank raises the same agreed error, only the main process prints
+    it; ``per_rank`` errors describe what one rank saw, and every rank prints its own.
+    """
+
+    exit_code = 1
+    per_rank = False
+
+
+class NonFiniteLoss(RunError):
+    """A loss term or the gradient norm was NaN or infinite (``train.on_nonfinite``)."""
+
+    exit_code = 3

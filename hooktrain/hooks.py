@@ -10,8 +10,11 @@ The loop, exactly as ``IterRunner.run`` executes it, with the stage each hook me
                 batch = next(train_stream)       # resumable stream; passes are invisible
                 with accelerator.accumulate(model):
                     outputs = model(image, mask) # dict of named loss terms, summed into "loss"
-                    accelerator.backward(loss); clip; optimizer.step(); optimizer.zero_grad()
-            scheduler.step(); state.iter += 1
+                    accelerator.backward(loss)
+            clip (or measure) the gradient norm
+            ranks agree: stop signal? non-finite terms? same term names?  (hooktrain.agreement)
+            optimizer.step() unless non-finite; optimizer.zero_grad(); scheduler.step()
+            state.iter += 1
             after_train_iter(runner, outputs)    # eval, then checkpoint, then logging
                 before_val(runner)               #   fired by an evaluating hook around
                 after_val(runner, metrics)       #   its validation pass (runner.validate)
@@ -20,7 +23,7 @@ The loop, exactly as ``IterRunner.run`` executes it, with the stage each hook me
 
     on_log(runner, values, step)                 # whenever anything calls runner.log(...)
 
-Every method receives the runner, which exposes ``accelerator``, ``model``, ``optimizer``,
+Every method receives the runner (the ``Runner`` protocol below), which exposes ``accelerator``, ``model``, ``optimizer``,
 ``scheduler``, ``train_stream``, ``state`` (a ``TrainState``), ``work_dir``, ``recipe`` and
 ``log()``. Hooks run in ascending ``priority`` (lower first), ties in recipe order, so an
 evaluation hook (``HIGH``) publishes its metrics before a checkpoint hook (``NORMAL``) reads
@@ -41,14 +44,13 @@ import typing
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 import pydantic
 
 from hooktrain.errors import UserError, did_you_mean
-
-if TYPE_CHECKING:
-    from hooktrain.runner import IterRunner
 
 logger = logging.getLogger("hooktrain")
 
@@ -75,6 +77,29 @@ PRIORITIES = {
 }
 
 
+class Runner(Protocol):
+    """What a hook may use of the runner (``hooktrain.runner.IterRunner`` implements it)."""
+
+    accelerator: Any  # accelerate.Accelerator
+    model: Any  # the prepared (DDP / FSDP / compiled) model
+    optimizer: Any
+    scheduler: Any
+    train_stream: Any
+    hooks: list[LoadedHook]
+    state: Any  # hooktrain.runner.TrainState
+    recipe: Any  # hooktrain.recipe.Recipe
+    work_dir: Path
+    stop_requested: str | None
+    error: BaseException | None
+
+    @property
+    def unwrapped_model(self) -> Any: ...
+
+    def call_hooks(self, stage: str, *args: Any) -> None: ...
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None: ...
+
+
 class Hook:
     """Base class of every hook. Override only the stages you need; all are no-ops here.
 
@@ -86,26 +111,26 @@ class Hook:
     #: from ``PRIORITIES``).
     priority: int = PRIORITIES["NORMAL"]
 
-    def before_run(self, runner: IterRunner) -> None:
+    def before_run(self, runner: Runner) -> None:
         """Once, before the first iteration (also on resume)."""
 
-    def before_train_iter(self, runner: IterRunner) -> None:
+    def before_train_iter(self, runner: Runner) -> None:
         """Before each iteration's first micro-batch is drawn."""
 
-    def after_train_iter(self, runner: IterRunner, outputs: dict[str, Any]) -> None:
+    def after_train_iter(self, runner: Runner, outputs: dict[str, Any]) -> None:
         """After each optimizer step; ``runner.state.iter`` is already the finished count."""
 
-    def before_val(self, runner: IterRunner) -> None:
+    def before_val(self, runner: Runner) -> None:
         """Before a validation pass."""
 
-    def after_val(self, runner: IterRunner, metrics: dict[str, Any]) -> None:
+    def after_val(self, runner: Runner, metrics: dict[str, Any]) -> None:
         """After a validation pass, with its metrics (also in ``runner.state.metrics``)."""
 
-    def on_log(self, runner: IterRunner, values: dict[str, Any], step: int) -> None:
+    def on_log(self, runner: Runner, values: dict[str, Any], step: int) -> None:
         """Whenever ``runner.log(values)`` is called (on every rank; check
         ``runner.accelerator.is_main_process`` before writing anything)."""
 
-    def after_run(self, runner: IterRunner) -> None:
+    def after_run(self, runner: Runner) -> None:
         """Once at the end, also when the run failed or was interrupted."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -266,11 +291,19 @@ def _overrides(hook: Hook, stage: str) -> bool:
     return getattr(type(hook), stage) is not getattr(Hook, stage)
 
 
-def call_hooks(hooks: list[LoadedHook], stage: str, *args: Any) -> None:
-    """Call ``stage`` on every hook in order; an exception names the hook that raised it."""
+def call_hooks(
+    hooks: list[LoadedHook],
+    stage: str,
+    *args: Any,
+    enter: Callable[[str], None] | None = None,
+) -> None:
+    """Call ``stage`` on every hook in order; an exception names the hook that raised it.
+    ``enter`` is told each call's name (``hook 'eval' (after_train_iter)``) before it."""
     for loaded in hooks:
         if not _overrides(loaded.hook, stage):
             continue
+        if enter is not None:
+            enter(f"hook '{loaded.name}' ({stage})")
         try:
             getattr(loaded.hook, stage)(*args)
         except UserError as exc:

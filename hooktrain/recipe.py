@@ -49,9 +49,21 @@ class TrainConfig(Section):
     clip_grad_norm: float | None = Field(
         None, gt=0, description="Clip the global gradient norm to this value; null disables."
     )
-    sync_bn: bool = Field(
-        True, description="Use SyncBatchNorm when training on several CUDA GPUs, as "
-        "MMSegmentation's SyncBN configs do (CPU processes keep per-rank BN statistics)."
+    sync_bn: Literal["auto"] | bool = Field(
+        "auto", description="BatchNorm across processes: auto uses SyncBatchNorm when training "
+        "on several CUDA processes (as MMSegmentation's SyncBN configs do) and per-process "
+        "BatchNorm otherwise; true forces SyncBatchNorm (CUDA only), false forces BatchNorm."
+    )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN or infinite loss term or gradient norm: stop ends the run at "
+        "that iteration (exit code 3) before the weights change; skip drops that optimizer step."
+    )
+    max_nonfinite_skips: int = Field(
+        10, ge=0, description="With on_nonfinite: skip, stop after this many skipped steps in a row."
+    )
+    collective_timeout: float = Field(
+        300.0, gt=0, description="Seconds a rank waits in a collective (an all-reduce, a barrier) "
+        "for the others before every rank ends with an error naming the stage and the rank."
     )
     deterministic: bool = Field(
         False, description="Ask torch for deterministic algorithms (slower on GPU)."

@@ -2,42 +2,37 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-from hooktrain.checkpoints import (
-    CHECKPOINTS,
-    clean_stale,
-    complete_checkpoints,
-    resolve_resume,
-    save_plain_weights,
-)
+from hooktrain.agreement import Verdict, agree, describe_nonfinite
+from hooktrain.checkpoint_check import choose_resume
+from hooktrain.checkpoints import load_state, save_plain_weights
 from hooktrain.data import build_train_stream, prepare_data
-from hooktrain.errors import UserError
+from hooktrain.errors import NonFiniteLoss, UserError
 from hooktrain.hooks import LoadedHook, build_hooks, call_hooks, hooks_info
 from hooktrain.models import build_segmentor
 from hooktrain.optim import build_optimizer, build_scheduler
 from hooktrain.recipe import Recipe, TrainConfig, dump_recipe
+from hooktrain.signals import EXIT_CODES, StopSignals
+from hooktrain.watchdog import RankWatch
+from hooktrain.weights import load_weights
+from hooktrain.workdir import check_work_dir, prepare_work_dir
 
 logger = logging.getLogger("hooktrain")
-
-#: Exit codes of an interrupted run (shell convention 128 + signal number).
-EXIT_CODES = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
-#: A repeat of the stopping signal within this many seconds is the same request, not a second.
-_REPEAT_S = 2.0
 
 
 @dataclass
@@ -48,6 +43,7 @@ class TrainState:
     max_iters: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)  # latest validation metrics
     best: dict[str, Any] = field(default_factory=dict)  # e.g. {"mIoU": 0.71, "iter": 4000}
+    nonfinite_skips: int = 0  # optimizer steps skipped in a row (train.on_nonfinite: skip)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,18 +54,20 @@ class TrainState:
 
 
 def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
-    """The run's Accelerator. fp16 without a CUDA GPU is refused (Accelerate would silently
-    train in fp32)."""
+    """The run's Accelerator, its collectives timing out after ``train.collective_timeout``.
+    fp16 without a CUDA GPU is refused (Accelerate would silently train in fp32)."""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if cfg.mixed_precision == "fp16" and (use_cpu or not torch.cuda.is_available()):
         raise UserError(
             "train.mixed_precision: fp16 needs a CUDA GPU and none is in use; "
             "use bf16 (autocasts on CPU too) or 'no'"
         )
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[timeout],
         **kwargs,
     )
 
@@ -113,11 +111,12 @@ class IterRunner:
         self.hooks = hooks
         self.work_dir = Path(work_dir)
         self.state = TrainState(max_iters=recipe.train.max_iters)
-        self.stop_requested: str | None = None  # the signal's name once one arrived
+        self.stop_requested: str | None = None  # a signal's name, once every rank knows it
         self.error: BaseException | None = None  # what ended the loop, if it failed
+        self.signals = StopSignals()
+        self.watch = RankWatch(accelerator.process_index, accelerator.num_processes,
+                               recipe.train.collective_timeout)  # fmt: skip
         self._train_iter = iter(train_stream) if train_stream is not None else None
-        self._clip = recipe.train.clip_grad_norm
-        self._accum = recipe.train.grad_accum_steps
         # The LR reported in logs: the group without a multiplier (the recipe's lr).
         groups = optimizer.param_groups if optimizer is not None else []
         self._lr_group = next((i for i, g in enumerate(groups) if g.get("lr_mult", 1) == 1), 0)
@@ -128,24 +127,21 @@ class IterRunner:
     ) -> IterRunner:
         """Build everything a recipe describes: accelerator, data, model, optimizer, hooks.
 
-        ``resume`` is ``"auto"`` (the newest complete checkpoint of the work dir) or a
-        checkpoint path; ``force`` starts over in a work dir that holds checkpoints (they are
-        moved aside, never deleted).
+        ``resume`` is ``"auto"`` (the newest whole checkpoint of the work dir, or a fresh
+        start when there is none) or a checkpoint path; ``force`` starts over in a work dir
+        that holds checkpoints (they are moved aside, never deleted).
         """
         accelerator = make_accelerator(recipe.train)
         setup_logging(accelerator.is_main_process)
         work_dir = Path(recipe.work_dir or "work_dirs/run")
-        checkpoint = resolve_resume(work_dir, resume) if resume else None
-        if checkpoint is None:
-            _check_work_dir(work_dir, force)
+        with _main_process_logs(accelerator):
+            checkpoint = choose_resume(work_dir, resume) if resume else None
+        if not resume:
+            check_work_dir(work_dir, force)
         accelerator.wait_for_everyone()  # every rank checked before the main one moves things
         hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
         if accelerator.is_main_process:
-            if checkpoint is None and force:
-                _move_aside_old_checkpoints(work_dir)
-            for name in clean_stale(work_dir):
-                logger.warning("removed %s, left by an interrupted save", name)
-            _write_atomically(work_dir / "recipe.yaml", dump_recipe(recipe))
+            prepare_work_dir(work_dir, dump_recipe(recipe), move_aside=force and not checkpoint)
         set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
         with accelerator.main_process_first():
             prepare_data(recipe.data)
@@ -155,8 +151,7 @@ class IterRunner:
         )
         if recipe.load_from and checkpoint is None:
             load_weights(model, recipe.load_from, strict=False)
-        if recipe.train.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = _choose_batch_norm(model, recipe.train.sync_bn, accelerator)
         optimizer = build_optimizer(model, recipe.optimizer)
         model, optimizer = accelerator.prepare(model, optimizer)
         save_plain_weights(accelerator)  # no DDP `module.` prefix in model.safetensors
@@ -179,7 +174,7 @@ class IterRunner:
             work_dir=work_dir,
         )
         if checkpoint is not None:
-            runner.load_state(checkpoint)
+            runner.resume_from(checkpoint)
         return runner
 
     @classmethod
@@ -216,7 +211,9 @@ class IterRunner:
 
     def call_hooks(self, stage: str, *args: Any) -> None:
         """Fire ``stage`` on every hook in priority order."""
-        call_hooks(self.hooks, stage, self, *args)
+        outer = self.watch.stage
+        call_hooks(self.hooks, stage, self, *args, enter=self.watch.enter)
+        self.watch.stage = outer
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
         """Publish values at ``step`` (default: the current iteration) to every hook's
@@ -225,49 +222,12 @@ class IterRunner:
         step = self.state.iter if step is None else step
         self.call_hooks("on_log", values, step)
 
-    # -- state -----------------------------------------------------------------------------
-
-    def save_state(self, directory: str | os.PathLike) -> None:
-        """Write everything a resume needs into ``directory`` (call on every rank; the
-        checkpoint hook makes it atomic). See ``hooktrain.checkpoints`` for the files."""
-        directory = Path(directory)
-        accelerator = self.accelerator
-        accelerator.save_state(str(directory))
-        if hasattr(self.train_stream, "state_dict"):
-            rank = accelerator.process_index
-            torch.save(self.train_stream.state_dict(), directory / f"data_state_rank{rank}.pt")
-        if accelerator.is_main_process:
-            hook_states = {key: h.hook.state_dict() for key, h in _hook_keys(self.hooks)}
-            torch.save(hook_states, directory / "hooks.pt")
-            train_state = {**self.state.state_dict(), "world_size": accelerator.num_processes}
-            (directory / "train_state.json").write_text(json.dumps(train_state, indent=1))
-
-    def load_state(self, directory: str | os.PathLike) -> None:
-        """Restore what ``save_state`` wrote: weights, optimizer, scheduler, RNGs, progress,
-        hooks and (with the same number of processes) the exact data stream position."""
-        directory = Path(directory)
-        self.accelerator.load_state(str(directory))
-        train_state = json.loads((directory / "train_state.json").read_text())
-        saved_world = train_state.pop("world_size", 1)
-        train_state.pop("max_iters", None)  # the recipe decides how long this run goes
-        self.state.load_state_dict(train_state)
-        hooks_file = directory / "hooks.pt"
-        hook_states = torch.load(hooks_file, weights_only=False) if hooks_file.exists() else {}
-        for key, loaded in _hook_keys(self.hooks):
-            state = hook_states.get(key)
-            if state:
-                loaded.hook.load_state_dict(state)
-        data_file = directory / f"data_state_rank{self.accelerator.process_index}.pt"
-        if saved_world != self.accelerator.num_processes:
-            logger.warning(
-                "resuming with %d processes from a checkpoint written by %d: the data stream "
-                "restarts its pass instead of continuing exactly",
-                self.accelerator.num_processes, saved_world,
-            )  # fmt: skip
-        elif data_file.exists() and hasattr(self.train_stream, "load_state_dict"):
-            self.train_stream.load_state_dict(torch.load(data_file, weights_only=False))
+    def resume_from(self, checkpoint: Path) -> None:
+        """Continue the run ``checkpoint`` holds (see ``hooktrain.checkpoints.load_state``)."""
+        how = load_state(self, checkpoint)
         self._train_iter = _rng_neutral_start(iter(self.train_stream))
-        logger.info("resumed from %s at iteration %d", directory, self.state.iter)
+        logger.info("resumed from %s at iteration %d%s", checkpoint, self.state.iter,
+                    "" if how == "exact" else f" (data stream: {how})")  # fmt: skip
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -281,99 +241,126 @@ class IterRunner:
             )  # fmt: skip
             return None
         logger.info(hooks_info(self.hooks))
-        previous = self._install_signal_handlers()
-        try:
-            self.call_hooks("before_run")
-            while self.state.iter < self.state.max_iters and not self._should_stop():
-                self.call_hooks("before_train_iter")
-                outputs = self.train_step()
-                self.state.iter += 1
-                self.call_hooks("after_train_iter", outputs)
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
+        with self.signals:
             try:
-                self.call_hooks("after_run")
+                self.call_hooks("before_run")
+                while self.state.iter < self.state.max_iters and not self.stop_requested:
+                    self.call_hooks("before_train_iter")
+                    outputs = self.train_step()
+                    self.state.iter += 1
+                    self.call_hooks("after_train_iter", outputs)
+            except BaseException as exc:
+                self.error = exc
+                failure = self.watch.failed(exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
             finally:
-                for signum, handler in previous.items():
-                    signal.signal(signum, handler)
-        if self.stop_requested:
-            logger.warning("stopped by %s at iteration %d", self.stop_requested, self.state.iter)
+                self.call_hooks("after_run")
         return self.stop_requested
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum_steps`` micro-batches.
 
-        Returns detached loss terms averaged over the micro-batches, ``lr`` (the LR this step
-        used), ``grad_norm`` (when clipping), ``data_time`` and ``time`` in seconds.
+        Before the step, the ranks agree (``hooktrain.agreement``) on a stop signal and on
+        whether every loss term and the gradient norm are finite. Returns detached loss terms
+        averaged over the micro-batches, ``lr`` (the LR this step used), ``grad_norm``,
+        ``data_time`` and ``time`` in seconds.
         """
-        start = time.perf_counter()
-        data_time = 0.0
+        self.watch.enter("train step", self.state.iter + 1)
+        start, data_time = time.perf_counter(), 0.0
         totals: dict[str, torch.Tensor] = {}
-        grad_norm = None
         lr = self.optimizer.param_groups[self._lr_group]["lr"]
-        for _ in range(self._accum):
+        accum = self.recipe.train.grad_accum_steps
+        for _ in range(accum):
             fetch = time.perf_counter()
             batch = next(self._train_iter)
             data_time += time.perf_counter() - fetch
-            image, mask = (batch[k].to(self.accelerator.device, non_blocking=True) for k in ("image", "mask"))
+            device = self.accelerator.device
+            image, mask = (batch[k].to(device, non_blocking=True) for k in ("image", "mask"))
             with self.accelerator.accumulate(self.model):
                 terms = self.model(image, mask)
                 loss = sum(v for k, v in terms.items() if "loss" in k)
                 self.accelerator.backward(loss)
-                if self._clip is not None and self.accelerator.sync_gradients:
-                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self._clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
             for key, value in {"loss": loss, **terms}.items():
-                totals[key] = totals.get(key, 0) + value.detach() / self._accum
+                totals[key] = totals.get(key, 0) + value.detach() / accum
+        clip = self.recipe.train.clip_grad_norm or math.inf  # inf: only measures the norm
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+        verdict = agree(
+            self.accelerator,
+            iteration=self.state.iter + 1,
+            stop=self.signals.requested,
+            terms=totals,
+            # fp16's GradScaler skips steps with overflowing gradients itself
+            grad_norm=grad_norm if self.accelerator.scaler is None else None,
+        )
+        if self._accept(verdict):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         outputs: dict[str, Any] = {**totals, "lr": lr, "data_time": data_time}
-        if grad_norm is not None:
-            outputs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
+        outputs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
         outputs["time"] = time.perf_counter() - start
         return outputs
 
-    # -- stopping --------------------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGTERM/SIGINT finish the current iteration, then stop (hooks save in after_run);
-        a second signal aborts at once (the same one within ``_REPEAT_S`` is a repeat)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        received: dict[str, float] = {}  # what this process itself was sent, and when
-
-        def request_stop(signum: int, frame: Any) -> None:
-            name = signal.Signals(signum).name
-            if received:
-                # A launcher forwards the signal its process group already delivered (Ctrl-C,
-                # scancel under `accelerate launch`): the same signal at once is not a second.
-                first, at = next(iter(received.items()))
-                if name == first and time.monotonic() - at < _REPEAT_S:
-                    return
-                raise KeyboardInterrupt(f"second {name}: aborting")
-            received[name] = time.monotonic()
-            self.stop_requested = self.stop_requested or name
-            logger.warning("%s received: stopping after this iteration", name)
-
-        previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, request_stop)
-        return previous
-
-    def _should_stop(self) -> bool:
-        """Whether any rank was asked to stop; ranks agree so none waits in a collective."""
-        if self.accelerator.num_processes == 1:
-            return self.stop_requested is not None
-        flag = torch.tensor(
-            [EXIT_CODES.get(self.stop_requested or "", 0)], device=self.accelerator.device
+    def _accept(self, verdict: Verdict) -> bool:
+        """Act on the agreed verdict; whether the optimizer may step."""
+        if verdict.stop and not self.stop_requested:
+            self.stop_requested = verdict.stop
+            if self.accelerator.is_main_process:
+                logger.warning("%s received: stopping after iteration %d, then exit code %d",
+                               verdict.stop, self.state.iter + 1, EXIT_CODES[verdict.stop])  # fmt: skip
+        if not verdict.nonfinite:
+            self.state.nonfinite_skips = 0
+            return True
+        cfg, iteration = self.recipe.train, self.state.iter + 1
+        what = describe_nonfinite(verdict, self.accelerator.num_processes)
+        if cfg.on_nonfinite == "skip" and self.state.nonfinite_skips < cfg.max_nonfinite_skips:
+            self.state.nonfinite_skips += 1
+            if self.accelerator.is_main_process:
+                logger.warning("iteration %d: %s not finite: optimizer step skipped (%d in a row, "
+                               "train.max_nonfinite_skips=%d)", iteration, what,
+                               self.state.nonfinite_skips, cfg.max_nonfinite_skips)  # fmt: skip
+            return False
+        if cfg.on_nonfinite == "skip":
+            reason = f"{what} not finite for more than train.max_nonfinite_skips={cfg.max_nonfinite_skips} iterations in a row"
+        else:
+            reason = f"{what} not finite (train.on_nonfinite: stop)"
+        raise NonFiniteLoss(
+            f"iteration {iteration}: {reason}; stopped before the optimizer step, nothing "
+            "saved; resume from the last checkpoint with a lower learning rate or "
+            "train.clip_grad_norm" + ("" if cfg.on_nonfinite == "skip" else ", or set train.on_nonfinite: skip")
         )
-        code = int(self.accelerator.gather(flag).max())
-        if code and not self.stop_requested:
-            self.stop_requested = next(name for name, c in EXIT_CODES.items() if c == code)
-        return bool(code)
+
+
+def _choose_batch_norm(model: torch.nn.Module, setting: bool | str, accelerator: Accelerator):
+    """``train.sync_bn``: SyncBatchNorm across several CUDA processes (``auto``) or forced."""
+    processes, device = accelerator.num_processes, accelerator.device.type
+    sync = processes > 1 and device == "cuda" if setting == "auto" else setting
+    if sync and processes > 1 and device != "cuda":
+        raise UserError(
+            f"train.sync_bn: true needs CUDA processes, and these {processes} run on "
+            f"{device} (SyncBatchNorm runs on GPUs only); use train.sync_bn: auto or false"
+        )
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        logger.info("batch norm: %s (train.sync_bn: %s, %d %s process%s)",
+                    "SyncBatchNorm across processes" if sync else "BatchNorm per process",
+                    setting, processes, device, "es" if processes > 1 else "")  # fmt: skip
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync else model
+
+
+@contextlib.contextmanager
+def _main_process_logs(accelerator: Accelerator):
+    """Log what every rank finds alike from the main process only."""
+    if accelerator.is_main_process:
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _rng_neutral_start(batches: Iterator[dict[str, torch.Tensor]]):
@@ -388,64 +375,3 @@ def _rng_neutral_start(batches: Iterator[dict[str, torch.Tensor]]):
     torch.set_rng_state(state)
     yield first
     yield from batches
-
-
-def _hook_keys(hooks: list[LoadedHook]) -> list[tuple[str, LoadedHook]]:
-    """Checkpoint keys of the hooks' states: the hook's name, with ``#k`` for its k-th
-    repetition, so adding or removing other hooks between runs keeps states matched."""
-    seen: dict[str, int] = {}
-    keys = []
-    for loaded in hooks:
-        count = seen.get(loaded.name, 0)
-        seen[loaded.name] = count + 1
-        keys.append((loaded.name if count == 0 else f"{loaded.name}#{count}", loaded))
-    return keys
-
-
-def _check_work_dir(work_dir: Path, force: bool) -> None:
-    if not force and complete_checkpoints(work_dir):
-        raise UserError(
-            f"{work_dir} already holds checkpoints; pass --resume to continue that run, "
-            "--force to start over in it (the old checkpoints are moved aside), "
-            "or --work-dir to choose another directory"
-        )
-
-
-def _move_aside_old_checkpoints(work_dir: Path) -> None:
-    old = work_dir / CHECKPOINTS
-    if old.is_dir():
-        aside = work_dir / f"{CHECKPOINTS}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(old, aside)
-        logger.warning("--force: moved the previous checkpoints to %s", aside)
-
-
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load weights only (``load_from``, ``test --checkpoint``): a ``.safetensors`` file or a
-    checkpoint directory holding ``model.safetensors``. Reports missing and unexpected keys."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"weights not found: {file}; give a .safetensors file or a checkpoint directory")
-    state = load_file(str(file))
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise UserError(
-            f"{file} does not fit the recipe's model: {len(result.missing_keys)} missing keys "
-            f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
-            f"(e.g. {result.unexpected_keys[:3]})"
-        )
-    logger.info(
-        "loaded weights from %s: %d missing keys %s, %d unexpected keys %s",
-        file, len(result.missing_keys), result.missing_keys[:10],
-        len(result.unexpected_keys), result.unexpected_keys[:10],
-    )  # fmt: skip
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

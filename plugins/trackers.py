@@ -20,7 +20,7 @@ from hooktrain.config_base import Section
 from hooktrain.errors import UserError
 
 if TYPE_CHECKING:
-    from hooktrain.runner import IterRunner
+    from hooktrain.hooks import Runner
 
 logger = logging.getLogger("hooktrain")
 
@@ -70,7 +70,7 @@ class Dashboards:
         self._class_labels: dict[int, str] = {}
         self._class_names: list[str] = []
 
-    def start(self, runner: IterRunner, run_id: str | None, resume_iter: int | None) -> None:
+    def start(self, runner: Runner, run_id: str | None, resume_iter: int | None) -> None:
         """Create the trackers and start them through the runner's Accelerator. ``run_id``
         continues that wandb run; ``resume_iter`` drops TensorBoard events logged after the
         checkpoint by an earlier process of the run."""

@@ -81,7 +81,7 @@ class StallSaveHook(Hook):
 
 
 class SignalSelfHook(Hook):
-    """Sends ``signal`` to its own process after iteration ``at_iter`` (on rank ``rank``
+    """Sends ``signal`` to its own process as iteration ``at_iter`` starts (on rank ``rank``
     only), as a scheduler preempting the job would."""
 
     def __init__(self, at_iter: int, signal: str = "SIGTERM", rank: int = 0) -> None:
@@ -89,8 +89,8 @@ class SignalSelfHook(Hook):
         self.signal = signal
         self.rank = rank
 
-    def after_train_iter(self, runner, outputs):
-        if runner.state.iter == self.at_iter and runner.accelerator.process_index == self.rank:
+    def before_train_iter(self, runner):
+        if runner.state.iter + 1 == self.at_iter and runner.accelerator.process_index == self.rank:
             import signal
 
             os.kill(os.getpid(), getattr(signal, self.signal))
@@ -103,3 +103,57 @@ def digest(named_tensors) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+class PoisonHook(Hook):
+    """Makes training non-finite at iteration ``at_iter`` on rank ``rank`` (every rank when
+    None): ``what: weights`` fills the first conv's weights with NaN before the iteration;
+    ``what: loss`` makes the model's loss terms NaN for ``times`` iterations from ``at_iter``."""
+
+    def __init__(self, at_iter: int, what: str = "weights", rank: int | None = None,
+                 times: int = 1) -> None:  # fmt: skip
+        self.at_iter, self.what, self.rank, self.times = at_iter, what, rank, times
+
+    def before_run(self, runner):
+        if self.what != "loss" or self.rank not in (None, runner.accelerator.process_index):
+            return
+        model = runner.unwrapped_model
+        forward = model.forward
+
+        def poisoned(*args, **kwargs):
+            terms = forward(*args, **kwargs)
+            if self.at_iter <= runner.state.iter + 1 < self.at_iter + self.times:
+                terms = {k: v * float("nan") for k, v in terms.items()}
+            return terms
+
+        model.forward = poisoned
+
+    def before_train_iter(self, runner):
+        if self.what != "weights" or runner.state.iter + 1 != self.at_iter:
+            return
+        if self.rank in (None, runner.accelerator.process_index):
+            conv = next(m for m in runner.unwrapped_model.modules() if isinstance(m, torch.nn.Conv2d))
+            with torch.no_grad():
+                conv.weight.fill_(float("nan"))
+
+
+class MisbehaveHook(Hook):
+    """On rank ``rank`` after iteration ``at_iter``: ``how: raise`` raises; ``how: hang``
+    stops calling collectives (sleeps); ``how: extra_loss`` makes its model return one more
+    loss term than the other ranks' from then on."""
+
+    def __init__(self, at_iter: int, how: str, rank: int = 1) -> None:
+        self.at_iter, self.how, self.rank = at_iter, how, rank
+
+    def after_train_iter(self, runner, outputs):
+        if runner.state.iter != self.at_iter or runner.accelerator.process_index != self.rank:
+            return
+        if self.how == "raise":
+            raise RuntimeError("probe failure on purpose")
+        if self.how == "hang":
+            time.sleep(3600)
+        if self.how == "extra_loss":
+            model = runner.unwrapped_model
+            forward = model.forward
+            model.forward = lambda *a, **k: {**(terms := forward(*a, **k)),
+                                             "extra.loss": 0 * terms["decode.loss_ce"]}  # fmt: skip

@@ -3,7 +3,11 @@ from one shard, decoding an example, and DataLoader worker plumbing."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import multiprocessing
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -153,9 +157,16 @@ def corrupt_cap_error(count: int, cfg: DataConfig, last: str | None = None) -> U
 
 def worker_init(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one thread per worker for OpenCV and torch, so
-    workers do not oversubscribe the cores."""
+    workers do not oversubscribe the cores, and deaf to SIGTERM/SIGINT.
+
+    Schedulers and terminals signal the whole process group. A worker that died of it would
+    crash the main process mid-iteration; instead the main process finishes the iteration,
+    saves, and shuts its workers down.
+    """
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def worker_position() -> tuple[int, int]:
@@ -164,10 +175,26 @@ def worker_position() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+@functools.cache
+def _kill_workers_at_exit() -> None:
+    """multiprocessing ends daemonic children at exit with SIGTERM, which the workers ignore
+    (``worker_init``); an aborted run would wait for them for ever. They hold nothing to
+    save, so they are killed first (``atexit`` runs the latest registration first)."""
+
+    def kill_daemonic_children() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill_daemonic_children)
+
+
 def loader_options(num_workers: int, prefetch_factor: int) -> dict[str, Any]:
     """DataLoader keyword arguments shared by the train stream and the val loader."""
     if num_workers == 0:
         return {"num_workers": 0, "pin_memory": torch.cuda.is_available()}
+    _kill_workers_at_exit()
     return {
         "num_workers": num_workers,
         "worker_init_fn": worker_init,

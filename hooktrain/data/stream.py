@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from hooktrain.data.config import DataConfig
+from hooktrain.data.elastic import PassSkip, continue_pass, mark, old_readers
 from hooktrain.data.reading import (
     CorruptExample,
     ExampleDecoder,
@@ -90,14 +91,29 @@ class TrainExamples(torch.utils.data.IterableDataset):
             cfg.train.pipeline, mean=cfg.mean, std=cfg.std, ignore_index=cfg.ignore_index
         )
         self._position = _fresh_position()
+        self._seen: dict[int, bytearray] = {}  # rows handed out in this pass (elastic resume)
+        self._skip: PassSkip | None = None  # rows consumed in this pass before an elastic resume
 
-    def state_dict(self) -> dict[str, int]:
-        """The position of this reader: everything needed to continue exactly."""
-        return dict(self._position)
+    def state_dict(self) -> dict[str, Any]:
+        """The position of this reader: everything needed to continue exactly, plus the rows
+        it handed out in this pass (for an elastic resume)."""
+        return {
+            **self._position,
+            "seen": {shard: bytes(bits) for shard, bits in self._seen.items()},
+            "skip": self._skip.state_dict() if self._skip is not None else None,
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position returned by ``state_dict``."""
+        state = dict(state)
+        self._seen = {shard: bytearray(bits) for shard, bits in (state.pop("seen", None) or {}).items()}
+        self._skip = PassSkip.from_state(state.pop("skip", None))
         self._position = {**_fresh_position(), **state}
+
+    def continue_pass(self, epoch: int, skip: PassSkip) -> None:
+        """Start this reader in pass ``epoch``, leaving out the rows ``skip`` covers."""
+        self._position = {**_fresh_position(), "epoch": epoch}
+        self._seen, self._skip = {}, skip
 
     def _plan(self) -> tuple[int, ReaderPlan]:
         worker, _ = worker_position()
@@ -111,11 +127,12 @@ class TrainExamples(torch.utils.data.IterableDataset):
 
     def _rows_from(self, plan: ReaderPlan, order: list[int], cursor: int, row: int):
         """``(cursor, kept row index, RawRow)`` from position ``(cursor, row)`` to the end of
-        the pass."""
+        the pass, without the rows an elastic resume left out (undecoded)."""
         for c in range(cursor, len(order)):
             for kept, raw in shard_rows(self.base, self.num_shards, order[c], plan,
                                         row if c == cursor else 0):  # fmt: skip
-                yield c, kept, raw
+                if self._skip is None or not self._skip.covers(raw.shard, raw.row):
+                    yield c, kept, raw
 
     def __iter__(self):
         worker, plan = self._plan()
@@ -138,10 +155,12 @@ class TrainExamples(torch.utils.data.IterableDataset):
                         pos["pos"] = p + 1
                     else:
                         pos.update(cursor=last_cursor, row=last_kept + 1, pos=0)
-                    example = self._example(window[perm[p]][2], epoch, worker, pos)
+                    raw = window[perm[p]][2]
+                    mark(self._seen, raw.shard, raw.row)
+                    example = self._example(raw, epoch, worker, pos)
                     if example is not None:
                         yield example
-            if at_pass_start and seen == 0:
+            if at_pass_start and seen == 0 and self._skip is None:
                 raise UserError(
                     f"data.train.source: rank {self.rank} worker {worker} got no training "
                     f"examples ({self.num_shards} shards for {self.world_size} ranks x "
@@ -149,6 +168,7 @@ class TrainExamples(torch.utils.data.IterableDataset):
                     "use a larger dataset"
                 )
             pos.update(epoch=epoch + 1, cursor=0, row=0, pos=0)
+            self._seen, self._skip = {}, None
 
     def _example(self, raw: RawRow, epoch: int, worker: int, pos: dict[str, int]):
         try:
@@ -247,11 +267,7 @@ class TrainStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the stream that wrote ``state`` was."""
-        if state.get("format") != _STATE_FORMAT:
-            raise UserError(
-                f"the checkpoint's data stream state has format {state.get('format')}, this "
-                f"version reads {_STATE_FORMAT}; resume with the hooktrain version that wrote it"
-            )
+        self._check_format(state)
         saved = state["fingerprint"]
         diff = [f"{k}={saved.get(k)} (now {v})" for k, v in self.fingerprint.items()
                 if saved.get(k) != v]  # fmt: skip
@@ -265,6 +281,43 @@ class TrainStream:
         self._loader = self._make_loader()
         self._loader.load_state_dict(state["loader"])
         self._corrupt = list(state["corrupt"])
+
+    def resume(self, states: list[dict[str, Any]]) -> str:
+        """Continue from the states of every rank of the run that wrote a checkpoint (index =
+        its rank). Returns ``"exact"`` when this rank's own state fits (same processes,
+        workers and ``data.train`` settings: bitwise the same batches), else continues the
+        interrupted pass elastically (``hooktrain.data.elastic``) and says how."""
+        own = states[self.dataset.rank] if self.dataset.rank < len(states) else None
+        if len(states) == self.dataset.world_size and own and own.get("fingerprint") == self.fingerprint:
+            self.load_state_dict(own)
+            return "exact"
+        for state in states:
+            self._check_format(state)
+            saved = state["fingerprint"]
+            diff = [f"{k}={saved[k]} (now {self.fingerprint[k]})" for k in ("seed", "num_shards")
+                    if saved[k] != self.fingerprint[k]]  # fmt: skip
+            if diff:
+                raise UserError(
+                    f"cannot continue the data pass: the checkpoint was written with "
+                    f"{', '.join(diff)}; resume with the same seed and dataset"
+                )
+        readers = [reader for state in states for reader in old_readers(state)]
+        epoch, skip = continue_pass(readers)
+        self.close()
+        self.dataset.continue_pass(epoch, skip)
+        self._loader = self._make_loader()
+        old = states[0]["fingerprint"]
+        return (f"elastic, {old['world_size']} -> {self.dataset.world_size} processes x "
+                f"{max(old['num_workers'], 1)} -> {self._workers} readers each; the pass goes on "
+                f"without the {len(readers)} old readers' consumed rows")  # fmt: skip
+
+    @staticmethod
+    def _check_format(state: dict[str, Any]) -> None:
+        if state.get("format") != _STATE_FORMAT:
+            raise UserError(
+                f"the checkpoint's data stream state has format {state.get('format')}, this "
+                f"version reads {_STATE_FORMAT}; resume with the hooktrain version that wrote it"
+            )
 
     def close(self) -> None:
         """Stop the worker processes (a later ``next`` starts them again)."""
