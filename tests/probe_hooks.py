@@ -157,3 +157,48 @@ class MisbehaveHook(Hook):
             forward = model.forward
             model.forward = lambda *a, **k: {**(terms := forward(*a, **k)),
                                              "extra.loss": 0 * terms["decode.loss_ce"]}  # fmt: skip
+
+
+class ExampleIdsHook(Hook):
+    """Records, per rank and in training order, the ``(shard, row)`` of every example the run
+    trains on, to ``<prefix>.rank<r>.json`` (appending across resumed runs).
+
+    Loading the hook stamps each example's id into its image's first pixel (before any
+    DataLoader worker starts, so forked workers stamp too); the model's forward reads it back.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        from hooktrain.data.stream import TrainExamples
+
+        self.prefix = prefix
+        self.ids: list[list[int]] = []
+        original = TrainExamples._example
+        if getattr(original, "stamps_ids", False):
+            return
+
+        def stamped(dataset, raw, epoch, worker, pos):
+            example = original(dataset, raw, epoch, worker, pos)
+            if example is not None:
+                example[0][0, 0, 0] = raw.shard * 1000 + raw.row
+            return example
+
+        stamped.stamps_ids = True
+        TrainExamples._example = stamped
+
+    def before_run(self, runner):
+        model = runner.unwrapped_model
+        forward = model.forward
+
+        def recording(image, *args, **kwargs):
+            if model.training:
+                self.ids += [[int(v) // 1000, int(v) % 1000] for v in image[:, 0, 0, 0].tolist()]
+            return forward(image, *args, **kwargs)
+
+        model.forward = recording
+
+    def after_run(self, runner):
+        path = f"{self.prefix}.rank{runner.accelerator.process_index}.json"
+        previous = json.load(open(path)) if os.path.exists(path) else []
+        with open(path + ".tmp", "w") as f:
+            json.dump(previous + self.ids, f)
+        os.replace(path + ".tmp", path)

@@ -5,6 +5,7 @@ are real processes."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -112,3 +113,57 @@ def test_a_different_seed_is_refused(data_root):
     draw([old], 1)
     with pytest.raises(UserError, match="seed=0 .now 1."):
         stream(data_root, 0, 1, 0, seed=1).resume([old.state_dict(), old.state_dict()])
+
+
+# -- end to end: real processes, real checkpoints ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "stop_at", "max_iters", "port"),
+    [((1, 2), (2, 2), 4, 18, 29861), ((2, 2), (1, 1), 2, 22, 29863)],
+    ids=["1x2-to-2x2", "2x2-to-1x1"],
+)
+def test_resume_with_other_processes_and_workers_continues_the_pass(
+    tmp_path, data_root, before, after, stop_at, max_iters, port
+):
+    from test_checkpoint import run, train_command
+
+    work_dir, prefix = tmp_path / "run", tmp_path / "ids"
+    hooks = (
+        "hooks=[{type: logger, interval: 1}, {type: checkpoint, interval: 100}, "
+        f"{{type: 'probe_hooks:ExampleIdsHook', prefix: '{prefix}'}}"
+    )
+    stop = f", {{type: 'probe_hooks:SignalSelfHook', at_iter: {stop_at}}}]"
+
+    def train(processes: int, workers: int, port: int, *extra: str):
+        options = [*tiny(data_root, max_iters), f"data.train.num_workers={workers}"]
+        command = train_command(work_dir, *extra, "--cfg-options", *options, processes=processes,
+                                port=port)  # fmt: skip
+        return run(command)
+
+    first = train(before[0], before[1], port, "--cfg-options", hooks + stop)
+    assert first.returncode in (143, 1), first.output[-4000:]  # 1: accelerate launch's own code
+    assert (work_dir / "checkpoints" / f"iter_{stop_at}").is_dir(), first.output[-4000:]
+    consumed = [
+        tuple(i)
+        for r in range(before[0])
+        for i in json.loads(Path(f"{prefix}.rank{r}.json").read_text())
+    ]
+    assert len(consumed) == stop_at * 2 * before[0] and len(set(consumed)) == len(consumed)
+    for r in range(before[0]):
+        Path(f"{prefix}.rank{r}.json").unlink()
+
+    second = train(after[0], after[1], port + 1, "--resume", "--cfg-options", hooks + "]")
+    assert second.returncode == 0, second.output[-4000:]
+    assert (
+        f"at iteration {stop_at} (data stream: elastic, {before[0]} -> {after[0]} processes"
+        in second.stdout
+    )
+    for rank in range(after[0]):
+        seen = [tuple(i) for i in json.loads(Path(f"{prefix}.rank{rank}.json").read_text())]
+        for worker in range(after[1] or 1):
+            rows = owned_rows(rank, after[0], worker, after[1])
+            sequence = [i for i in seen if i in rows]
+            rest = rows - set(consumed)
+            assert Counter(sequence[: len(rest)]) == Counter(rest)  # the pass, finished
+            assert Counter(sequence[len(rest) : len(rest) + len(rows)]) == Counter(rows)
