@@ -54,6 +54,15 @@ def tiny_data(root: Path, rows: int) -> list[str]:
     return options
 
 
+def machine() -> str:
+    """The CPU model, whether it has AVX-512, and the threads torch uses."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), platform.machine())  # fmt: skip
+    avx512 = "with" if " avx512f" in info else "without"
+    return f"{model} ({avx512} AVX-512), {torch.get_num_threads()} threads"
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -149,7 +158,7 @@ def main() -> None:
         print(f"{name}: {value:.2f}")
     print(json.dumps({
         "bench": "checkpoint",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "rows": args.rows, "early_iter": args.early, "late_iter": late_iter,
         "save_s": round(statistics.median(save_times), 3),
         **{f"resume_{name}_s": round(value, 3) for name, value in median.items()},
