@@ -28,7 +28,6 @@ from hooktrain.errors import RunError, first_line
 
 logger = logging.getLogger("hooktrain")
 
-_PREFIX = "hooktrain/"
 _RAISED = "raised"
 _ALERT = "alert"
 _POLL_S = 1.0
@@ -45,7 +44,10 @@ class RankWatch:
         self._store = None
         self._failing = False  # this rank's main thread is handling a failure already
         if num_processes > 1 and dist.is_available() and dist.is_initialized():
-            self._store = dist.PrefixStore(_PREFIX, dist.distributed_c10d._get_default_store())
+            # torch elastic keeps its store across restarts of the ranks: a key per attempt
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.distributed_c10d._get_default_store()
+            self._store = dist.PrefixStore(f"hooktrain/{attempt}/", store)
             threading.Thread(target=self._watch, name="hooktrain-watch", daemon=True).start()
 
     def enter(self, stage: str, iteration: int | None = None) -> None:

@@ -22,6 +22,10 @@ Design (why it resumes exactly)
     for its state after every batch and hands batches out round-robin by worker; workers
     never run dry (passes are endless), so the batch order is fixed and its state dict
     (per worker positions plus the next worker) restores it exactly.
+
+    With another number of processes or workers the positions no longer apply; each reader
+    also records the rows it handed out in its pass, and the new readers continue that pass
+    without them (``hooktrain.data.elastic``).
 """
 
 from __future__ import annotations
@@ -202,8 +206,9 @@ class TrainStream:
     """Endless iterator of training batches ``{"image": float32 [B,3,H,W], "mask": int64
     [B,H,W]}`` on the CPU, with ``state_dict``/``load_state_dict`` for exact resume.
 
-    The state belongs to this rank: save and restore it per process, with the same
-    ``world_size``, ``num_workers``, ``batch_size``, ``shuffle_buffer``, seed and data.
+    The state belongs to this rank: ``load_state_dict`` restores it exactly with the same
+    ``world_size``, ``num_workers``, ``batch_size``, ``shuffle_buffer``, seed and data;
+    ``resume`` takes every rank's state and also continues with other processes or workers.
     """
 
     def __init__(self, dataset: TrainExamples, cfg: DataConfig) -> None:
