@@ -136,3 +136,12 @@ def test_resume_path_to_a_damaged_checkpoint_is_one_line_exit_2(reference, data_
     assert len(lines) == 1 and lines[0].startswith(f"hooktrain: error: --resume {damaged}: ")
     assert "optimizer.bin is truncated or not a torch file (10 bytes)" in lines[0]
     assert checkpoints(work_dir) == before
+
+
+def test_resume_path_to_a_missing_checkpoint_stays_an_error(tmp_path):
+    from hooktrain.checkpoint_check import choose_resume
+    from hooktrain.errors import UserError
+
+    missing = tmp_path / "checkpoints" / "iter_7"
+    with pytest.raises(UserError, match=r"iter_7: not a whole hooktrain checkpoint: it does not exist"):
+        choose_resume(tmp_path, str(missing))
