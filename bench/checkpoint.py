@@ -140,6 +140,7 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so machine noise hits every kind alike
         for name, path in checkpoints.items():
             times[name].append(resume_time(runner, path))
+    runner.watch.close()
     runner.accelerator.end_training()
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -158,6 +158,7 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         stopped_by = runner.run()
     finally:
+        runner.watch.close()
         runner.accelerator.end_training()
     return EXIT_CODES[stopped_by] if stopped_by else 0
 
@@ -188,6 +189,7 @@ def test_command(args: argparse.Namespace) -> int:
     try:
         metrics = evaluator.evaluate(runner)
     finally:
+        runner.watch.close()
         runner.accelerator.end_training()
     if runner.accelerator.is_main_process:
         out = Path(runner.work_dir) / "test_metrics.json"

@@ -43,12 +43,22 @@ class RankWatch:
         self.iteration = 0
         self._store = None
         self._failing = False  # this rank's main thread is handling a failure already
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
         if num_processes > 1 and dist.is_available() and dist.is_initialized():
             # torch elastic keeps its store across restarts of the ranks: a key per attempt
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             store = dist.distributed_c10d._get_default_store()
             self._store = dist.PrefixStore(f"hooktrain/{attempt}/", store)
-            threading.Thread(target=self._watch, name="hooktrain-watch", daemon=True).start()
+            self._thread = threading.Thread(target=self._watch, name="hooktrain-watch", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the watcher thread; call it before the process group is destroyed (a thread
+        inside a store call then would abort the process)."""
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * _POLL_S)
 
     def enter(self, stage: str, iteration: int | None = None) -> None:
         """Note the stage the main thread starts (``iteration``: the one in progress)."""
@@ -93,8 +103,7 @@ class RankWatch:
     # -- the watcher thread -----------------------------------------------------------------
 
     def _watch(self) -> None:
-        while True:
-            time.sleep(_POLL_S)
+        while not self._closed.wait(_POLL_S):
             try:
                 if not self._store.check([_ALERT]):
                     continue
@@ -103,7 +112,7 @@ class RankWatch:
             except Exception:  # noqa: BLE001 - the store went away: the launcher is ending the run
                 return
             time.sleep(_ANSWER_WAIT_S + _POLL_S)  # a rank failing on its own reports itself
-            if not self._failing:
+            if not self._failing and not self._closed.is_set():
                 _end_process(f"[rank {self.rank}] {alert}; this rank was in {self.where()}, "
                              "so it never arrived")  # fmt: skip
             return

@@ -67,6 +67,7 @@ def main() -> None:
                 scheduler=None, train_stream=None, hooks=hooks, work_dir=data_root / "wd",
             )  # fmt: skip
             metrics = hooks[0].hook.evaluate(runner)
+            runner.watch.close()
             results[f"{length}x{batch_size}"] = metrics
     if accelerator.is_main_process:
         out.write_text(json.dumps(results))

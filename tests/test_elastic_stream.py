@@ -6,21 +6,25 @@ are real processes."""
 from __future__ import annotations
 
 import json
+import pickle
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICKSTART
+from test_train import tiny
 
-from hooktrain.data import build_train_stream, prepare_data
+from hooktrain.data import build_train_stream, prepare_data, reading
+from hooktrain.data.elastic import mark
 from hooktrain.data.reading import plan_reader
 from hooktrain.data.stream import TrainExamples
 from hooktrain.errors import UserError
 from hooktrain.recipe import load_recipe
-from conftest import QUICKSTART
-from test_train import tiny
 
 ROWS = 24  # tiny(): 4 shards of 6 rows
+ALL_ROWS = {(shard, row) for shard in range(4) for row in range(6)}
+REAL_EXAMPLE = TrainExamples._example
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +42,9 @@ def ids_instead_of_images(monkeypatch):
     monkeypatch.setattr(TrainExamples, "_example", example)
 
 
-def stream(data_root: Path, rank: int, world_size: int, workers: int, seed: int = 0):
-    recipe = load_recipe(
-        QUICKSTART, [*tiny(data_root), f"data.train.num_workers={workers}"], "/tmp/x"
-    )
+def stream(data_root: Path, rank: int, world_size: int, workers: int, *extra: str, seed: int = 0):
+    options = [*tiny(data_root), f"data.train.num_workers={workers}", *extra]
+    recipe = load_recipe(QUICKSTART, options, "/tmp/x")
     prepare_data(recipe.data)
     return build_train_stream(recipe.data, seed=seed, rank=rank, world_size=world_size)
 
@@ -59,6 +62,18 @@ def owned_rows(rank: int, world_size: int, worker: int, workers: int) -> set[tup
     plan = plan_reader(4, rank=rank, world_size=world_size, worker=worker, num_workers=workers)
     return {(shard, row) for shard in plan.shards for row in range(6)
             if row % plan.stride == plan.offset}  # fmt: skip
+
+
+def assert_pass_goes_on(after, consumed, rank: int, world_size: int, workers: int) -> None:
+    """Each reader of the new stream hands out its rows not in ``consumed``, once each, then
+    all its rows once (its next pass)."""
+    for worker in range(max(workers, 1)):
+        rows = owned_rows(rank, world_size, worker, workers)
+        sequence = [i for i in after if i in rows]
+        rest = rows - set(consumed)
+        assert Counter(sequence[: len(rest)]) == Counter(rest), worker  # the pass, finished
+        following = sequence[len(rest) : len(rest) + len(rows)]
+        assert Counter(following) == Counter(rows), worker  # the next pass, whole
 
 
 @pytest.mark.parametrize(
@@ -80,15 +95,9 @@ def test_the_interrupted_pass_goes_on_without_repeats_or_gaps(data_root, old, ne
     for rank in range(new_world):
         new_stream = stream(data_root, rank, new_world, new_workers)
         assert new_stream.resume(states).startswith("elastic")
-        readers = [owned_rows(rank, new_world, w, new_workers) for w in range(max(new_workers, 1))]
         after = draw([new_stream], 2 * ROWS)
         new_stream.close()
-        for rows in readers:
-            sequence = [i for i in after if i in rows]
-            rest = rows - set(before)
-            assert Counter(sequence[: len(rest)]) == Counter(rest)  # the pass, finished
-            following = sequence[len(rest) : len(rest) + len(rows)]
-            assert Counter(following) == Counter(rows)  # the next pass, whole
+        assert_pass_goes_on(after, before, rank, new_world, new_workers)
 
 
 def test_a_second_resume_inside_an_elastic_pass_is_exact_and_keeps_the_skipped_rows(data_root):
@@ -108,11 +117,117 @@ def test_a_second_resume_inside_an_elastic_pass_is_exact_and_keeps_the_skipped_r
     again.close()
 
 
-def test_a_different_seed_is_refused(data_root):
+def test_same_settings_resume_exactly_with_real_batches(data_root, monkeypatch):
+    """``resume`` with the old run's processes and settings is the bitwise exact path."""
+    monkeypatch.setattr(TrainExamples, "_example", REAL_EXAMPLE)
+    reference = [stream(data_root, r, 2, 2) for r in range(2)]
+    expected = [[next(s) for _ in range(9)] for s in reference]
+    olds = [stream(data_root, r, 2, 2) for r in range(2)]
+    for s in olds:
+        [next(s) for _ in range(5)]
+    states = [s.state_dict() for s in olds]
+    for s in reference + olds:
+        s.close()
+    for rank in range(2):
+        new = stream(data_root, rank, 2, 2)
+        assert new.resume(states) == "exact"
+        for want in expected[rank][5:]:
+            got = next(new)
+            assert torch.equal(got["image"], want["image"])
+            assert torch.equal(got["mask"], want["mask"])
+        new.close()
+
+
+def test_readers_in_different_passes_continue_the_earliest(data_root):
+    """Rank 0 finished pass 0 and began pass 1; rank 1 is in pass 0. Pass 0 goes on without
+    rank 0's rows; the rows rank 0 had drawn in pass 1 are drawn again in pass 1."""
+    olds = [stream(data_root, r, 2, 1) for r in range(2)]
+    first, second = draw(olds[:1], 7), draw(olds[1:], 3)  # a pass is 6 batches per rank
+    new = stream(data_root, 0, 1, 0)
+    assert new.resume([s.state_dict() for s in olds]).startswith("elastic")
+    assert new.dataset.state_dict()["epoch"] == 0
+    after = draw([new], 3 + ROWS // 2)
+    assert Counter(after[:6]) == Counter(ALL_ROWS - set(first[:12]) - set(second))
+    assert Counter(after[6 : 6 + ROWS]) == Counter(ALL_ROWS)
+
+
+@pytest.mark.parametrize(
+    "setting", ["data.train.batch_size=3", "data.train.shuffle_buffer=5"], ids=["batch", "buffer"]
+)
+def test_other_batch_size_or_shuffle_buffer_continue_the_pass(data_root, setting):
+    old = stream(data_root, 0, 1, 2)
+    before = draw([old], 3)
+    state = old.state_dict()
+    old.close()
+    new = stream(data_root, 0, 1, 2, setting)
+    assert new.resume([state]).startswith("elastic")
+    after = draw([new], ROWS)
+    new.close()
+    assert_pass_goes_on(after, before, 0, 1, 2)
+
+
+def test_an_elastic_pass_resumed_elastically_again(data_root):
+    """2x1 -> 1x2 (never stepped before its checkpoint) -> 1x2 stepped -> 2x2: every row of
+    the pass once."""
+    olds = [stream(data_root, r, 2, 1) for r in range(2)]
+    before = draw(olds, 2)
+    unstepped = stream(data_root, 0, 1, 2)
+    unstepped.resume([s.state_dict() for s in olds])
+    middle = stream(data_root, 0, 1, 3)
+    assert middle.resume([unstepped.state_dict()]).startswith("elastic")
+    unstepped.close()
+    before += draw([middle], 3)
+    assert len(set(before)) == len(before)
+    state = middle.state_dict()
+    middle.close()
+    for rank in range(2):
+        new = stream(data_root, rank, 2, 2)
+        assert new.resume([state]).startswith("elastic")
+        after = draw([new], 2 * ROWS)
+        new.close()
+        assert_pass_goes_on(after, before, rank, 2, 2)
+
+
+def test_consumed_rows_are_left_out_unconverted(data_root, monkeypatch):
+    """Late in the pass, the first batch after an elastic resume converts only rows it may
+    hand out: the consumed ones are read as Arrow rows and left there."""
+    olds = [stream(data_root, r, 2, 0) for r in range(2)]
+    before = draw(olds, 5)  # 20 of 24 rows
+    converted = []
+    real_row = reading.RawRow
+    monkeypatch.setattr(reading, "RawRow", lambda *a: converted.append(a[:2]) or real_row(*a))
+    new = stream(data_root, 0, 1, 0)
+    assert new.resume([s.state_dict() for s in olds]).startswith("elastic")
+    assert draw([new], 1)
+    assert converted and not set(converted) & set(before)
+
+
+def test_the_consumed_rows_of_ade20k_take_a_few_kb():
+    seen: dict[int, bytearray] = {}
+    for row in range(20_210):  # ADE20K train, in 64 shards
+        mark(seen, row % 64, row // 64)
+    assert len(pickle.dumps({s: bytes(b) for s, b in seen.items()})) < 4_000
+
+
+def _state(data_root, **change):
     old = stream(data_root, 0, 2, 0)
     draw([old], 1)
-    with pytest.raises(UserError, match="seed=0 .now 1."):
-        stream(data_root, 0, 1, 0, seed=1).resume([old.state_dict(), old.state_dict()])
+    state = old.state_dict()
+    state.update(change.pop("top", {}))
+    state["fingerprint"].update(change)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"seed": 1}, "seed=1 .now 0."), ({"num_shards": 8}, "num_shards=8 .now 4."),
+     ({"top": {"format": 0}}, "has format 0, this version reads")],
+    ids=["seed", "dataset", "format"],
+)  # fmt: skip
+def test_another_seed_dataset_or_format_is_refused(data_root, change, message):
+    state = _state(data_root, **change)
+    with pytest.raises(UserError, match=message):
+        stream(data_root, 0, 1, 0).resume([state, state])
 
 
 # -- end to end: real processes, real checkpoints ------------------------------------------
@@ -161,9 +276,4 @@ def test_resume_with_other_processes_and_workers_continues_the_pass(
     )
     for rank in range(after[0]):
         seen = [tuple(i) for i in json.loads(Path(f"{prefix}.rank{rank}.json").read_text())]
-        for worker in range(after[1] or 1):
-            rows = owned_rows(rank, after[0], worker, after[1])
-            sequence = [i for i in seen if i in rows]
-            rest = rows - set(consumed)
-            assert Counter(sequence[: len(rest)]) == Counter(rest)  # the pass, finished
-            assert Counter(sequence[len(rest) : len(rest) + len(rows)]) == Counter(rows)
+        assert_pass_goes_on(seen, consumed, rank, after[0], after[1])

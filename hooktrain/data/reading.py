@@ -8,7 +8,7 @@ import functools
 import logging
 import multiprocessing
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,10 +82,18 @@ def _kept_rows(table, first: int, stride: int, offset: int) -> list[int]:
     return list(range((offset - first) % stride, len(table), stride))
 
 
-def shard_rows(base, num_shards: int, shard: int, plan: ReaderPlan, start: int = 0):
+def shard_rows(
+    base,
+    num_shards: int,
+    shard: int,
+    plan: ReaderPlan,
+    start: int = 0,
+    leave_out: Callable[[int, int], bool] | None = None,
+):
     """Yield ``(kept_index, RawRow)`` for the plan's rows of ``shard`` from the ``start``-th
     kept row on. Rows before it are skipped by ``datasets`` on Arrow tables, so nothing
-    before ``start`` is converted to Python, let alone decoded."""
+    before ``start`` is converted to Python, let alone decoded. Rows for which
+    ``leave_out(shard, row)`` is true keep their kept index but are not converted either."""
     first = plan.offset + plan.stride * start
     ds = base.shard(num_shards=num_shards, index=shard, contiguous=True)
     if first:
@@ -93,13 +101,15 @@ def shard_rows(base, num_shards: int, shard: int, plan: ReaderPlan, start: int =
     raw, kept = first, start
     for table in ds.with_format("arrow").iter(batch_size=_ARROW_BATCH):
         idx = _kept_rows(table, raw, plan.stride, plan.offset)
-        if idx:
-            sub = table.take(idx)
+        wanted = [(kept + n, i) for n, i in enumerate(idx)
+                  if leave_out is None or not leave_out(shard, raw + i)]  # fmt: skip
+        kept += len(idx)
+        if wanted:
+            sub = table.take([i for _, i in wanted])
             images = sub.column("image").to_pylist()
             annotations = sub.column("annotation").to_pylist()
-            for i, image, annotation in zip(idx, images, annotations, strict=True):
-                yield kept, RawRow(shard, raw + i, image, annotation)
-                kept += 1
+            for (k, i), image, annotation in zip(wanted, images, annotations, strict=True):
+                yield k, RawRow(shard, raw + i, image, annotation)
         raw += len(table)
 
 

@@ -110,7 +110,8 @@ class TrainExamples(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position returned by ``state_dict``."""
         state = dict(state)
-        self._seen = {shard: bytearray(bits) for shard, bits in (state.pop("seen", None) or {}).items()}
+        seen = state.pop("seen", None) or {}
+        self._seen = {shard: bytearray(bits) for shard, bits in seen.items()}
         self._skip = PassSkip.from_state(state.pop("skip", None))
         self._position = {**_fresh_position(), **state}
 
@@ -131,12 +132,12 @@ class TrainExamples(torch.utils.data.IterableDataset):
 
     def _rows_from(self, plan: ReaderPlan, order: list[int], cursor: int, row: int):
         """``(cursor, kept row index, RawRow)`` from position ``(cursor, row)`` to the end of
-        the pass, without the rows an elastic resume left out (undecoded)."""
+        the pass, without the rows an elastic resume left out (read, never converted)."""
+        leave_out = self._skip.covers if self._skip is not None else None
         for c in range(cursor, len(order)):
             for kept, raw in shard_rows(self.base, self.num_shards, order[c], plan,
-                                        row if c == cursor else 0):  # fmt: skip
-                if self._skip is None or not self._skip.covers(raw.shard, raw.row):
-                    yield c, kept, raw
+                                        row if c == cursor else 0, leave_out):  # fmt: skip
+                yield c, kept, raw
 
     def __iter__(self):
         worker, plan = self._plan()
@@ -292,8 +293,8 @@ class TrainStream:
         its rank). Returns ``"exact"`` when this rank's own state fits (same processes,
         workers and ``data.train`` settings: bitwise the same batches), else continues the
         interrupted pass elastically (``hooktrain.data.elastic``) and says how."""
-        own = states[self.dataset.rank] if self.dataset.rank < len(states) else None
-        if len(states) == self.dataset.world_size and own and own.get("fingerprint") == self.fingerprint:
+        own = states[self.dataset.rank] if len(states) == self.dataset.world_size else None
+        if own is not None and own.get("fingerprint") == self.fingerprint:
             self.load_state_dict(own)
             return "exact"
         for state in states:
