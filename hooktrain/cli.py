@@ -79,6 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint directory (iter_N, best) or its latest file")
     export.add_argument("out", help="the .safetensors file to write")
 
+    convert = sub.add_parser(
+        "convert", help="convert an MMSegmentation or transformers checkpoint into one exported file"
+    )
+    convert_sub = convert.add_subparsers(dest="convert_kind", required=True)
+    sources = {
+        "mmseg": "an MMSegmentation model-zoo checkpoint (.pth)",
+        "transformers": "a transformers SegFormer: a directory, a weights file or a Hub id",
+    }
+    for kind, source_help in sources.items():
+        kind_parser = convert_sub.add_parser(kind, help=f"convert {source_help}")
+        kind_parser.add_argument("source", help=source_help)
+        kind_parser.add_argument("--recipe", required=True, help="recipe describing the checkpoint's model")
+        kind_parser.add_argument("--out", required=True, help="output .safetensors file (as `hooktrain export`)")
+        kind_parser.add_argument(
+            "--cfg-options", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="override recipe keys"
+        )
+
     predict = sub.add_parser("predict", help="segment images with an exported model")
     predict.add_argument("model", help="a .safetensors file written by `hooktrain export`")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or directories")
@@ -237,6 +254,15 @@ def export_command(args: argparse.Namespace) -> int:
     from hooktrain.export import export_checkpoint
 
     print(f"exported {export_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+@command("convert")
+def convert_command(args: argparse.Namespace) -> int:
+    from hooktrain.zoo.convert import convert
+
+    out = convert(args.convert_kind, args.source, args.recipe, args.out, args.cfg_options)
+    print(f"converted {args.source} into {out}")
     return 0
 
 

@@ -26,9 +26,7 @@ class EncoderConfig(Section):
         description="Feature levels the encoder returns (timm out_indices; negative counts from the end). "
         "null = the last four levels, usually strides 4, 8, 16, 32.",
     )
-    drop_path_rate: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Stochastic depth rate, passed to timm when > 0."
-    )
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Stochastic depth rate, passed to timm when > 0.")
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments for timm.create_model, e.g. {output_stride: 8} for a dilated ResNet.",
@@ -137,14 +135,61 @@ class UPerHeadConfig(_MultiLevelHead):
     pool_scales: list[int] = Field([1, 2, 3, 6], min_length=1, description="PPM adaptive pooling sizes.")
 
 
+class PSPHeadConfig(_HeadBase):
+    """PSPNet head (mmseg ``PSPHead``): pyramid pooling on one level, then a 3x3 ConvModule."""
+
+    type: Literal["psp"] = Field("psp", description="Head kind.")
+    in_index: int = Field(-1, description="Encoder level the head reads (index into its outputs).")
+    channels: int = Field(512, ge=1, description="Width of the pooling branches and the bottleneck.")
+    pool_scales: list[int] = Field([1, 2, 3, 6], min_length=1, description="Adaptive pooling output sizes.")
+
+
+class ASPPHeadConfig(_HeadBase):
+    """DeepLabV3 head (mmseg ``ASPPHead``): image pooling + atrous convolutions, then a 3x3 ConvModule."""
+
+    type: Literal["aspp"] = Field("aspp", description="Head kind.")
+    in_index: int = Field(-1, description="Encoder level the head reads (index into its outputs).")
+    channels: int = Field(512, ge=1, description="Width of every branch and of the bottleneck.")
+    dilations: list[int] = Field(
+        [1, 12, 24, 36], min_length=1, description="Dilation of each branch; 1 is a 1x1 conv, others 3x3."
+    )
+
+
+class SepASPPHeadConfig(ASPPHeadConfig):
+    """DeepLabV3+ head (mmseg ``DepthwiseSeparableASPPHead``): ASPP with depthwise-separable 3x3
+    branches, fused with a 48-channel projection of a fine level by two separable 3x3 convs."""
+
+    type: Literal["sep_aspp"] = Field("sep_aspp", description="Head kind.")
+    c1_index: int = Field(0, description="Fine encoder level fused with the ASPP output (mmseg uses inputs[0]).")
+    c1_channels: int = Field(48, ge=1, description="Width of the fine level's 1x1 projection.")
+
+
 class SegformerHeadConfig(_MultiLevelHead):
-    """SegFormer all-MLP head: per-level linear projection, upsample to the finest level, concat, fuse."""
+    """SegFormer head as MMSegmentation has it (``SegformerHead``): per level a 1x1 ConvModule
+    (conv + BN + ReLU), upsample to the finest level, concat c1..c4, 1x1 ConvModule fusion."""
 
     type: Literal["segformer"] = Field("segformer", description="Head kind.")
 
 
+class SegformerMLPHeadConfig(_MultiLevelHead):
+    """SegFormer head as NVlabs and transformers have it: per level a linear projection (no norm),
+    upsample to the finest level, concat c4..c1, 1x1 conv + BN + ReLU fusion."""
+
+    type: Literal["segformer_mlp"] = Field("segformer_mlp", description="Head kind.")
+
+
 HeadConfig = Annotated[
-    Union[FCNHeadConfig, FPNHeadConfig, UPerHeadConfig, SegformerHeadConfig], Field(discriminator="type")
+    Union[
+        FCNHeadConfig,
+        FPNHeadConfig,
+        UPerHeadConfig,
+        PSPHeadConfig,
+        ASPPHeadConfig,
+        SepASPPHeadConfig,
+        SegformerHeadConfig,
+        SegformerMLPHeadConfig,
+    ],
+    Field(discriminator="type"),
 ]
 
 
@@ -169,9 +214,7 @@ class InferenceConfig(Section):
     mode: Literal["whole", "slide"] = Field("whole", description="Whole image at once, or sliding windows.")
     crop_size: tuple[int, int] = Field((512, 512), description="Slide window size (h, w).")
     stride: tuple[int, int] = Field((341, 341), description="Slide window stride (h, w).")
-    flip: bool = Field(
-        False, description="Also predict the horizontally flipped image and average the logits."
-    )
+    flip: bool = Field(False, description="Also predict the horizontally flipped image and average the logits.")
 
     @model_validator(mode="after")
     def _positive_windows(self) -> InferenceConfig:

@@ -17,6 +17,8 @@ from torch import nn
 
 from hooktrain.errors import UserError, did_you_mean
 from hooktrain.models.config import EncoderConfig
+from hooktrain.models.mit import MIT_TO_TIMM, create_mit, hub_repo, is_mit
+from hooktrain.zoo.backbones import backbone_state, detect_format, to_encoder_keys, to_timm
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +29,15 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     """Create ``timm.create_model(cfg.name, features_only=True, ...)`` with the configured weights.
 
     The returned module maps an image batch to a list of feature maps; its ``feature_info``
-    gives ``channels()`` and ``reduction()`` (stride) of each returned level.
+    gives ``channels()`` and ``reduction()`` (stride) of each returned level. ``mit_b0`` ..
+    ``mit_b5`` are SegFormer's encoders (:mod:`hooktrain.models.mit`); their ``pretrained``
+    weights are NVIDIA's ``nvidia/mit-bX`` from the Hub.
     """
-    if not cfg.name.startswith("hf-hub:") and not timm.is_model(cfg.name):
+    if not is_mit(cfg.name) and not cfg.name.startswith("hf-hub:") and not timm.is_model(cfg.name):
+        names = [*timm.list_models(), *MIT_TO_TIMM]
         raise UserError(
-            f"model.encoder.name: unknown timm model '{cfg.name}'{did_you_mean(cfg.name, timm.list_models())};"
-            " pick a name from timm.list_models()"
+            f"model.encoder.name: unknown timm model '{cfg.name}'{did_you_mean(cfg.name, names)};"
+            " pick a name from timm.list_models() or mit_b0 .. mit_b5"
         )
     kwargs = dict(cfg.kwargs)
     kwargs["out_indices"] = tuple(cfg.out_indices) if cfg.out_indices is not None else (-4, -3, -2, -1)
@@ -41,12 +46,17 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     if cfg.pretrained_path is not None:
         return _create_from_file(cfg.name, Path(cfg.pretrained_path), kwargs)
     if cfg.pretrained:
+        if is_mit(cfg.name):
+            return _mit_from_hub(cfg.name, kwargs)
         return _create_from_hub(cfg.name, kwargs)
     return _create(cfg.name, pretrained=False, **kwargs)
 
 
 def _create(name: str, **kwargs) -> nn.Module:
     try:
+        if is_mit(name):
+            kwargs.pop("pretrained")
+            return create_mit(name, **kwargs)
         return timm.create_model(name, features_only=True, **kwargs)
     except (TypeError, ValueError, AssertionError) as err:
         raise UserError(
@@ -71,12 +81,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
+def _offline_if_unreachable() -> tuple[bool, contextlib.AbstractContextManager]:
+    """Whether the Hub is out of reach, and a context that makes huggingface_hub offline then
+    (offline, it still serves files already in the local cache)."""
     from huggingface_hub import constants
 
     offline = bool(constants.HF_HUB_OFFLINE) or not _hub_reachable()
-    # Offline, huggingface_hub still serves weights already in the local cache.
     patch = mock.patch.object(constants, "HF_HUB_OFFLINE", True) if offline else contextlib.nullcontext()
+    return offline, patch
+
+
+def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
+    offline, patch = _offline_if_unreachable()
     try:
         with patch:
             return _create(name, pretrained=True, **kwargs)
@@ -92,6 +108,30 @@ def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
             "set model.encoder.pretrained_path to a local .safetensors or timm checkpoint, "
             "or model.encoder.pretrained: false"
         ) from err
+
+
+def _mit_from_hub(name: str, kwargs: dict) -> nn.Module:
+    """MiT with NVIDIA's ImageNet weights (``nvidia/mit-bX``, transformers format) from the Hub,
+    converted on load. timm's ``pvt_v2`` weights do not fit: their FFNs are wider."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo = hub_repo(name)
+    offline, patch = _offline_if_unreachable()
+    try:
+        with patch:
+            try:
+                path = Path(hf_hub_download(repo, "model.safetensors"))
+            except EntryNotFoundError:  # older repos hold only the torch file
+                path = Path(hf_hub_download(repo, "pytorch_model.bin"))
+    except (OSError, EntryNotFoundError) as err:
+        where = "the Hugging Face Hub is offline or unreachable" if offline else str(err).splitlines()[0]
+        raise UserError(
+            f"model.encoder: pretrained weights for '{name}' ({repo}) could not be downloaded ({where}); "
+            "set model.encoder.pretrained_path to a local MiT checkpoint, or model.encoder.pretrained: false"
+        ) from err
+    state = backbone_state(timm.models.load_state_dict(str(path), use_ema=False))
+    return _create_converted(name, kwargs, state, source=f"{repo} ({path.name})", key="model.encoder.pretrained")
 
 
 def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
@@ -113,6 +153,9 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
             f"model.encoder.pretrained_path: could not read '{path}' as a checkpoint ({err}); "
             "give a .safetensors file or a torch checkpoint holding a state_dict"
         ) from err
+    backbone = backbone_state(state_dict)
+    if is_mit(name) or detect_format(backbone) != "timm":
+        return _create_converted(name, kwargs, backbone, source=str(path), key="model.encoder.pretrained_path")
 
     with torch.device("meta"):
         feature_keys = set(_create(name, pretrained=False, **kwargs).state_dict())
@@ -145,6 +188,39 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
     return encoder
 
 
+def _create_converted(name: str, kwargs: dict, state: dict, source: str, key: str) -> nn.Module:
+    """The encoder with a backbone checkpoint of MMSegmentation, NVlabs, transformers or timm
+    format loaded after renaming to timm's keys. Every encoder tensor must be filled; ``key``
+    names the recipe key in errors."""
+    fmt = detect_format(state)
+    try:
+        state = to_timm(state)
+    except KeyError as err:
+        raise UserError(
+            f"{key}: {source} looks like a {fmt} checkpoint but has the unknown key {err}; "
+            f"give a backbone checkpoint of '{name}'"
+        ) from None
+    encoder = _create(name, pretrained=False, **kwargs)
+    expected = encoder.state_dict()
+    state = to_encoder_keys(state, set(expected))
+    missing = sorted(expected.keys() - state.keys())
+    wrong = [k for k in sorted(expected.keys() & state.keys()) if expected[k].shape != state[k].shape]
+    if missing or wrong:
+        problem = f"{len(missing)} missing tensors (e.g. {missing[:3]})" if missing else ""
+        if wrong:
+            k = wrong[0]
+            shapes = f"{k} is {list(state[k].shape)}, the model's {list(expected[k].shape)}"
+            problem += f"{'; ' if problem else ''}{len(wrong)} tensors of another shape (e.g. {shapes})"
+        raise UserError(
+            f"{key}: {source} ({fmt} format) does not fit encoder '{name}': {problem}; "
+            "use a checkpoint of that architecture (timm's pvt_v2 weights do not fit MiT's FFNs)"
+        )
+    unused = sorted(state.keys() - expected.keys())
+    encoder.load_state_dict({k: state[k] for k in expected})
+    _report(source, [], unused)
+    return encoder
+
+
 def _compare_with_full_model(name: str, state_dict: dict, kwargs: dict) -> tuple[list[str], list[str], int]:
     """Missing keys, unexpected keys and the number of matching keys of ``state_dict`` against
     timm's full ``name`` model (classifier aside), after the model's own checkpoint filter (which
@@ -169,13 +245,11 @@ def _compare_with_full_model(name: str, state_dict: dict, kwargs: dict) -> tuple
     return sorted(expected - keys), sorted(unexpected), len(expected & keys)
 
 
-def _report(path: Path, missing: list[str], unexpected: list[str]) -> None:
+def _report(path: Path | str, missing: list[str], unexpected: list[str]) -> None:
     """Log which keys of the checkpoint did not line up with the model."""
     if missing:
         logger.warning("encoder weights from %s: %d missing keys: %s", path, len(missing), ", ".join(missing))
     if unexpected:
-        logger.warning(
-            "encoder weights from %s: %d unexpected keys: %s", path, len(unexpected), ", ".join(unexpected)
-        )
+        logger.warning("encoder weights from %s: %d unexpected keys: %s", path, len(unexpected), ", ".join(unexpected))
     if not missing and not unexpected:
         logger.info("encoder weights loaded from %s (all keys matched)", path)
