@@ -14,6 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from mmseg_ref.fixtures import mmseg_env  # noqa: E402,F401  (a session fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 RECIPES = ROOT / "recipes"

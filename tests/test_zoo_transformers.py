@@ -7,6 +7,7 @@ and served by the local Hub stand-in where the Hub path is under test.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -222,3 +223,25 @@ def test_converted_file_names_its_source(tmp_path, segformer_dir):
     assert metadata["format"] == "hooktrain-export/1"
     assert metadata["converted_from"] == f"transformers:{segformer_dir.name}"
     assert yaml.safe_load(metadata["hooktrain.recipe"])["model"]["decode_head"]["type"] == "segformer_mlp"
+
+
+def test_converted_file_works_with_test_checkpoint_and_load_from(segformer_dir, tmp_path):
+    """The converted file is an exported file: `hooktrain test --checkpoint` evaluates it and a
+    training run starts from it with `load_from` (strict: all keys match)."""
+    from test_train import tiny
+
+    recipe = segformer_recipe(tmp_path)
+    out = tmp_path / "segformer.safetensors"
+    assert (
+        run_cli("convert", "transformers", str(segformer_dir), "--recipe", str(recipe), "--out", str(out)).returncode
+        == 0
+    )
+    options = [*tiny(tmp_path / "shapes", 2), "model.encoder.pretrained=false", "hooks=[{type: eval, num_samples: 0}]"]
+    tested = run_cli("test", str(recipe), "--checkpoint", str(out), "--work-dir", str(tmp_path / "test"),
+                     "--cfg-options", *options)  # fmt: skip
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "mIoU" in json.loads((tmp_path / "test" / "test_metrics.json").read_text())
+    trained = run_cli(str(recipe), "--work-dir", str(tmp_path / "train"), "--cfg-options", *options,
+                      f"load_from={out}")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "loaded weights from" in trained.stdout + trained.stderr

@@ -1,0 +1,184 @@
+"""hooktrain's zoo models against MMSegmentation 1.2.2's, in one run.
+
+For each ``recipes/mmseg`` model: the training step (forward, backward, AdamW) of hooktrain's
+model and of MMSegmentation's module built from the same config, on the same batch size and
+image size; and, for SegFormer-B0 and UPerNet-R50, inference images/s with whole and slide
+inference. MMSegmentation runs in its throwaway environment (``tests/mmseg_ref``, installed on
+first use) in a subprocess; hooktrain in this process, with the same number of threads. The
+ratio is hooktrain's time over MMSegmentation's: at most 1.0 means hooktrain is not slower.
+
+    python bench/mmseg_parity.py                       # CPU: 256x256, batch 2
+    python bench/mmseg_parity.py --quick               # CI smoke: SegFormer-B0 only, 128x128
+    python bench/mmseg_parity.py --device cuda --bf16 --size 512
+
+Results go to bench/results/mmseg_parity.json (with the machine); the last line printed is one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from hooktrain.models import build_segmentor
+from hooktrain.models.config import InferenceConfig
+from hooktrain.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from mmseg_ref.env import MmsegEnv  # noqa: E402
+
+CONFIGS = [
+    "segformer_mit-b0_8xb2-160k_ade20k-512x512",
+    "upernet_r50_4xb4-160k_ade20k-512x512",
+    "deeplabv3plus_r50-d8_4xb4-160k_ade20k-512x512",
+    "pspnet_r50-d8_4xb4-160k_ade20k-512x512",
+    "fcn_r50-d8_4xb4-160k_ade20k-512x512",
+    "fpn_r50_4xb4-160k_ade20k-512x512",
+]
+INFERENCE_CONFIGS = CONFIGS[:2]
+REFERENCE = ROOT / "tests" / "mmseg_ref" / "reference.py"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(name: str, device: torch.device):
+    recipe = load_recipe(ROOT / "recipes" / "mmseg" / f"{name}.yaml")
+    encoder = recipe.model.encoder.model_copy(update={"pretrained": False})
+    model = build_segmentor(recipe.model.model_copy(update={"encoder": encoder}), num_classes=recipe.data.num_classes)
+    return model.to(device), recipe
+
+
+def median_time(step, iters: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hooktrain_train_step(name: str, args, device: torch.device) -> float:
+    """Median seconds of one forward + backward + AdamW step."""
+    model, _ = build(name, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device)
+    mask = torch.randint(0, 150, (args.batch, args.size, args.size), generator=gen).to(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = sum(model(image, mask).values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return median_time(step, args.iters, args.warmup, device)
+
+
+def hooktrain_inference(name: str, mode: str, args, device: torch.device) -> float:
+    """Images/s of ``Segmentor.predict`` on one ``size`` x ``2 * size`` image at a time."""
+    model, _ = build(name, device)
+    crop = (args.size, args.size)
+    stride = (args.size * 2 // 3, args.size * 2 // 3)
+    model.inference = InferenceConfig(mode=mode, crop_size=crop, stride=stride)
+    model.eval()
+    shape = (args.size, 2 * args.size)
+    image = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            model.predict(image, [shape], [shape])
+
+    return 1.0 / median_time(step, args.iters, args.warmup, device)
+
+
+def mmseg_side(env: MmsegEnv, name: str, mode: str, args) -> dict:
+    extra = ["--bf16"] if args.bf16 else []
+    size = f"{args.size}x{args.size}" if mode == "train" else f"{args.size}x{2 * args.size}"
+    result = env.run(REFERENCE, "bench", name, "--mode", mode, "--size", size, "--batch",
+                     str(args.batch if mode == "train" else 1), "--iters", str(args.iters), "--warmup",
+                     str(args.warmup), "--crop", str(args.size), *extra)  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+        cpu += ", AVX-512" if "avx512f" in flags else ", no AVX-512"
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=256, help="training crop (square); inference runs size x 2*size")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    parser.add_argument("--quick", action="store_true", help="SegFormer-B0 only, 128x128, one timed step")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "mmseg_parity.json"))
+    args = parser.parse_args()
+    configs, inference_configs = CONFIGS, INFERENCE_CONFIGS
+    if args.quick:
+        configs, inference_configs = CONFIGS[:1], CONFIGS[:1]
+        args.size, args.iters, args.warmup = 128, 1, 1
+    device = torch.device(args.device)
+    env = MmsegEnv.install()
+    rows = []
+    for name in configs:
+        ours = hooktrain_train_step(name, args, device)
+        theirs = mmseg_side(env, name, "train", args)["seconds_per_iter"]
+        rows.append({"config": name, "mode": "train", "hooktrain_s": ours, "mmseg_s": theirs, "ratio": ours / theirs})
+        print(f"{name} train step: hooktrain {ours:.3f} s, mmseg {theirs:.3f} s, ratio {ours / theirs:.3f}", flush=True)
+    for name in inference_configs:
+        for mode in ("whole", "slide"):
+            ours = hooktrain_inference(name, mode, args, device)
+            theirs = mmseg_side(env, name, mode, args)["images_per_s"]
+            rows.append({"config": name, "mode": mode, "hooktrain_img_s": ours, "mmseg_img_s": theirs,
+                         "ratio": theirs / ours})  # fmt: skip
+            print(f"{name} {mode}: hooktrain {ours:.2f} img/s, mmseg {theirs:.2f} img/s, ratio {theirs / ours:.3f}",
+                  flush=True)  # fmt: skip
+    summary = {
+        "bench": "mmseg_parity",
+        "machine": machine(device),
+        "device": args.device,
+        "precision": "bf16" if args.bf16 else "fp32",
+        "size": args.size,
+        "batch": args.batch,
+        "iters": args.iters,
+        "worst_ratio": max(row["ratio"] for row in rows),
+        "rows": rows,
+    }
+    if not args.quick:
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
