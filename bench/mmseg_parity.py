@@ -8,7 +8,7 @@ first use) in a subprocess; hooktrain in this process, with the same number of t
 ratio is hooktrain's time over MMSegmentation's: at most 1.0 means hooktrain is not slower.
 
     python bench/mmseg_parity.py                       # CPU: 256x256, batch 2
-    python bench/mmseg_parity.py --quick               # CI smoke: SegFormer-B0 only, 128x128
+    python bench/mmseg_parity.py --quick               # CI smoke: SegFormer-B0 only, 128x128, no slide
     python bench/mmseg_parity.py --device cuda --bf16 --size 512
 
 Results go to bench/results/mmseg_parity.json (with the machine); the last line printed is one
@@ -141,11 +141,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
-    parser.add_argument("--quick", action="store_true", help="SegFormer-B0 only, 128x128, one timed step")
+    parser.add_argument("--quick", action="store_true", help="SegFormer-B0 only, 128x128, one timed step, no slide")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "mmseg_parity.json"))
     args = parser.parse_args()
-    configs, inference_configs = CONFIGS, INFERENCE_CONFIGS
+    configs, inference_configs, modes = CONFIGS, INFERENCE_CONFIGS, ("whole", "slide")
     if args.quick:
+        modes = ("whole",)
         configs, inference_configs = CONFIGS[:1], CONFIGS[:1]
         args.size, args.iters, args.warmup = 128, 1, 1
     device = torch.device(args.device)
@@ -157,7 +158,7 @@ def main() -> None:
         rows.append({"config": name, "mode": "train", "hooktrain_s": ours, "mmseg_s": theirs, "ratio": ours / theirs})
         print(f"{name} train step: hooktrain {ours:.3f} s, mmseg {theirs:.3f} s, ratio {ours / theirs:.3f}", flush=True)
     for name in inference_configs:
-        for mode in ("whole", "slide"):
+        for mode in modes:
             ours = hooktrain_inference(name, mode, args, device)
             theirs = mmseg_side(env, name, mode, args)["images_per_s"]
             rows.append({"config": name, "mode": mode, "hooktrain_img_s": ours, "mmseg_img_s": theirs,

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--checkpoint", required=True, help="a checkpoint directory or a .safetensors file"
     )
+    test.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation as MMSegmentation's: multi-scale (model.inference.scales, or "
+        "0.5 to 1.75 by 0.25 when null) and flip, averaging probabilities",
+    )
 
     sub.add_parser("plugins", help="list every discoverable hook")
     sub.add_parser("reference", help="print the recipe reference (docs/recipes.md) as Markdown")
@@ -198,6 +204,8 @@ def test_command(args: argparse.Namespace) -> int:
     from hooktrain.runner import IterRunner
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
+    if args.tta:
+        recipe.model.inference = recipe.model.inference.with_tta()
     runner = IterRunner.for_evaluation(recipe, args.checkpoint)
     eval_class = resolve_hook_class("eval")
     specs = [s for s in recipe.hooks if s.type == "eval"]
@@ -211,7 +219,11 @@ def test_command(args: argparse.Namespace) -> int:
     if runner.accelerator.is_main_process:
         out = Path(runner.work_dir) / "test_metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=1))
+        record = {"checkpoint": str(args.checkpoint), **metrics}
+        if args.tta:
+            inference = recipe.model.inference
+            record["tta"] = {"scales": inference.scales, "flip": inference.flip}
+        out.write_text(json.dumps(record, indent=1))
         print(f"metrics written to {out}")
     return 0
 

@@ -3,8 +3,9 @@
 An exported file holds the model's weights (plain module keys) and, in the safetensors
 metadata, the resolved recipe as YAML (``hooktrain.recipe``) plus the format and the
 iteration it came from. ``predict`` needs nothing else: it rebuilds the segmentor from that
-recipe, runs the recipe's val pipeline and ``Segmentor.predict`` at each image's original
-size, and writes a colour PNG (the recipe's palette) and a raw label PNG per image.
+recipe, runs the recipe's val pipeline and its ``model.inference`` (whole/slide, flip,
+scales) at each image's original size, and writes a colour PNG (the recipe's palette) and a
+raw label PNG per image.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def predict_images(
 
     from hooktrain.data.labels import decode_image
     from hooktrain.data.transforms import ValTransform
+    from hooktrain.models.inference import predict_scales
 
     model, recipe = load_exported(model_file)
     images = find_images(inputs)
@@ -148,9 +150,13 @@ def predict_images(
     written = []
     for path in images:
         image = decode_image(path.read_bytes(), example_id=str(path))
-        tensor, _ = transform(image, example_id=str(path))
-        logits = model.predict(tensor[None], [tuple(tensor.shape[-2:])], [image.shape[:2]])[0]
-        label = logits.argmax(0).to(torch.uint8).numpy()
+        if model.inference.scales is None:
+            tensor, _ = transform(image, example_id=str(path))
+            scores = model.predict(tensor[None], [tuple(tensor.shape[-2:])], [image.shape[:2]])[0]
+        else:  # the multi-scale test: the original image resized by each factor, one at a time
+            views = (transform.rescaled(image, r, example_id=str(path))[None] for r in model.inference.scales)
+            scores = predict_scales(model.logits, views, image.shape[:2], model.inference, model.align_corners)
+        label = scores.argmax(0).to(torch.uint8).numpy()
         colour = palette[label]
         stem = path.stem if len(images) == len({p.stem for p in images}) else _unique_stem(path)
         cv2.imwrite(str(out_dir / f"{stem}_label.png"), label)

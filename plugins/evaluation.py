@@ -130,13 +130,13 @@ class EvalHook(Hook):
         total = Areas.zeros(data.num_classes, device=accelerator.device)
         count = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         loader = build_val_loader(
-            data, rank=accelerator.process_index, world_size=accelerator.num_processes
-        )
+            data, rank=accelerator.process_index, world_size=accelerator.num_processes,
+            scales=model.inference.scales,
+        )  # fmt: skip
         try:
             with torch.no_grad(), accelerator.autocast():
                 for batch in loader:
-                    image = batch["image"].to(accelerator.device, non_blocking=True)
-                    logits = model.predict(image, batch["img_shapes"], batch["ori_shapes"])
+                    logits = _predict(model, batch, accelerator.device)
                     for i, image_logits in enumerate(logits):
                         height, width = batch["ori_shapes"][i]
                         label = batch["mask"][i, :height, :width].to(accelerator.device)
@@ -203,6 +203,21 @@ class EvalHook(Hook):
         )
         if better and value == value:  # NaN never becomes the best
             runner.state.best = {"key": self.best_key, "value": value, "iter": runner.state.iter}
+
+
+def _predict(model, batch: dict[str, Any], device: torch.device) -> list[torch.Tensor]:
+    """Per-image scores at the original size; with ``model.inference.scales`` the multi-scale
+    test of each image, one view at a time (see ``hooktrain.models.inference``)."""
+    from hooktrain.models.inference import predict_scales
+
+    if "views" not in batch:
+        image = batch["image"].to(device, non_blocking=True)
+        return model.predict(image, batch["img_shapes"], batch["ori_shapes"])
+    return [
+        predict_scales(model.logits, (view[None].to(device) for view in views), ori_shape,
+                       model.inference, model.align_corners)
+        for views, ori_shape in zip(batch["views"], batch["ori_shapes"], strict=True)
+    ]  # fmt: skip
 
 
 def _sample(batch: dict[str, Any], i: int, pred: torch.Tensor, data) -> dict[str, Any]:

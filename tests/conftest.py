@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mmseg_ref.fixtures import mmseg_env  # noqa: E402,F401  (a session fixture)
+from mmseg_ref.fixtures import mmseg_env, mmseg_zoo_references  # noqa: E402,F401  (session fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"

@@ -433,12 +433,38 @@ def test_data_check_page_commands(shapes_sandbox):
 
 # -- the inventory -------------------------------------------------------------------------
 
+# -- docs/migrating-from-mmseg.md: bring your MMSegmentation checkpoint -----------------------
+
+ZOO_CHECKPOINT = "upernet_r50_512x512_160k_ade20k_20200615_184328-8534de8d.pth"
+ZOO_CONVERT = Doc(
+    f"hooktrain convert mmseg {ZOO_CHECKPOINT} --recipe recipes/mmseg/upernet_r50_4xb4-160k_ade20k-512x512.yaml "
+    "--out upernet_r50_ade20k.safetensors"
+)
+ZOO_PREDICT = Doc("hooktrain predict upernet_r50_ade20k.safetensors images/ --out masks/")
+
+
+def test_bring_your_mmseg_checkpoint_commands(sandbox, mmseg_zoo_references):
+    """The zoo file here is MMSegmentation's own UPerNet-R50, built and saved in the zoo's format
+    by MMSegmentation 1.2.2 (random weights): the page's two commands, as written."""
+    upernet = mmseg_zoo_references["upernet_r50_4xb4-160k_ade20k-512x512"]
+    (sandbox / ZOO_CHECKPOINT).symlink_to(upernet / "checkpoint.pth")
+    (sandbox / "images").mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    cv2.imwrite(str(sandbox / "images" / "room.jpg"), image)
+    assert "converted" in run(ZOO_CONVERT, sandbox).output
+    run(ZOO_PREDICT, sandbox)
+    label = cv2.imread(str(sandbox / "masks" / "room_label.png"), cv2.IMREAD_UNCHANGED)
+    assert label.shape == (48, 64) and label.max() < 150
+    assert (sandbox / "masks" / "room.png").is_file()
+
+
 RUN_HERE = [
     README_QUICKSTART, QUICKSTART, CONFIG, RESUME, TEST, EXPORT, PREDICT, TWO_CPU_PROCESSES,
     CONVERT, ACCELERATE_CONFIG, ADE20K, ADE20K_FOLDER, ADE20K_8_GPUS, ADE20K_2_NODES,
     EXPORT_BEST, PREDICT_FILES, PLUGIN_INSTALL, PLUGIN_RUN,
     CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,
     DATA_CHECK, DATA_CHECK_VAL, DATA_CHECK_ADE, CONVERT_PALETTE, CONVERT_PALETTE_FILE,
+    ZOO_CONVERT, ZOO_PREDICT,
 ]  # fmt: skip
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, run_cli
+from conftest import RECIPES
+from mmseg_ref.fixtures import CONFIGS, DEEPLABV3, DEEPLABV3_HEAD, SIZES
 
 from hooktrain.errors import UserError
 from hooktrain.export import load_exported
@@ -21,15 +22,6 @@ from hooktrain.models.config import EncoderConfig
 from hooktrain.models.encoder import build_encoder
 from hooktrain.zoo.convert import convert
 
-CONFIGS = [
-    "segformer_mit-b0_8xb2-160k_ade20k-512x512",
-    "upernet_r50_4xb4-160k_ade20k-512x512",
-    "deeplabv3plus_r50-d8_4xb4-160k_ade20k-512x512",
-    "pspnet_r50-d8_4xb4-160k_ade20k-512x512",
-    "fcn_r50-d8_4xb4-160k_ade20k-512x512",
-    "fpn_r50_4xb4-160k_ade20k-512x512",
-]
-SIZES = "97x131,128x160"
 TOLERANCE = 1e-4
 
 
@@ -37,23 +29,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-@pytest.fixture(scope="session")
-def references(mmseg_env, tmp_path_factory) -> dict[str, Path]:
-    """Each config's zoo-format checkpoint and logits, written by MMSegmentation."""
-    script = Path(__file__).parent / "mmseg_ref" / "reference.py"
-    root = tmp_path_factory.mktemp("mmseg_references")
-    out = {}
-    for seed, name in enumerate(CONFIGS):
-        out[name] = root / name
-        mmseg_env.run(script, "build", name, "--out", str(out[name]), "--seed", str(seed), "--sizes", SIZES)
-    return out
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_converted_zoo_model_computes_mmsegmentations_function(references, name, tmp_path):
-    reference = references[name]
-    out = convert("mmseg", str(reference / "checkpoint.pth"), str(RECIPES / "mmseg" / f"{name}.yaml"),
-                  tmp_path / "model.safetensors")  # fmt: skip
+@pytest.mark.parametrize("name", [*CONFIGS, DEEPLABV3])
+def test_converted_zoo_model_computes_mmsegmentations_function(mmseg_zoo_references, name, tmp_path):
+    reference = mmseg_zoo_references[name]
+    recipe, options = (CONFIGS[3], [DEEPLABV3_HEAD]) if name == DEEPLABV3 else (name, [])
+    out = convert("mmseg", str(reference / "checkpoint.pth"), str(RECIPES / "mmseg" / f"{recipe}.yaml"),
+                  tmp_path / "model.safetensors", options)  # fmt: skip
     model, recipe = load_exported(out)
     info = json.loads((reference / "info.json").read_text())
     assert sum(p.numel() for p in model.parameters()) == info["num_params"]
@@ -66,17 +47,6 @@ def test_converted_zoo_model_computes_mmsegmentations_function(references, name,
         assert relative_error(got, case["logits"]) <= TOLERANCE, size
 
 
-def test_convert_cli_writes_a_file_predict_and_load_exported_take(references, tmp_path):
-    name = CONFIGS[0]
-    out = tmp_path / "segformer_b0_ade20k.safetensors"
-    result = run_cli("convert", "mmseg", str(references[name] / "checkpoint.pth"),
-                     "--recipe", str(RECIPES / "mmseg" / f"{name}.yaml"), "--out", str(out))  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"into {out}" in result.stdout
-    model, recipe = load_exported(out)
-    assert recipe.model.encoder.name == "mit_b0" and recipe.data.num_classes == 150
-
-
 @pytest.mark.parametrize(
     ("name", "encoder"),
     [
@@ -85,10 +55,10 @@ def test_convert_cli_writes_a_file_predict_and_load_exported_take(references, tm
         (CONFIGS[3], {"name": "resnet50c", "out_indices": [1, 2, 3, 4], "kwargs": {"output_stride": 8}}),
     ],
 )
-def test_mmseg_backbone_checkpoints_load_as_pretrained_path(references, name, encoder):
+def test_mmseg_backbone_checkpoints_load_as_pretrained_path(mmseg_zoo_references, name, encoder):
     """A backbone file in MMSegmentation's format (as its pretrain mit_bX / resnet50_v1c files)
     loads into the timm encoder, whose features are the MMSegmentation backbone's."""
-    reference = references[name]
+    reference = mmseg_zoo_references[name]
     model = build_encoder(EncoderConfig(**encoder, pretrained_path=str(reference / "backbone.pth"))).eval()
     want = torch.load(reference / "backbone_features.pt")
     image = torch.load(reference / "logits.pt")["97x131"]["input"]
@@ -100,27 +70,20 @@ def test_mmseg_backbone_checkpoints_load_as_pretrained_path(references, name, en
         assert relative_error(g, w) <= TOLERANCE, level
 
 
-def one_line_error(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
-    return lines[0]
-
-
-def test_a_checkpoint_into_another_architecture_names_the_offenders(references, tmp_path):
-    upernet = references[CONFIGS[1]] / "checkpoint.pth"
+def test_a_checkpoint_into_another_architecture_names_the_offenders(mmseg_zoo_references, tmp_path):
+    upernet = mmseg_zoo_references[CONFIGS[1]] / "checkpoint.pth"
     out = tmp_path / "x.safetensors"
-    result = run_cli("convert", "mmseg", str(upernet), "--recipe", str(RECIPES / "mmseg" / f"{CONFIGS[3]}.yaml"),
-                     "--out", str(out))  # fmt: skip
-    line = one_line_error(result)
-    assert "does not fit the recipe's model" in line
     # PSPNet's head is UPerNet's PPM + bottleneck, so those fill; UPerNet's FPN part is left over.
-    assert "source tensors unused (decode_head.fpn_bottleneck" in line
+    with pytest.raises(
+        UserError, match=r"does not fit the recipe's model: .*source tensors unused \(decode_head\.fpn_"
+    ):
+        convert("mmseg", str(upernet), str(RECIPES / "mmseg" / f"{CONFIGS[3]}.yaml"), out)
     assert not out.exists()
 
 
-def test_every_source_key_must_be_used(references, tmp_path):
+def test_every_source_key_must_be_used(mmseg_zoo_references, tmp_path):
     """Leaving the aux head out of the recipe would drop the checkpoint's auxiliary_head: refused."""
-    upernet = references[CONFIGS[1]] / "checkpoint.pth"
+    upernet = mmseg_zoo_references[CONFIGS[1]] / "checkpoint.pth"
     recipe = str(RECIPES / "mmseg" / f"{CONFIGS[1]}.yaml")
     with pytest.raises(UserError, match=r"source tensors unused \(aux_head\.conv_seg\.bias"):
         convert("mmseg", str(upernet), recipe, tmp_path / "x.safetensors", ["model.aux_head=null"])
@@ -131,12 +94,11 @@ def test_every_source_key_must_be_used(references, tmp_path):
         convert("mmseg", str(tmp_path / "extra.pth"), recipe, tmp_path / "x.safetensors")
 
 
-def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "model.pth"
     bad.write_bytes(b"not a checkpoint")
-    result = run_cli("convert", "mmseg", str(bad), "--recipe", str(RECIPES / "mmseg" / f"{CONFIGS[0]}.yaml"),
-                     "--out", str(tmp_path / "x.safetensors"))  # fmt: skip
-    assert "could not read" in one_line_error(result)
+    with pytest.raises(UserError, match=r"convert mmseg: could not read .*model\.pth"):
+        convert("mmseg", str(bad), str(RECIPES / "mmseg" / f"{CONFIGS[0]}.yaml"), tmp_path / "x.safetensors")
 
 
 @pytest.fixture(scope="session")
@@ -165,3 +127,18 @@ def test_larger_backbones_match_mmsegmentation(backbone_references, name, encode
     for level, (g, w) in enumerate(zip(got, reference["features"], strict=True)):
         assert g.shape == w.shape, level
         assert relative_error(g, w) <= TOLERANCE, level
+
+
+def test_parity_bench_smoke(mmseg_env):
+    """bench/mmseg_parity.py --quick runs both sides and ends with one line of JSON."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "mmseg_parity.py"), "--quick"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(row["config"], row["mode"]) for row in summary["rows"]] == [(CONFIGS[0], "train"), (CONFIGS[0], "whole")]
+    assert all(row["ratio"] > 0 for row in summary["rows"])

@@ -124,15 +124,15 @@ def test_slide_with_one_window_equals_whole():
     torch.testing.assert_close(model.predict(image, [(64, 64)], [(64, 64)])[0], whole)
 
 
-def test_flip_averages_the_flipped_prediction():
+def test_flip_averages_the_probabilities_of_the_flipped_prediction():
     model = make("convnext_atto", "segformer").eval()
     image, _ = batch(b=1)
     plain = model.predict(image, [(64, 64)], [(64, 64)])[0]
     model.inference = model.inference.model_copy(update={"flip": True})
     flipped = model.predict(image, [(64, 64)], [(64, 64)])[0]
     with torch.no_grad():
-        expected = (model(image) + model(image.flip(-1)).flip(-1))[0] / 2
-    torch.testing.assert_close(flipped, expected)
+        expected = (model(image)[0].softmax(0) + model(image.flip(-1)).flip(-1)[0].softmax(0)) / 2
+    torch.testing.assert_close(flipped, expected)  # as MMSegmentation's SegTTAModel averages
     assert not torch.allclose(flipped, plain)  # a conv net is not flip-equivariant
 
 
@@ -158,8 +158,9 @@ def test_predict_whole_runs_each_image_without_the_padding():
     out = model.predict(image, [(64, 64), (32, 48)], [(64, 64), (64, 96)])
     crop = image[1:, :, :32, :48]
     with torch.no_grad():
-        logits = (model(crop) + model(crop.flip(-1)).flip(-1)) / 2
-    expected = F.interpolate(logits, size=(64, 96), mode="bilinear")[0]
+        variants = [model(crop), model(crop.flip(-1)).flip(-1)]
+    # each variant back at the original size, then its softmax, then the mean (mmseg's TTA order)
+    expected = sum(F.interpolate(v, size=(64, 96), mode="bilinear")[0].softmax(0) for v in variants) / 2
     torch.testing.assert_close(out[1], expected)
 
 

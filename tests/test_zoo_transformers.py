@@ -102,18 +102,44 @@ def test_convert_transformers_segformer_computes_the_same_function(segformer_dir
     assert recipe.model.decode_head.type == "segformer_mlp"
 
 
+def test_convert_transformers_downloads_a_hub_id_through_the_hub_client(segformer_dir, tmp_path):
+    """`hooktrain convert transformers nvidia/segformer-b0-finetuned-ade-512-512` fetches the
+    weights with huggingface_hub (from the local Hub stand-in here); an unknown id is one line."""
+    repo = "nvidia/segformer-b0-finetuned-ade-512-512"
+    out = tmp_path / "hub.safetensors"
+    recipe = str(segformer_recipe(tmp_path))
+    with HubServer() as hub:
+        hub.add(repo, segformer_dir, repo_type="model")
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": ""}
+        result = run_cli("convert", "transformers", repo, "--recipe", recipe, "--out", str(out), env=env)
+        missing = run_cli("convert", "transformers", "nvidia/no-such-model", "--recipe", recipe, "--out",
+                          str(tmp_path / "none.safetensors"), env=env)  # fmt: skip
+        fetched = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any(path.endswith(f"{repo}/resolve/main/model.safetensors") for path in fetched), fetched
+    model, _ = load_exported(out)
+    reference = transformers.SegformerForSemanticSegmentation.from_pretrained(segformer_dir).eval()
+    image = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert relative_error(model.decode_head(model.encoder(image)), reference(pixel_values=image).logits) < 1e-4
+    lines = [line for line in missing.stderr.splitlines() if line.strip()]
+    assert missing.returncode == 2 and len(lines) == 1, missing.stderr[-2000:]
+    assert "'nvidia/no-such-model' is neither a local path nor a downloadable Hub model" in lines[0]
+
+
 def test_convert_transformers_refuses_a_recipe_that_does_not_fit(segformer_dir, tmp_path):
-    recipe = segformer_recipe(tmp_path)
-    result = run_cli("convert", "transformers", str(segformer_dir), "--recipe", str(recipe),
-                     "--out", str(tmp_path / "x.safetensors"), "--cfg-options",
-                     "model.decode_head.type=segformer")  # fmt: skip
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert "does not fit the recipe's model" in lines[0]
-    assert "decode_head.convs.0.bn.bias" in lines[0]  # the first model tensors not filled
-    assert "decode_head.linear_c.0.weight" in lines[0]  # and source tensors left unused
-    assert not (tmp_path / "x.safetensors").exists()
+    """mmseg's SegformerHead in the recipe: nothing is written, the first offenders are named."""
+    from hooktrain.zoo.convert import convert
+
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(UserError) as raised:
+        convert("transformers", str(segformer_dir), str(segformer_recipe(tmp_path)), out,
+                ["model.decode_head.type=segformer"])  # fmt: skip
+    message = str(raised.value)
+    assert "\n" not in message and "does not fit the recipe's model" in message
+    assert "decode_head.convs.0.bn.bias" in message  # the first model tensors not filled
+    assert "decode_head.linear_c.0.bias" in message  # and source tensors left unused
+    assert not out.exists()
 
 
 def test_mit_pretrained_downloads_nvidia_mit_through_the_hub_client(mit_dir, tmp_path):

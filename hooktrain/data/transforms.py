@@ -72,6 +72,7 @@ __all__ = [
     "decode_image",
     "decode_mask",
     "rescaled_size",
+    "scaled_size",
     "limit_opencv_threads",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -139,6 +140,21 @@ def rescaled_size(height: int, width: int, scale: Sequence[float]) -> tuple[int,
     """
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """``(new_h, new_w)`` of mmcv ``Resize(scale_factor=factor, keep_ratio=True)``.
+
+    mmcv first takes the target ``(int(w * factor + 0.5), int(h * factor + 0.5))``, then fits
+    the image into it keeping ratio (:func:`rescaled_size`), which can move a side by a pixel.
+    """
+    target = (int(width * factor + 0.5), int(height * factor + 0.5))
+    if min(target) < 1:
+        raise UserError(
+            f"an image of {height}x{width} scaled by {factor} is empty; "
+            "use larger factors in model.inference.scales"
+        )
+    return rescaled_size(height, width, target)
 
 
 _THREADS_LIMITED_IN: int | None = None
@@ -343,7 +359,8 @@ class ValTransform:
     ``__call__(image, mask)`` returns ``(float32 tensor [3, h, w], int64 tensor [H, W])``
     where ``(h, w) = rescaled_size(H, W, cfg.scale)`` and the mask keeps the original
     ``H x W`` (metrics are computed at the original size, as in mmseg). ``mask`` may be
-    None (prediction without ground truth); then the second element is None.
+    None (prediction without ground truth); then the second element is None. ``rescaled``
+    gives the multi-scale test's images (``model.inference.scales``).
     """
 
     def __init__(
@@ -363,9 +380,21 @@ class ValTransform:
             _check_image(image, example_id)
         else:
             mask = _check_pair(image, mask, example_id)
-        new_h, new_w = rescaled_size(image.shape[0], image.shape[1], self.cfg.scale)
+        size = rescaled_size(image.shape[0], image.shape[1], self.cfg.scale)
+        out = self._resize_normalise(image, size)
+        return out, None if mask is None else torch.from_numpy(mask.astype(np.int64))
+
+    def rescaled(self, image: np.ndarray, factor: float, *, example_id: Any = None) -> torch.Tensor:
+        """The image resized by ``factor`` as mmcv ``Resize(scale_factor=factor, keep_ratio=True)``
+        (see :func:`scaled_size`) instead of to ``cfg.scale``, normalised: float32 [3, h, w]."""
+        limit_opencv_threads()
+        _check_image(image, example_id)
+        return self._resize_normalise(image, scaled_size(image.shape[0], image.shape[1], factor))
+
+    def _resize_normalise(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        new_h, new_w = size
         if (new_h, new_w) != image.shape[:2]:
             image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         out = np.empty((3, new_h, new_w), np.float32)
         _normalise_into(image, self._norm, out)
-        return torch.from_numpy(out), None if mask is None else torch.from_numpy(mask.astype(np.int64))
+        return torch.from_numpy(out)

@@ -10,8 +10,10 @@ a Hub split can be cached locally with ``streaming: false``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from hooktrain.data.config import DataConfig
@@ -30,13 +32,37 @@ from hooktrain.data.transforms import ValTransform
 from hooktrain.errors import UserError
 
 
-class ValExamples(torch.utils.data.IterableDataset):
-    """One rank's share of the validation split; each worker yields its own rows."""
+class ScaledViews:
+    """The multi-scale test's inputs of one image, made one at a time when iterated.
 
-    def __init__(self, base, cfg: DataConfig, *, rank: int, world_size: int) -> None:
+    Holds the original uint8 image (small, picklable across DataLoader workers); each step
+    of an iteration yields it resized by the next factor and normalised, float32 [3, h, w]
+    (:meth:`ValTransform.rescaled`), so the variants never all exist at once.
+    """
+
+    def __init__(self, image: np.ndarray, factors: Sequence[float], transform: ValTransform, example_id: Any = None):
+        self.image, self.factors = image, list(factors)
+        self.transform, self.example_id = transform, example_id
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for factor in self.factors:
+            yield self.transform.rescaled(self.image, factor, example_id=self.example_id)
+
+
+class ValExamples(torch.utils.data.IterableDataset):
+    """One rank's share of the validation split; each worker yields its own rows. With
+    ``scales``, each example also carries ``views``: :class:`ScaledViews` of its image."""
+
+    def __init__(
+        self, base, cfg: DataConfig, *, rank: int, world_size: int, scales: Sequence[float] | None = None
+    ) -> None:
         super().__init__()
         self.base, self.cfg = base, cfg
         self.rank, self.world_size = rank, world_size
+        self.scales = None if scales is None else list(scales)
         self.decode = ExampleDecoder(cfg)
         self.transform = ValTransform(cfg.val.pipeline, mean=cfg.mean, std=cfg.std)
 
@@ -54,8 +80,11 @@ class ValExamples(torch.utils.data.IterableDataset):
                     raise corrupt_cap_error(corrupt, self.cfg, str(exc)) from None
                 continue
             image_t, mask_t = self.transform(image, mask, example_id=raw.example_id)
-            yield {"image": image_t, "mask": mask_t, "index": index,
-                   "ori_shape": tuple(mask.shape[:2]), "worker": worker, "corrupt": corrupt}  # fmt: skip
+            example = {"image": image_t, "mask": mask_t, "index": index,
+                       "ori_shape": tuple(mask.shape[:2]), "worker": worker, "corrupt": corrupt}  # fmt: skip
+            if self.scales is not None:
+                example["views"] = ScaledViews(image, self.scales, self.transform, raw.example_id)
+            yield example
 
 
 def _pad_stack(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
@@ -71,7 +100,7 @@ def make_val_collate(ignore_index: int):
     """Collate function padding images with 0 and masks with ``ignore_index`` (bottom/right)."""
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
+        batch = {
             "image": _pad_stack([e["image"] for e in examples], 0.0),
             "mask": _pad_stack([e["mask"] for e in examples], ignore_index),
             "img_shapes": [tuple(e["image"].shape[-2:]) for e in examples],
@@ -80,6 +109,9 @@ def make_val_collate(ignore_index: int):
             "_worker": examples[-1]["worker"],
             "_corrupt": examples[-1]["corrupt"],
         }
+        if "views" in examples[0]:
+            batch["views"] = [e["views"] for e in examples]
+        return batch
 
     return collate
 
@@ -89,7 +121,8 @@ class ValLoader:
 
     Batch: ``{"image": float32 [B,3,h,w] padded with 0, "mask": int64 [B,H,W] original size
     padded with ignore_index, "img_shapes": [(h_i, w_i)], "ori_shapes": [(H_i, W_i)],
-    "index": int64 [B] global example index}``.
+    "index": int64 [B] global example index}``, plus ``"views": [ScaledViews]`` when built
+    with ``scales`` (the multi-scale test).
     """
 
     def __init__(self, dataset: ValExamples, cfg: DataConfig) -> None:
@@ -114,11 +147,14 @@ class ValLoader:
             raise reraise_user_error(exc) from None
 
 
-def build_val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> ValLoader:
-    """The validation loader of process ``rank`` of ``world_size`` (see :class:`ValLoader`)."""
+def build_val_loader(
+    cfg: DataConfig, *, rank: int = 0, world_size: int = 1, scales: Sequence[float] | None = None
+) -> ValLoader:
+    """The validation loader of process ``rank`` of ``world_size`` (see :class:`ValLoader`);
+    with ``scales`` (``model.inference.scales``) its batches also carry each image's views."""
     if cfg.val is None:
         raise UserError("the recipe has no data.val section; add one to evaluate")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     base = load_source(cfg.val.source, where="data.val.source")
-    return ValLoader(ValExamples(base, cfg, rank=rank, world_size=world_size), cfg)
+    return ValLoader(ValExamples(base, cfg, rank=rank, world_size=world_size, scales=scales), cfg)

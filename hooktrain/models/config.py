@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -209,18 +209,52 @@ class AuxHeadConfig(FCNHeadConfig):
 
 
 class InferenceConfig(Section):
-    """How ``Segmentor.predict`` turns an image into logits."""
+    """How ``Segmentor.predict`` turns an image into class scores.
+
+    With neither ``scales`` nor ``flip`` the prediction is the logits of the val pipeline's
+    image. Otherwise it is test-time augmentation as MMSegmentation 1.x's ``SegTTAModel``:
+    each variant's logits are resized to the original size and turned into probabilities
+    (softmax; sigmoid for one class), and the prediction is their mean.
+    """
+
+    # MMSegmentation's ADE20K tta_pipeline (img_ratios), used by `hooktrain test --tta`.
+    MMSEG_SCALES: ClassVar[tuple[float, ...]] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
     mode: Literal["whole", "slide"] = Field("whole", description="Whole image at once, or sliding windows.")
     crop_size: tuple[int, int] = Field((512, 512), description="Slide window size (h, w).")
     stride: tuple[int, int] = Field((341, 341), description="Slide window stride (h, w).")
-    flip: bool = Field(False, description="Also predict the horizontally flipped image and average the logits.")
+    flip: bool = Field(
+        False,
+        description="Also predict the horizontally flipped image (of every scale) and average the "
+        "probabilities, as MMSegmentation's TTA does.",
+    )
+    scales: list[float] | None = Field(
+        None,
+        description="Multi-scale test: resize the original image by each factor (mmcv "
+        "Resize(scale_factor, keep_ratio=True)) instead of to data.val.pipeline.scale, and average "
+        "the probabilities, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]; null = one scale.",
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, scales: list[float] | None) -> list[float] | None:
+        if scales is not None and (not scales or min(scales) <= 0):
+            raise ValueError(
+                f"{scales} is not a list of factors > 0; give e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "
+                "or null for one scale"
+            )
+        return scales
 
     @model_validator(mode="after")
     def _positive_windows(self) -> InferenceConfig:
         if min(*self.crop_size, *self.stride) < 1:
             raise ValueError(f"crop_size {self.crop_size} and stride {self.stride} must be positive")
         return self
+
+    def with_tta(self) -> InferenceConfig:
+        """This config with MMSegmentation's test-time augmentation: its ``scales`` (or
+        :attr:`MMSEG_SCALES` when null) and ``flip``."""
+        return self.model_copy(update={"scales": list(self.scales or self.MMSEG_SCALES), "flip": True})
 
 
 class ModelConfig(Section):

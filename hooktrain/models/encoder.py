@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
-import os
-import socket
 from pathlib import Path
-from unittest import mock
-from urllib.parse import urlparse
 
 import timm
 import torch
@@ -19,10 +14,9 @@ from hooktrain.errors import UserError, did_you_mean
 from hooktrain.models.config import EncoderConfig
 from hooktrain.models.mit import MIT_TO_TIMM, create_mit, hub_repo, is_mit
 from hooktrain.zoo.backbones import backbone_state, detect_format, to_encoder_keys, to_timm
+from hooktrain.zoo.hub import HubUnavailable, download_weights, offline_if_unreachable
 
 logger = logging.getLogger(__name__)
-
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def build_encoder(cfg: EncoderConfig) -> nn.Module:
@@ -65,34 +59,8 @@ def _create(name: str, **kwargs) -> nn.Module:
         ) from err
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check of the Hub endpoint, so an unreachable Hub fails in seconds rather than
-    after huggingface_hub's ~46 s of retries. Behind a proxy, trust the proxy and say yes."""
-    from huggingface_hub import constants
-
-    if any(os.environ.get(var) for var in _PROXY_VARS):
-        return True
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _offline_if_unreachable() -> tuple[bool, contextlib.AbstractContextManager]:
-    """Whether the Hub is out of reach, and a context that makes huggingface_hub offline then
-    (offline, it still serves files already in the local cache)."""
-    from huggingface_hub import constants
-
-    offline = bool(constants.HF_HUB_OFFLINE) or not _hub_reachable()
-    patch = mock.patch.object(constants, "HF_HUB_OFFLINE", True) if offline else contextlib.nullcontext()
-    return offline, patch
-
-
 def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
-    offline, patch = _offline_if_unreachable()
+    offline, patch = offline_if_unreachable()
     try:
         with patch:
             return _create(name, pretrained=True, **kwargs)
@@ -113,21 +81,12 @@ def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
 def _mit_from_hub(name: str, kwargs: dict) -> nn.Module:
     """MiT with NVIDIA's ImageNet weights (``nvidia/mit-bX``, transformers format) from the Hub,
     converted on load. timm's ``pvt_v2`` weights do not fit: their FFNs are wider."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     repo = hub_repo(name)
-    offline, patch = _offline_if_unreachable()
     try:
-        with patch:
-            try:
-                path = Path(hf_hub_download(repo, "model.safetensors"))
-            except EntryNotFoundError:  # older repos hold only the torch file
-                path = Path(hf_hub_download(repo, "pytorch_model.bin"))
-    except (OSError, EntryNotFoundError) as err:
-        where = "the Hugging Face Hub is offline or unreachable" if offline else str(err).splitlines()[0]
+        path = download_weights(repo)
+    except HubUnavailable as err:
         raise UserError(
-            f"model.encoder: pretrained weights for '{name}' ({repo}) could not be downloaded ({where}); "
+            f"model.encoder: pretrained weights for '{name}' ({repo}) could not be downloaded ({err}); "
             "set model.encoder.pretrained_path to a local MiT checkpoint, or model.encoder.pretrained: false"
         ) from err
     state = backbone_state(timm.models.load_state_dict(str(path), use_ema=False))

@@ -1,8 +1,16 @@
-"""Whole-image and sliding-window inference with optional flip averaging (mmseg semantics)."""
+"""Whole-image and sliding-window inference, and test-time augmentation (mmseg 1.x semantics).
+
+Without ``scales`` or ``flip`` a prediction is the logits of the val pipeline's image, resized
+to the original size. With them it is MMSegmentation 1.x's ``SegTTAModel``: every variant (each
+scale, each without and with a horizontal flip) runs the usual whole/slide inference, its
+logits are flipped back, resized (bilinear) to the original size and turned into probabilities
+(softmax; sigmoid for one output channel), and the prediction is the mean of those
+probabilities. Variants run one after another into one running sum at the original size.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -31,7 +39,9 @@ def slide_windows(
     return windows
 
 
-def slide_logits(logits_fn: LogitsFn, image: torch.Tensor, crop: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+def slide_logits(
+    logits_fn: LogitsFn, image: torch.Tensor, crop: Sequence[int], stride: Sequence[int]
+) -> torch.Tensor:
     """Sliding-window logits of one image [1,3,H,W]: window logits summed into place and divided
     by how many windows cover each pixel. All windows share a size, so they run as one batch."""
     height, width = image.shape[-2:]
@@ -46,6 +56,57 @@ def slide_logits(logits_fn: LogitsFn, image: torch.Tensor, crop: Sequence[int], 
     return total / count
 
 
+def image_logits(
+    logits_fn: LogitsFn,
+    image: torch.Tensor,
+    cfg: InferenceConfig,
+    *,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Float32 logits [1,C,h,w] of one image [1,3,h,w] by ``cfg.mode``; with ``flip`` the
+    image is flipped horizontally first and its logits flipped back."""
+    image = image.flip(-1) if flip else image
+    if cfg.mode == "whole":
+        logits = logits_fn(image).float()
+    else:
+        logits = slide_logits(logits_fn, image, cfg.crop_size, cfg.stride)
+    return logits.flip(-1) if flip else logits
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class dimension (dim 0 of [C,H,W]); sigmoid for one channel (mmseg)."""
+    return logits.sigmoid() if logits.shape[0] == 1 else logits.softmax(dim=0)
+
+
+class ProbabilityMean:
+    """Running mean of the variants' probabilities of one image at its original size."""
+
+    def __init__(self, ori_shape: Sequence[int], align_corners: bool) -> None:
+        self.ori_shape = (int(ori_shape[0]), int(ori_shape[1]))
+        self.align_corners = align_corners
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, logits: torch.Tensor) -> None:
+        """Add one variant's logits [1,C,h,w] (already flipped back): resized, then softmax."""
+        probs = probabilities(
+            resize(logits.float(), self.ori_shape, self.align_corners)[0].float()
+        )
+        self.total = probs if self.total is None else self.total.add_(probs)
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        """The mean probabilities [C,H,W] (float32)."""
+        if self.total is None:
+            raise ValueError("no variant was added")
+        return self.total / self.count
+
+
+def flips(cfg: InferenceConfig) -> tuple[bool, ...]:
+    """The flip variants of each scale: without, then (with ``cfg.flip``) with (mmseg's order)."""
+    return (False, True) if cfg.flip else (False,)
+
+
 def predict_logits(
     logits_fn: LogitsFn,
     image: torch.Tensor,
@@ -54,19 +115,25 @@ def predict_logits(
     cfg: InferenceConfig,
     align_corners: bool,
 ) -> list[torch.Tensor]:
-    """Per-image float32 logits ``[C, H_i, W_i]`` at each original size.
+    """Per-image float32 scores ``[C, H_i, W_i]`` at each original size: logits, or with
+    ``cfg.flip`` the mean probabilities of the image and its flip (argmax is the prediction
+    either way).
 
     ``image`` is a padded batch whose i-th image fills the top-left ``img_shapes[i]``. ``whole``
     runs the images of each size together, cropped out of the padding (unlike mmseg 1.x, which
     runs the padded batch, so its predictions depend on the batch); ``slide`` runs each image's
-    own region. With
-    ``flip``, the logits of the horizontally flipped input are flipped back and averaged with the
-    plain ones (mmseg 1.x's TTA also averages logits). The padding is then cropped away and the
-    logits are resized to ``ori_shapes[i]``.
+    own region. With ``flip``, the logits of the horizontally flipped input are flipped back;
+    each variant's logits are resized to ``ori_shapes[i]``, turned into probabilities and
+    averaged, as MMSegmentation 1.x's TTA (flip exists only there) does. ``cfg.scales`` needs
+    the original images: use :func:`predict_scales`.
     """
     if len(img_shapes) != image.shape[0] or len(ori_shapes) != image.shape[0]:
         raise ValueError(
             f"batch of {image.shape[0]} images with {len(img_shapes)} img_shapes and {len(ori_shapes)} ori_shapes"
+        )
+    if cfg.scales is not None:
+        raise ValueError(
+            "inference.scales rescales the original images: predict with predict_scales"
         )
 
     def whole(flip: bool) -> list[torch.Tensor]:
@@ -78,23 +145,48 @@ def predict_logits(
         for i, shape in enumerate(img_shapes):
             groups.setdefault((int(shape[0]), int(shape[1])), []).append(i)
         for (h, w), members in groups.items():
-            crops = image[members, :, :h, :w]
-            logits = logits_fn(crops.flip(-1) if flip else crops).float()
-            logits = logits.flip(-1) if flip else logits
+            logits = image_logits(logits_fn, image[members, :, :h, :w], cfg, flip=flip)
             for k, i in enumerate(members):
                 outputs[i] = logits[k : k + 1]
         return outputs
 
     def slide(flip: bool) -> list[torch.Tensor]:
-        outputs = []
-        for i, (h, w) in enumerate(img_shapes):
-            crop = image[i : i + 1, :, :h, :w]
-            logits = slide_logits(logits_fn, crop.flip(-1) if flip else crop, cfg.crop_size, cfg.stride)
-            outputs.append(logits.flip(-1) if flip else logits)
-        return outputs
+        return [
+            image_logits(logits_fn, image[i : i + 1, :, :h, :w], cfg, flip=flip)
+            for i, (h, w) in enumerate(img_shapes)
+        ]
 
     infer = whole if cfg.mode == "whole" else slide
-    outputs = infer(False)
-    if cfg.flip:
-        outputs = [(a + b) / 2 for a, b in zip(outputs, infer(True))]
-    return [resize(out, tuple(ori), align_corners)[0] for out, ori in zip(outputs, ori_shapes)]
+    if not cfg.flip:
+        return [
+            resize(out, tuple(ori), align_corners)[0]
+            for out, ori in zip(infer(False), ori_shapes)
+        ]
+    means = [ProbabilityMean(ori, align_corners) for ori in ori_shapes]
+    for flip in flips(cfg):
+        for mean, logits in zip(means, infer(flip)):
+            mean.add(logits)
+    return [mean.mean() for mean in means]
+
+
+@torch.no_grad()
+def predict_scales(
+    logits_fn: LogitsFn,
+    views: Iterable[torch.Tensor],
+    ori_shape: Sequence[int],
+    cfg: InferenceConfig,
+    align_corners: bool,
+) -> torch.Tensor:
+    """Mean probabilities ``[C, H, W]`` (float32) of one image over its scaled ``views``.
+
+    ``views`` yields the image at each of ``cfg.scales``, normalised, ``[1,3,h,w]`` on the
+    model's device (see ``ValTransform.rescaled``); it may be a generator, so only one view is
+    made and held at a time. Each view runs ``cfg.mode`` inference, also flipped with
+    ``cfg.flip``; every variant's logits are flipped back, resized to ``ori_shape`` and
+    softmaxed into one running sum (mmseg ``SegTTAModel.merge_preds``).
+    """
+    mean = ProbabilityMean(ori_shape, align_corners)
+    for view in views:
+        for flip in flips(cfg):
+            mean.add(image_logits(logits_fn, view, cfg, flip=flip))
+    return mean.mean()

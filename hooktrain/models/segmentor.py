@@ -69,7 +69,10 @@ class Segmentor(nn.Module):
     def predict(
         self, image: torch.Tensor, img_shapes: Sequence[Sequence[int]], ori_shapes: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
-        """Float32 logits ``[C, H_i, W_i]`` per image at its original size ``ori_shapes[i]``.
+        """Float32 scores ``[C, H_i, W_i]`` per image at its original size ``ori_shapes[i]``: logits,
+        or with ``flip`` the mean class probabilities (MMSegmentation's TTA); argmax is the
+        prediction either way. Multi-scale (``inference.scales``) needs the original images and
+        goes through :func:`hooktrain.models.inference.predict_scales`.
 
         ``image`` is a padded batch [B,3,h,w] whose i-th image fills the top-left ``img_shapes[i]``;
         see :func:`hooktrain.models.inference.predict_logits` for the whole/slide/flip details.

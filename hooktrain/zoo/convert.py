@@ -16,6 +16,7 @@ import torch
 
 from hooktrain.errors import UserError
 from hooktrain.zoo.backbones import StateDict, to_encoder_keys
+from hooktrain.zoo.hub import WEIGHT_FILES, HubUnavailable, download_weights
 from hooktrain.zoo.segmentors import UnknownKeys, from_mmseg, from_transformers
 
 SHOWN = 5  # offending keys named in an error
@@ -54,27 +55,20 @@ def transformers_weights(source: str) -> StateDict:
     repository id downloaded through huggingface_hub (``model.safetensors`` or the torch file)."""
     path = Path(source)
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        for name in WEIGHT_FILES:
             if (path / name).is_file():
                 return load_torch_file(path / name, "convert transformers")
         raise UserError(f"convert transformers: {path} has no model.safetensors or pytorch_model.bin")
     if path.is_file():
         return load_torch_file(path, "convert transformers")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     try:
-        try:
-            file = hf_hub_download(source, "model.safetensors")
-        except EntryNotFoundError:
-            file = hf_hub_download(source, "pytorch_model.bin")
-    except (OSError, EntryNotFoundError, ValueError) as err:
+        file = download_weights(source)
+    except HubUnavailable as err:
         raise UserError(
-            f"convert transformers: '{source}' is neither a local path nor a downloadable Hub model "
-            f"({str(err).strip().splitlines()[0]}); give a directory with model.safetensors or a Hub id "
-            "such as nvidia/segformer-b0-finetuned-ade-512-512"
+            f"convert transformers: '{source}' is neither a local path nor a downloadable Hub model ({err}); "
+            "give a directory with model.safetensors or a Hub id such as nvidia/segformer-b0-finetuned-ade-512-512"
         ) from None
-    return load_torch_file(Path(file), "convert transformers")
+    return load_torch_file(file, "convert transformers")
 
 
 def fit_to_model(converted: StateDict, model: torch.nn.Module, source: str) -> StateDict:
