@@ -36,16 +36,10 @@ from hooktrain.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from mmseg_ref import ZOO_CONFIGS  # noqa: E402
 from mmseg_ref.env import MmsegEnv  # noqa: E402
 
-CONFIGS = [
-    "segformer_mit-b0_8xb2-160k_ade20k-512x512",
-    "upernet_r50_4xb4-160k_ade20k-512x512",
-    "deeplabv3plus_r50-d8_4xb4-160k_ade20k-512x512",
-    "pspnet_r50-d8_4xb4-160k_ade20k-512x512",
-    "fcn_r50-d8_4xb4-160k_ade20k-512x512",
-    "fpn_r50_4xb4-160k_ade20k-512x512",
-]
+CONFIGS = ZOO_CONFIGS
 INFERENCE_CONFIGS = CONFIGS[:2]
 REFERENCE = ROOT / "tests" / "mmseg_ref" / "reference.py"
 

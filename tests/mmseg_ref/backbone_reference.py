@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from mmseg.models.backbones import MixVisionTransformer, ResNetV1c
+from reference import randomise  # the launcher puts this directory on sys.path
 
 BACKBONES = {
     "mit_b1": lambda: MixVisionTransformer(embed_dims=64, num_layers=[2, 2, 2, 2], num_heads=[1, 2, 5, 8]),
@@ -26,19 +27,6 @@ BACKBONES = {
         contract_dilation=True,  # as the D8 configs
     ),
 }
-
-
-def randomise(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim > 1:
-                param.normal_(0, param[0].numel() ** -0.5)
-            else:
-                param.uniform_(0.5, 1.0)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
 
 
 def main(out: Path) -> None:

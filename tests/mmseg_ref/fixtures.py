@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mmseg_ref import ZOO_CONFIGS
 from mmseg_ref.env import MmsegEnv
 
 
@@ -21,14 +22,7 @@ def mmseg_env() -> MmsegEnv:
     return MmsegEnv.install()
 
 
-CONFIGS = [
-    "segformer_mit-b0_8xb2-160k_ade20k-512x512",
-    "upernet_r50_4xb4-160k_ade20k-512x512",
-    "deeplabv3plus_r50-d8_4xb4-160k_ade20k-512x512",
-    "pspnet_r50-d8_4xb4-160k_ade20k-512x512",
-    "fcn_r50-d8_4xb4-160k_ade20k-512x512",
-    "fpn_r50_4xb4-160k_ade20k-512x512",
-]
+CONFIGS = ZOO_CONFIGS
 # DeepLabV3 has no recipe of its own here: PSPNet's with the ASPP head.
 DEEPLABV3 = "deeplabv3_r50-d8_4xb4-160k_ade20k-512x512"
 DEEPLABV3_HEAD = (

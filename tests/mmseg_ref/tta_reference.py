@@ -31,6 +31,7 @@ from mmengine import Config, ConfigDict
 from mmengine.dataset import Compose, pseudo_collate
 from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
+from reference import randomise  # the launcher puts this directory on sys.path
 
 CONFIGS = Path(__import__("mmseg").__file__).parent / ".mim" / "configs"
 SIZE_GRID = [(97, 131), (21, 22), (61, 45), (333, 500), (480, 640), (512, 683), (7, 9)]
@@ -48,22 +49,6 @@ def plain_batch_norm(node):
         for value in node:
             plain_batch_norm(value)
     return node
-
-
-@torch.no_grad()
-def randomise(model: torch.nn.Module) -> None:
-    """Random weights (N(0, 1/fan_in)), biases, norm weights and BN statistics: logits of order 1."""
-    for name, param in model.named_parameters():
-        if param.ndim > 1:
-            param.normal_(0, param[0].numel() ** -0.5)
-        elif name.endswith("bias"):
-            param.normal_(0, 0.1)
-        else:
-            param.uniform_(0.5, 1.5)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
 
 
 def tta_pipeline(cfg: Config, ratios: list[float] | None) -> list[dict]:
