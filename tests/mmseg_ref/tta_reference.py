@@ -31,24 +31,11 @@ from mmengine import Config, ConfigDict
 from mmengine.dataset import Compose, pseudo_collate
 from mmseg.registry import MODELS
 from mmseg.utils import register_all_modules
-from reference import randomise  # the launcher puts this directory on sys.path
+from reference import plain_batch_norm, randomise  # the launcher puts this directory on sys.path
 
 CONFIGS = Path(__import__("mmseg").__file__).parent / ".mim" / "configs"
 SIZE_GRID = [(97, 131), (21, 22), (61, 45), (333, 500), (480, 640), (512, 683), (7, 9)]
 RATIO_GRID = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 0.6, 0.9, 1.1, 2.0]
-
-
-def plain_batch_norm(node):
-    """SyncBN -> BN everywhere in a config (one CPU process)."""
-    if isinstance(node, dict):
-        if node.get("type") in ("SyncBN", "MMSyncBN"):
-            node["type"] = "BN"
-        for value in node.values():
-            plain_batch_norm(value)
-    elif isinstance(node, list | tuple):
-        for value in node:
-            plain_batch_norm(value)
-    return node
 
 
 def tta_pipeline(cfg: Config, ratios: list[float] | None) -> list[dict]:
