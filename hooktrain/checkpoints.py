@@ -37,12 +37,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from hooktrain.hooks import LoadedHook, Runner
 from hooktrain.recipe import dump_recipe
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
 
 CHECKPOINTS = "checkpoints"
@@ -131,6 +130,14 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def give_default_mode(file: Path) -> None:
+    """Give ``file`` the mode a plain ``open()`` would (0666 less the umask). safetensors
+    creates its files 0600, unlike every other file of a checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
+
+
 def fsync_tree(path: Path) -> None:
     """Flush every file under ``path`` (and the directory entries) to disk before a rename."""
     for root, _, files in os.walk(path):
@@ -203,8 +210,12 @@ def expected_files(world_size: int) -> list[str]:
 def save_state(runner: Runner, directory: Path) -> None:
     """Write everything a resume needs into ``directory`` (every rank calls it; see the
     module doc for the files)."""
+    import torch
+
     accelerator = runner.accelerator
     accelerator.save_state(str(directory))
+    if accelerator.is_main_process:
+        give_default_mode(directory / WEIGHTS)
     torch.save(runner.train_stream.state_dict(), directory / data_state_file(accelerator.process_index))
     if accelerator.is_main_process:
         torch.save({key: h.hook.state_dict() for key, h in hook_keys(runner.hooks)}, directory / HOOKS)
@@ -218,6 +229,8 @@ def load_state(runner: Runner, directory: Path) -> str:
     states and the data stream's position. Returns how the stream resumed: ``"exact"``, or
     ``"elastic"`` when the number of processes or workers changed (the pass goes on without
     repeating or skipping an example, in another order)."""
+    import torch
+
     runner.accelerator.load_state(str(directory))
     train_state = json.loads((directory / TRAIN_STATE).read_text())
     saved_world = train_state.pop("world_size", 1)
@@ -293,6 +306,7 @@ def save_best(runner: Runner, best: dict[str, Any]) -> Path:
     tmp.mkdir(parents=True)
     state = runner.unwrapped_model.state_dict()
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
+    give_default_mode(tmp / WEIGHTS)
     (tmp / "best.json").write_text(json.dumps(best, indent=1))
     (tmp / "recipe.yaml").write_text(_recipe_text(runner))
     fsync_tree(tmp)

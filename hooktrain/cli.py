@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from hooktrain.errors import RunError, UserError
 
@@ -61,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over in a work dir that holds checkpoints (they are moved aside)",
     )
 
-    config = sub.add_parser("config", help="print the resolved, validated recipe")
+    config = sub.add_parser(
+        "config",
+        help="print the resolved recipe after the checks a run makes before it starts (schema, hook "
+        "options, encoder and heads on the meta device, load_from's shapes)",
+    )
     _add_recipe_args(config)
 
     test = sub.add_parser("test", help="evaluate a checkpoint on the validation split")
@@ -173,10 +178,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 @command("train")
 def train_command(args: argparse.Namespace) -> int:
     from hooktrain.recipe import load_recipe
+    from hooktrain.workdir import check_work_dir
+
+    recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
+    check_work_dir(Path(recipe.work_dir), force=args.force, resume=bool(args.resume))  # before the slow imports
     from hooktrain.runner import IterRunner
     from hooktrain.signals import EXIT_CODES
 
-    recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
     runner = IterRunner.from_recipe(recipe, resume=args.resume, force=args.force)
     try:
         stopped_by = runner.run()
@@ -190,20 +198,26 @@ def train_command(args: argparse.Namespace) -> int:
 def config_command(args: argparse.Namespace) -> int:
     from hooktrain.recipe import dump_recipe, load_recipe
 
-    print(dump_recipe(load_recipe(args.recipe, args.cfg_options, args.work_dir)), end="")
+    recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
+    from hooktrain.preflight import preflight  # imports torch and timm: after the fast checks
+
+    preflight(recipe)
+    print(dump_recipe(recipe), end="")
     return 0
 
 
 @command("test")
 def test_command(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from hooktrain.hooks import resolve_hook_class, validate_hook_options
     from hooktrain.recipe import load_recipe
-    from hooktrain.runner import IterRunner
+    from hooktrain.weights import read_shapes, weights_file
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
+    read_shapes(weights_file(args.checkpoint))  # a wrong file is refused before the slow imports
+    from hooktrain.runner import IterRunner
+
     if args.tta:
         recipe.model.inference = recipe.model.inference.with_tta()
     runner = IterRunner.for_evaluation(recipe, args.checkpoint)

@@ -1,6 +1,11 @@
 """Hooks: the plugin surface of the runner.
 
-The loop, exactly as ``IterRunner.run`` executes it, with the stage each hook method fires at::
+Before anything is written, two checks let a hook refuse a run that cannot work::
+
+    check_recipe(recipe, hooks)                 # when the recipe is validated (hooktrain config too)
+    check_run(runner)                           # runner built, work dir not yet touched
+
+Then the loop, exactly as ``IterRunner.run`` executes it, with the stage each hook method fires at::
 
     before_run(runner)                          # after the model, optimizer and data are ready
     try:
@@ -23,9 +28,9 @@ The loop, exactly as ``IterRunner.run`` executes it, with the stage each hook me
 
     on_log(runner, values, step)                 # whenever anything calls runner.log(...)
 
-Every method receives the runner (the ``Runner`` protocol below), which exposes ``accelerator``, ``model``, ``optimizer``,
-``scheduler``, ``train_stream``, ``state`` (a ``TrainState``), ``work_dir``, ``recipe`` and
-``log()``. Hooks run in ascending ``priority`` (lower first), ties in recipe order, so an
+Every method receives the runner (the ``Runner`` protocol below), which exposes
+``accelerator``, ``model``, ``optimizer``, ``scheduler``, ``train_stream``, ``state`` (a
+``TrainState``), ``work_dir``, ``recipe`` and ``log()``. Hooks run in ascending ``priority`` (lower first), ties in recipe order, so an
 evaluation hook (``HIGH``) publishes its metrics before a checkpoint hook (``NORMAL``) reads
 them in the same iteration. A hook that carries state across a resume implements
 ``state_dict`` / ``load_state_dict``.
@@ -41,16 +46,17 @@ import importlib
 import inspect
 import logging
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import pydantic
 
 from hooktrain.errors import UserError, did_you_mean
+from hooktrain.schema_errors import key_path, locate
 
 logger = logging.getLogger("hooktrain")
 
@@ -110,6 +116,16 @@ class Hook:
     #: Lower runs first. A recipe may override it with ``priority:`` (a number or a name
     #: from ``PRIORITIES``).
     priority: int = PRIORITIES["NORMAL"]
+
+    def check_recipe(self, recipe: Any, hooks: list[LoadedHook]) -> None:
+        """Refuse settings that cannot work with the rest of the recipe or with the other
+        ``hooks`` (in run order) by raising ``UserError``. Runs whenever a recipe is validated,
+        ``hooktrain config`` included, before anything is built: keep it cheap, read no data."""
+
+    def check_run(self, runner: Runner) -> None:
+        """Find problems that would fail the run later (bad validation data, say) and raise
+        ``UserError``. Runs on every rank once the runner is built, before the run writes to
+        its work dir; write nothing here."""
 
     def before_run(self, runner: Runner) -> None:
         """Once, before the first iteration (also on resume)."""
@@ -216,7 +232,7 @@ def resolve_hook_class(type_name: str) -> type[Hook]:
 def _arguments_model(cls: type[Hook]) -> type[pydantic.BaseModel]:
     """A strict pydantic model of the hook's ``__init__`` keyword arguments."""
     signature = inspect.signature(cls.__init__)
-    hints = typing.get_type_hints(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
     fields: dict[str, Any] = {}
     for name, param in list(signature.parameters.items())[1:]:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -241,22 +257,25 @@ def parse_priority(value: int | str, where: str) -> int:
 
 
 def validate_hook_options(cls: type[Hook], options: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check recipe options against the hook's constructor; return them validated."""
+    """Check recipe options against the hook's constructor; return them validated.
+    ``where`` is the hook's place in the recipe (``hooks[0]``), the prefix of every key named."""
     model = _arguments_model(cls)
     try:
         return dict(model.model_validate(options))
     except pydantic.ValidationError as exc:
         error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
-        key = ".".join(str(p) for p in error["loc"])
+        loc = tuple(error["loc"])
         if error["type"] == "extra_forbidden":
+            path, valid = locate(model, options, loc[:-1])
+            nested = f" {key_path([where, *path])}" if path else ""
             raise UserError(
-                f"unknown option '{where}.{key}' for hook {cls.__name__}"
-                f"{did_you_mean(key, model.model_fields)}; "
-                f"valid options: {', '.join(model.model_fields) or 'none'}"
+                f"unknown option '{key_path([where, *path, loc[-1]])}' for hook {cls.__name__}"
+                f"{did_you_mean(str(loc[-1]), valid)}; valid options{nested}: {', '.join(valid) or 'none'}"
             ) from None
+        key = key_path([where, *locate(model, options, loc)[0]])
         if error["type"] == "missing":
-            raise UserError(f"{where}.{key}: required option of hook {cls.__name__} is missing") from None
-        raise UserError(f"{where}.{key}: {error['msg']} (got {error.get('input')!r})") from None
+            raise UserError(f"{key}: required option of hook {cls.__name__} is missing") from None
+        raise UserError(f"{key}: {error['msg']} (got {error.get('input')!r})") from None
 
 
 @dataclass

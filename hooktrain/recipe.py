@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-import typing
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +20,11 @@ from pydantic import BaseModel, Field, field_validator
 
 from hooktrain.config_base import Section
 from hooktrain.data.config import DataConfig
-from hooktrain.errors import UserError, did_you_mean
-from hooktrain.hooks import parse_priority, resolve_hook_class, validate_hook_options
+from hooktrain.errors import UserError
+from hooktrain.hooks import LoadedHook, build_hooks
 from hooktrain.models.config import ModelConfig
-from hooktrain.optim import OptimizerConfig, ScheduleConfig
+from hooktrain.optim_config import OptimizerConfig, ScheduleConfig
+from hooktrain.schema_errors import describe
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -89,8 +90,9 @@ class Recipe(Section):
     )
     load_from: str | None = Field(
         None, description="Weights to start from (fine-tuning): a .safetensors file or a "
-        "checkpoint directory; optimizer and progress are not loaded. Missing and unexpected "
-        "keys are reported."
+        "checkpoint directory; optimizer and progress are not loaded. Every tensor whose name and "
+        "shape fit is loaded; the rest (e.g. decode_head.conv_seg.* for another class count) keeps "
+        "its initialisation and is listed in one log line."
     )
     model: ModelConfig = Field(description="The segmentor.")
     data: DataConfig = Field(description="Datasets, transforms and loaders.")
@@ -100,6 +102,10 @@ class Recipe(Section):
     hooks: list[HookSpec] = Field(
         default_factory=list, description="Hooks in the order they run on equal priority."
     )
+
+    def build_hooks(self) -> list[LoadedHook]:
+        """The recipe's hooks, built and in run order (options checked against each hook)."""
+        return build_hooks([spec.model_dump(exclude_none=True) for spec in self.hooks])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what is written to ``<work_dir>/recipe.yaml``)."""
@@ -162,7 +168,8 @@ def load_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[st
 def apply_cfg_options(cfg: dict[str, Any], options: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides; values are parsed as YAML (``x=[1,2]``, ``y=null``).
 
-    A numeric path part indexes a list (``hooks.0.interval=5``).
+    A numeric path part indexes a list: ``hooks.0.interval=5`` or ``hooks[0].interval=5``
+    (the spelling errors print).
     """
     cfg = copy.deepcopy(cfg)
     for option in options:
@@ -173,7 +180,7 @@ def apply_cfg_options(cfg: dict[str, Any], options: list[str]) -> dict[str, Any]
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise UserError(f"--cfg-options '{option}': the value is not valid YAML") from None
-        parts = key.split(".")
+        parts = _key_parts(key, option)
         node: Any = cfg
         for depth, part in enumerate(parts[:-1]):
             node = _child(node, part, create=True, where=".".join(parts[: depth + 1]))
@@ -183,6 +190,18 @@ def apply_cfg_options(cfg: dict[str, Any], options: list[str]) -> dict[str, Any]
         else:
             node[last] = value
     return cfg
+
+
+_KEY = re.compile(r"[^.\[\]=]+(\[-?\d+\]|\.[^.\[\]=]+)*")
+
+
+def _key_parts(key: str, option: str) -> list[str]:
+    """``hooks[0].interval`` -> ``['hooks', '0', 'interval']``."""
+    if not _KEY.fullmatch(key):
+        raise UserError(
+            f"--cfg-options '{option}': '{key}' is not a key path like train.max_iters or hooks[0].interval"
+        )
+    return key.replace("[", ".").replace("]", "").split(".")
 
 
 def _list_index(node: list, part: str, where: str) -> int:
@@ -206,87 +225,15 @@ def _child(node: Any, part: str, create: bool, where: str) -> Any:
 # -- validation ---------------------------------------------------------------------------
 
 
-def _unwrap(annotation: Any) -> list[Any]:
-    """The model classes an annotation may hold (through Optional, Union, list, dict)."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin is None:
-        return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
-    found = []
-    for arg in typing.get_args(annotation):
-        found.extend(_unwrap(arg))
-    return found
-
-
-def _fields_at(root: type[BaseModel], data: Any, loc: tuple) -> tuple[list[str], list[str]]:
-    """Follow an error location through the input: (the user's key path, valid keys there)."""
-    candidates: list[type[BaseModel]] = [root]
-    path: list[str] = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-            path.append(str(part))
-            candidates = [
-                c for model in candidates if part in model.model_fields
-                for c in _unwrap(model.model_fields[part].annotation)
-            ]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-            path.append(str(part))
-        else:
-            # A discriminator tag (pydantic inserts the union member's name): pick that member.
-            tagged = [c for c in candidates if _tag_of(c) == part]
-            candidates = tagged or candidates
-    if isinstance(node, dict) and "type" in node:
-        tagged = [c for c in candidates if _tag_of(c) == node["type"]]
-        candidates = tagged or candidates
-    valid = sorted({name for model in candidates for name in model.model_fields})
-    return path, valid
-
-
-def _tag_of(model: type[BaseModel]) -> Any:
-    field = model.model_fields.get("type")
-    if field is None:
-        return None
-    args = typing.get_args(field.annotation)
-    return args[0] if typing.get_origin(field.annotation) is Literal and len(args) == 1 else field.default
-
-
-def _format_error(error: dict[str, Any], data: dict[str, Any]) -> str:
-    loc = tuple(error["loc"])
-    if error["type"] == "extra_forbidden":
-        path, valid = _fields_at(Recipe, data, loc[:-1])
-        key = str(loc[-1])
-        full = ".".join([*path, key])
-        return (
-            f"unknown recipe key '{full}'{did_you_mean(key, valid)}; "
-            f"valid keys here: {', '.join(valid)}"
-        )
-    path, _ = _fields_at(Recipe, data, loc)
-    full = ".".join(path) or "<recipe>"
-    if error["type"] == "missing":
-        return f"recipe key '{full}' is required but missing"
-    got = error.get("input")
-    shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
-    return f"recipe key '{full}': {error['msg']} (got {shown})"
-
-
 def validate_recipe(data: dict[str, Any]) -> Recipe:
     """Validate merged recipe data into a ``Recipe``; any problem is one ``UserError`` line."""
     try:
         recipe = Recipe.model_validate(data)
     except pydantic.ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise UserError(_format_error(errors[0], data) + more) from None
-    for index, spec in enumerate(recipe.hooks):
-        where = f"hooks[{index}]"
-        options = dict(spec.model_extra or {})
-        if spec.priority is not None:
-            parse_priority(spec.priority, where)
-        validate_hook_options(resolve_hook_class(spec.type), options, f"{where}")
+        raise UserError(describe(exc, Recipe, data)) from None
+    hooks = recipe.build_hooks()
+    for loaded in hooks:
+        loaded.hook.check_recipe(recipe, hooks)
     return recipe
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,13 +21,15 @@ from hooktrain.checkpoint_check import choose_resume
 from hooktrain.checkpoints import load_state, save_plain_weights
 from hooktrain.data import build_train_stream, prepare_data
 from hooktrain.errors import NonFiniteLoss, UserError
-from hooktrain.hooks import LoadedHook, build_hooks, call_hooks, hooks_info
+from hooktrain.hooks import LoadedHook, call_hooks, hooks_info
+from hooktrain.logs import main_process_logs, process_age, setup_logging
 from hooktrain.models import build_segmentor
 from hooktrain.optim import build_optimizer, build_scheduler
+from hooktrain.preflight import RESUME_FIX, TEST_FIX, preflight
 from hooktrain.recipe import Recipe, TrainConfig, dump_recipe
 from hooktrain.signals import EXIT_CODES, StopSignals
 from hooktrain.watchdog import RankWatch
-from hooktrain.weights import load_weights
+from hooktrain.weights import load_weights, recorded_iteration
 from hooktrain.workdir import check_work_dir, prepare_work_dir
 
 logger = logging.getLogger("hooktrain")
@@ -70,15 +70,6 @@ def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
         kwargs_handlers=[timeout],
         **kwargs,
     )
-
-
-def setup_logging(is_main_process: bool) -> None:
-    """Info lines from the main process only; warnings from every rank."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO if is_main_process else logging.WARNING)
-    logger.propagate = False
 
 
 class IterRunner:
@@ -134,14 +125,11 @@ class IterRunner:
         accelerator = make_accelerator(recipe.train)
         setup_logging(accelerator.is_main_process)
         work_dir = Path(recipe.work_dir or "work_dirs/run")
-        with _main_process_logs(accelerator):
+        check_work_dir(work_dir, force=force, resume=bool(resume))
+        with main_process_logs(accelerator):
             checkpoint = choose_resume(work_dir, resume) if resume else None
-        if not resume:
-            check_work_dir(work_dir, force)
-        accelerator.wait_for_everyone()  # every rank checked before the main one moves things
-        hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
-        if accelerator.is_main_process:
-            prepare_work_dir(work_dir, dump_recipe(recipe), move_aside=force and not checkpoint)
+        preflight(recipe, checkpoint=checkpoint, fix=RESUME_FIX)
+        hooks = recipe.build_hooks()
         set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
         with accelerator.main_process_first():
             prepare_data(recipe.data)
@@ -175,6 +163,12 @@ class IterRunner:
         )
         if checkpoint is not None:
             runner.resume_from(checkpoint)
+        runner.call_hooks("check_run")
+        # Only now, with everything checked on every rank, does the work dir change.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            prepare_work_dir(work_dir, dump_recipe(recipe), move_aside=force and not checkpoint)
+        accelerator.wait_for_everyone()
         return runner
 
     @classmethod
@@ -183,7 +177,8 @@ class IterRunner:
         the recipe's hooks, without optimizer or training data (``hooktrain test``)."""
         accelerator = make_accelerator(recipe.train)
         setup_logging(accelerator.is_main_process)
-        hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
+        preflight(recipe, checkpoint=checkpoint, fix=TEST_FIX)
+        hooks = recipe.build_hooks()
         with accelerator.main_process_first():
             prepare_data(recipe.data)
         model = build_segmentor(
@@ -191,7 +186,7 @@ class IterRunner:
         )
         load_weights(model, checkpoint, strict=True)
         model = accelerator.prepare(model)
-        return cls(
+        runner = cls(
             recipe=recipe,
             accelerator=accelerator,
             model=model,
@@ -201,6 +196,9 @@ class IterRunner:
             hooks=hooks,
             work_dir=recipe.work_dir or "work_dirs/run",
         )
+        runner.state.iter = recorded_iteration(checkpoint) or 0
+        runner.call_hooks("check_run")
+        return runner
 
     # -- what hooks use -------------------------------------------------------------------
 
@@ -241,6 +239,7 @@ class IterRunner:
             )  # fmt: skip
             return None
         logger.info(hooks_info(self.hooks))
+        logger.info("starting iteration %d, %.1f s after the command started", self.state.iter + 1, process_age())
         with self.signals:
             try:
                 self.call_hooks("before_run")
@@ -347,20 +346,6 @@ def _choose_batch_norm(model: torch.nn.Module, setting: bool | str, accelerator:
                     "SyncBatchNorm across processes" if sync else "BatchNorm per process",
                     setting, processes, device, "es" if processes > 1 else "")  # fmt: skip
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync else model
-
-
-@contextlib.contextmanager
-def _main_process_logs(accelerator: Accelerator):
-    """Log what every rank finds alike from the main process only."""
-    if accelerator.is_main_process:
-        yield
-        return
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _rng_neutral_start(batches: Iterator[dict[str, torch.Tensor]]):

@@ -36,6 +36,36 @@ def run_cli(*args: str, cwd: Path | str = ROOT, env: dict | None = None, timeout
     )
 
 
+def assert_refused(result, *fragments: str) -> str:
+    """``result`` (a CompletedProcess) exited 2 with exactly one error line on stderr, no
+    traceback, naming every ``fragment``; returns that line."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("hooktrain: error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def tree_digest(root: Path | str) -> dict[str, str]:
+    """Every path under ``root`` with its mode and a hash of its bytes, to show that a refused
+    command left a directory byte-for-byte as it was."""
+    import hashlib
+
+    root = Path(root)
+    if not root.exists():
+        return {}
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_file():
+            digest[key] = f"{path.stat().st_mode:o} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+        else:
+            digest[key] = f"{path.stat().st_mode:o} dir"
+    return digest
+
+
 def launch_command(*args: str, port: int, processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``processes`` CPU processes (gloo) running ARGS, for example
     ``"-m", "hooktrain", recipe, ...``; each test passes its own ``port``."""

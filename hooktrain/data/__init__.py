@@ -1,37 +1,35 @@
 """Data: sources (hub / parquet / folder / shapes), transforms, the train stream and the
-val loader. See docs/architecture.md for the contract with the runner and the eval hook."""
+val loader. See docs/architecture.md for the contract with the runner and the eval hook.
 
-from hooktrain.data.config import (
-    DataConfig,
-    FolderSource,
-    HubSource,
-    ParquetSource,
-    ShapesSource,
-    TrainDataConfig,
-    ValDataConfig,
-)
-from hooktrain.data.convert import convert_folder
-from hooktrain.data.shapes import SHAPES_CLASSES, SHAPES_PALETTE, generate_shapes
-from hooktrain.data.sources import load_source, prepare_data
-from hooktrain.data.stream import TrainStream, build_train_stream
-from hooktrain.data.val import ValLoader, build_val_loader
+The names below are imported on first use, so reading the recipe schema
+(``hooktrain.data.config``) never imports torch or datasets.
+"""
 
-__all__ = [
-    "DataConfig",
-    "TrainDataConfig",
-    "ValDataConfig",
-    "HubSource",
-    "ParquetSource",
-    "FolderSource",
-    "ShapesSource",
-    "SHAPES_CLASSES",
-    "SHAPES_PALETTE",
-    "generate_shapes",
-    "load_source",
-    "prepare_data",
-    "build_train_stream",
-    "TrainStream",
-    "build_val_loader",
-    "ValLoader",
-    "convert_folder",
-]
+import importlib
+
+_EXPORTS = {
+    "DataConfig": "config",
+    "TrainDataConfig": "config",
+    "ValDataConfig": "config",
+    "HubSource": "config",
+    "ParquetSource": "config",
+    "FolderSource": "config",
+    "ShapesSource": "config",
+    "SHAPES_CLASSES": "shapes",
+    "SHAPES_PALETTE": "shapes",
+    "generate_shapes": "shapes",
+    "load_source": "sources",
+    "prepare_data": "sources",
+    "build_train_stream": "stream",
+    "TrainStream": "stream",
+    "build_val_loader": "val",
+    "ValLoader": "val",
+    "convert_folder": "convert",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,71 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from hooktrain.config_base import Section
-from hooktrain.data.transforms import TrainPipelineConfig, ValPipelineConfig
+
+
+class TrainPipelineConfig(Section):
+    """The train-time augmentation of MMSegmentation's ADE20K pipeline."""
+
+    scale: tuple[int, int] = Field(
+        (2048, 512), description="RandomResize base scale as (long edge, short edge), mmseg order"
+    )
+    ratio_range: tuple[float, float] = Field(
+        (0.5, 2.0), description="RandomResize multiplies `scale` by a ratio drawn uniformly from this range"
+    )
+    crop_size: tuple[int, int] = Field(
+        (512, 512), description="RandomCrop size as (height, width); smaller images are padded"
+    )
+    cat_max_ratio: float = Field(
+        0.75, gt=0, le=1, description="retry a crop (up to 10 times) while one class covers at least "
+        "this share of its labelled pixels; 1 disables"
+    )
+    flip_prob: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    photometric: bool = Field(True, description="apply mmseg's PhotoMetricDistortion to the crop")
+    brightness_delta: float = Field(
+        32, ge=0, le=255, description="brightness: add uniform(-delta, delta) with probability 0.5"
+    )
+    contrast_range: tuple[float, float] = Field(
+        (0.5, 1.5), description="contrast: multiply by uniform(lo, hi) with probability 0.5"
+    )
+    saturation_range: tuple[float, float] = Field(
+        (0.5, 1.5), description="saturation: multiply HSV saturation by uniform(lo, hi) with probability 0.5"
+    )
+    hue_delta: int = Field(
+        18, ge=0, le=179, description="hue: add randint(-delta, delta) in OpenCV's 0-180 hue units with probability 0.5"
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "TrainPipelineConfig":
+        for name in ("ratio_range", "contrast_range", "saturation_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi or (name == "ratio_range" and lo == 0):
+                raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got ({lo}, {hi})")
+        for name in ("scale", "crop_size"):
+            if min(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must hold two positive integers, got {getattr(self, name)}")
+        largest_short_side = min(self.scale) * self.ratio_range[1]
+        if min(self.crop_size) > largest_short_side:
+            raise ValueError(
+                f"crop_size {tuple(self.crop_size)} is larger than any image RandomResize makes: scale "
+                f"{tuple(self.scale)} times at most {self.ratio_range[1]} gives a short side of at most "
+                f"{largest_short_side:g}, so every crop would be padding on one side; lower crop_size or "
+                "raise scale"
+            )
+        return self
+
+
+class ValPipelineConfig(Section):
+    """The val/test-time resize of MMSegmentation's ADE20K pipeline."""
+
+    scale: tuple[int, int] = Field(
+        (2048, 512), description="resize keeping ratio to fit (long edge, short edge), mmseg order"
+    )
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> "ValPipelineConfig":
+        if min(self.scale) < 1:
+            raise ValueError(f"scale must hold two positive integers, got {self.scale}")
+        return self
 
 
 class _ColumnsMixin(Section):

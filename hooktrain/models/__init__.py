@@ -1,6 +1,16 @@
-"""Segmentors: timm encoders with decode heads, losses and inference."""
+"""Segmentors: timm encoders with decode heads, losses and inference.
 
-from hooktrain.models.config import ModelConfig
-from hooktrain.models.segmentor import Segmentor, build_segmentor
+The names below are imported on first use, so reading the recipe schema
+(``hooktrain.models.config``) never imports torch or timm.
+"""
 
-__all__ = ["ModelConfig", "Segmentor", "build_segmentor"]
+import importlib
+
+_EXPORTS = {"ModelConfig": "config", "Segmentor": "segmentor", "build_segmentor": "segmentor"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

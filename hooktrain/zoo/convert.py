@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from hooktrain.checkpoints import give_default_mode
 from hooktrain.errors import UserError
 from hooktrain.zoo.backbones import StateDict, to_encoder_keys
 from hooktrain.zoo.hub import WEIGHT_FILES, HubUnavailable, download_weights
@@ -149,5 +150,6 @@ def convert(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     save_file(weights, str(tmp), metadata=metadata)
+    give_default_mode(tmp)
     os.replace(tmp, out)
     return out
