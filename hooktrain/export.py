@@ -13,20 +13,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import yaml
-
-from hooktrain.checkpoints import LATEST, WEIGHTS, checkpoint_iteration, plain_state_dict
 from hooktrain.errors import UserError
+
+if TYPE_CHECKING:  # torch loads when a model does, so a refused command answers at once
+    import torch
 
 FORMAT = "hooktrain-export/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def _checkpoint_dir(checkpoint: Path) -> Path:
+    from hooktrain.checkpoints import LATEST, WEIGHTS
+
     if checkpoint.is_file() and checkpoint.name == LATEST:
         checkpoint = checkpoint.parent / checkpoint.read_text().strip()
     if not checkpoint.is_dir():
@@ -54,6 +54,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     """Write ``checkpoint``'s weights and recipe to the single file ``out`` (atomically)."""
     from safetensors.torch import load_file, save_file
 
+    from hooktrain.checkpoints import WEIGHTS, checkpoint_iteration, give_default_mode, plain_state_dict
+
     directory = _checkpoint_dir(Path(checkpoint))
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -68,12 +70,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     save_file(weights, str(tmp), metadata=metadata)
+    give_default_mode(tmp)
     os.replace(tmp, out)
     return out
 
 
 def load_exported(path: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
     """The segmentor (eval mode, weights loaded) and the ``Recipe`` of an exported file."""
+    import yaml
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -126,15 +130,27 @@ def predict_images(
     model_file: str | os.PathLike, inputs: list[str], out_dir: str | os.PathLike
 ) -> list[Path]:
     """Segment every image; writes ``<stem>.png`` (colours) and ``<stem>_label.png`` (class
-    indices) into ``out_dir``. Returns the colour PNGs' paths."""
+    indices) into ``out_dir``. Returns the colour PNGs' paths. Refuses, before loading the
+    model or writing anything, outputs that would overwrite an input image."""
+    images = find_images(inputs)
+    out_dir = Path(out_dir)
+    outputs = output_paths(images, out_dir)
+    refuse_overwriting_inputs(images, outputs)
+    return _segment(model_file, images, out_dir, outputs)
+
+
+def _segment(model_file: str | os.PathLike, images: list[Path], out_dir: Path,
+             outputs: list[tuple[Path, Path]]) -> list[Path]:  # fmt: skip
+    """Write the colour and label PNG of each image to its ``outputs`` pair in ``out_dir``."""
     import cv2
+    import numpy as np
+    import torch
 
     from hooktrain.data.labels import decode_image
     from hooktrain.data.transforms import ValTransform
     from hooktrain.models.inference import predict_scales
 
     model, recipe = load_exported(model_file)
-    images = find_images(inputs)
     data = recipe.data
     if data.val is None:
         raise UserError(
@@ -145,10 +161,9 @@ def predict_images(
         raise UserError(f"predict: {data.num_classes} classes do not fit an 8-bit label PNG")
     transform = ValTransform(data.val.pipeline, mean=data.mean, std=data.std)
     palette = np.asarray(data.colours, dtype=np.uint8)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in images:
+    for path, (colour_png, label_png) in zip(images, outputs, strict=True):
         image = decode_image(path.read_bytes(), example_id=str(path))
         if model.inference.scales is None:
             tensor, _ = transform(image, example_id=str(path))
@@ -158,11 +173,32 @@ def predict_images(
             scores = predict_scales(model.logits, views, image.shape[:2], model.inference, model.align_corners)
         label = scores.argmax(0).to(torch.uint8).numpy()
         colour = palette[label]
-        stem = path.stem if len(images) == len({p.stem for p in images}) else _unique_stem(path)
-        cv2.imwrite(str(out_dir / f"{stem}_label.png"), label)
-        cv2.imwrite(str(out_dir / f"{stem}.png"), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
-        written.append(out_dir / f"{stem}.png")
+        cv2.imwrite(str(label_png), label)
+        cv2.imwrite(str(colour_png), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
+        written.append(colour_png)
     return written
+
+
+def output_paths(images: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """``(colour PNG, label PNG)`` that ``predict`` writes for each image: ``<stem>.png`` and
+    ``<stem>_label.png``, the stem prefixed with the parent directory's name when two images
+    share it."""
+    unique = len(images) == len({p.stem for p in images})
+    stems = [p.stem if unique else _unique_stem(p) for p in images]
+    return [(out_dir / f"{stem}.png", out_dir / f"{stem}_label.png") for stem in stems]
+
+
+def refuse_overwriting_inputs(images: list[Path], outputs: list[tuple[Path, Path]]) -> None:
+    """Raise a ``UserError`` when an output path is one of the input images (as the same file,
+    whatever the spelling of the paths)."""
+    inputs = {path.resolve() for path in images}
+    for image, pair in zip(images, outputs, strict=True):
+        for kind, output in zip(("colour", "label"), pair, strict=True):
+            if output.resolve() in inputs:
+                raise UserError(
+                    f"predict: the {kind} mask of {image} would overwrite the input image {output}; "
+                    "give an --out directory that holds no input images"
+                )
 
 
 def _unique_stem(path: Path) -> str:

@@ -30,10 +30,10 @@ Then the loop, exactly as ``IterRunner.run`` executes it, with the stage each ho
 
 Every method receives the runner (the ``Runner`` protocol below), which exposes
 ``accelerator``, ``model``, ``optimizer``, ``scheduler``, ``train_stream``, ``state`` (a
-``TrainState``), ``work_dir``, ``recipe`` and ``log()``. Hooks run in ascending ``priority`` (lower first), ties in recipe order, so an
-evaluation hook (``HIGH``) publishes its metrics before a checkpoint hook (``NORMAL``) reads
-them in the same iteration. A hook that carries state across a resume implements
-``state_dict`` / ``load_state_dict``.
+``TrainState``), ``work_dir``, ``recipe`` and ``log()``. Hooks run in ascending ``priority``
+(lower first), ties in recipe order, so an evaluation hook (``HIGH``) publishes its metrics
+before a checkpoint hook (``NORMAL``) reads them in the same iteration. A hook that carries
+state across a resume implements ``state_dict`` / ``load_state_dict``.
 
 Hooks are found through the ``hooktrain.hooks`` entry-point group (``type: NAME`` in a recipe)
 or imported directly (``type: package.module:Class``). Installing a plugin never activates it:
@@ -42,7 +42,9 @@ only a recipe does.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
 import logging
 import typing
@@ -170,7 +172,17 @@ class HookInfo:
 
     @property
     def description(self) -> str:
-        doc = inspect.getdoc(self.load()) or ""
+        """The first line of the hook class's docstring, read from its source file without
+        importing the plugin (so listing plugins costs no torch import); imported only when
+        the source cannot be read."""
+        module_name, _, attr = self.value.partition(":")
+        try:
+            spec = importlib.util.find_spec(module_name)
+            tree = ast.parse(Path(spec.origin).read_text())
+            node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == attr)
+            doc = ast.get_docstring(node) or ""
+        except (ImportError, AttributeError, TypeError, OSError, SyntaxError, StopIteration, ValueError):
+            doc = inspect.getdoc(self.load()) or ""
         return doc.splitlines()[0] if doc else ""
 
 

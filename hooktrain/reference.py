@@ -24,7 +24,7 @@ A recipe is YAML. `_base_: [a.yaml, b.yaml]` merges other recipes first (paths r
 file, recursive, later wins); a mapping with `_delete_: true` replaces the inherited mapping
 instead of merging into it; lists and scalars always replace. On the command line,
 `--cfg-options key.path=value ...` overrides keys after merging (values are YAML:
-`x=[1,2]`, `y=null`, `hooks.0.interval=10`); the flag may be given more than once, and later
+`x=[1,2]`, `y=null`, `hooks[0].interval=10` or `hooks.0.interval=10`); the flag may be given more than once, and later
 keys win. Unknown keys and wrong types are errors that name the key and the closest valid one.
 """
 
@@ -33,7 +33,7 @@ def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Annotated:
-        return _type_name(args[0])
+        return _type_name(args[0]) + _bounds(args[1:])
     if origin is Literal:
         return " \\| ".join(json.dumps(a) for a in args)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -54,6 +54,24 @@ def _type_name(annotation: Any) -> str:
     if inspect.isclass(annotation) and issubclass(annotation, Enum):
         return " \\| ".join(json.dumps(m.value) for m in annotation)
     return getattr(annotation, "__name__", str(annotation))
+
+
+_BOUNDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤", "min_length": "length ≥", "max_length": "length ≤"}
+
+
+def _bounds(metadata: Any) -> str:
+    """`` (> 0)``, `` (≥ 0, < 1)``: the limits pydantic enforces (``Field(gt=0)``, annotated_types)."""
+    parts = []
+    for item in metadata:
+        for entry in getattr(item, "metadata", None) or [item]:  # a FieldInfo holds its limits
+            for attr, sign in _BOUNDS.items():
+                if getattr(entry, attr, None) is not None:
+                    parts.append(f"{sign} {getattr(entry, attr)}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _field_type(field: Any) -> str:
+    return _type_name(field.annotation) + _bounds(field.metadata)
 
 
 def _tag(model: type[BaseModel]) -> str | None:
@@ -98,7 +116,7 @@ def _section(path: str, model: type[BaseModel], out: list[str], seen: dict[type,
         key = f"{path}.{name}" if path else name
         models = _models_in(field.annotation)
         rows.append(
-            f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | "
+            f"| `{key}` | {_field_type(field)} | {_default(field)} | "
             f"{_cell(field.description or '')} |"
         )
         list_like = typing.get_origin(field.annotation) is list
@@ -134,7 +152,7 @@ def _hook_section(name: str, distribution: str, cls: type, out: list[str]) -> No
     )
     for option, field in model.model_fields.items():
         meaning = _option_doc(cls, option)
-        out.append(f"| `{option}` | {_type_name(field.annotation)} | {_default(field)} | {meaning} |")
+        out.append(f"| `{option}` | {_field_type(field)} | {_default(field)} | {meaning} |")
 
 
 def _option_doc(cls: type, option: str) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from hooktrain.checkpoints import prune_checkpoints, save_best, save_checkpoint
+from pydantic import Field
+
 from hooktrain.errors import UserError
 from hooktrain.hooks import PRIORITIES, Hook
 
@@ -37,9 +38,9 @@ class CheckpointHook(Hook):
 
     def __init__(
         self,
-        interval: int = 1000,
-        max_keep: int | None = None,
-        save_best: str | None = None,
+        interval: Annotated[int, Field(gt=0)] = 1000,
+        max_keep: Annotated[int, Field(ge=1)] | None = None,
+        save_best: Annotated[str, Field(min_length=1)] | None = None,
         save_last: bool = True,
     ) -> None:
         if interval < 1:
@@ -60,25 +61,29 @@ class CheckpointHook(Hook):
         # A resumed run starts at the iteration of the checkpoint it came from.
         self._last_saved = runner.state.iter or None
         self._best_saved_iter = runner.state.best.get("iter")
-        if self.save_best is not None:
-            self._check_eval_hook(runner)
 
-    def _check_eval_hook(self, runner) -> None:
-        names = [h.name for h in runner.hooks]
-        evaluators = [i for i, h in enumerate(runner.hooks) if hasattr(h.hook, "best_key")]
+    def check_recipe(self, recipe, hooks) -> None:
+        """Refuse a ``save_best`` that no eval hook running before this one tracks."""
+        if self.save_best is not None:
+            self._check_eval_hook(hooks)
+
+    def _check_eval_hook(self, hooks) -> None:
+        """``save_best`` needs an eval hook tracking the same metric, running before this one."""
+        names = [h.name for h in hooks]
+        evaluators = [i for i, h in enumerate(hooks) if hasattr(h.hook, "best_key")]
         if not evaluators:
             raise UserError(
                 f"checkpoint hook: save_best '{self.save_best}' needs an eval hook in the "
                 "recipe's hooks (e.g. {type: eval, best_key: " + self.save_best + "})"
             )
         eval_index = evaluators[0]
-        eval_hook = runner.hooks[eval_index].hook
+        eval_hook = hooks[eval_index].hook
         if eval_hook.best_key != self.save_best:
             raise UserError(
                 f"checkpoint hook: save_best is '{self.save_best}' but the eval hook's "
                 f"best_key is '{eval_hook.best_key}'; set both to the same metric"
             )
-        own_index = next(i for i, h in enumerate(runner.hooks) if h.hook is self)
+        own_index = next(i for i, h in enumerate(hooks) if h.hook is self)
         if eval_index > own_index:
             raise UserError(
                 f"checkpoint hook: it runs before the eval hook (order: {names}), so save_best "
@@ -97,6 +102,8 @@ class CheckpointHook(Hook):
                     f"reported is '{best.get('key')}'; set the eval hook's best_key to match"
                 )
             if runner.accelerator.is_main_process:
+                from hooktrain.checkpoints import save_best
+
                 path = save_best(runner, dict(best))
                 logger.info("saved best %s %.4f (iter %d) to %s",
                             best["key"], best["value"], best["iter"], path)  # fmt: skip
@@ -111,6 +118,8 @@ class CheckpointHook(Hook):
                 self._save(runner)
 
     def _save(self, runner) -> None:
+        from hooktrain.checkpoints import prune_checkpoints, save_checkpoint
+
         start = time.perf_counter()
         path = save_checkpoint(runner)
         self._last_saved = runner.state.iter

@@ -10,18 +10,24 @@ batches per rank; memory does not grow with the validation set.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+import time
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 from pydantic import Field
 
 from hooktrain.config_base import Section
-from hooktrain.data import build_val_loader
-from hooktrain.errors import UserError
+from hooktrain.errors import UserError, did_you_mean
 from hooktrain.hooks import PRIORITIES, Hook
-from hooktrain.metrics import Areas, format_table, intersect_and_union, summarize
+
+if TYPE_CHECKING:  # torch and the data/metrics modules load when a run starts, not on import
+    import torch
+
+    from hooktrain.metrics import Areas
 
 logger = logging.getLogger("hooktrain")
+
+# The scalar metrics each family adds to aAcc (see hooktrain.metrics.summarize).
+FAMILY_SCALARS = {"mIoU": ("mIoU", "mAcc"), "mDice": ("mDice", "mAcc"), "mFscore": ("mFscore", "mPrecision", "mRecall")}
 
 
 class EvaluateModule(Section):
@@ -56,17 +62,17 @@ class EvalHook(Hook):
 
     def __init__(
         self,
-        interval: int = 4000,
+        interval: Annotated[int, Field(gt=0)] = 4000,
         eval_at_end: bool = True,
         metrics: list[Literal["mIoU", "mDice", "mFscore"]] = ["mIoU", "mDice", "mFscore"],  # noqa: B006
-        beta: float = 1.0,
-        nan_to_num: float | None = None,
-        best_key: str = "mIoU",
+        beta: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0,
+        nan_to_num: Annotated[float, Field(allow_inf_nan=False)] | None = None,
+        best_key: Annotated[str, Field(min_length=1)] = "mIoU",
         rule: Literal["greater", "less"] = "greater",
         evaluate: list[EvaluateModule] = [],  # noqa: B006
-        num_samples: int = 4,
+        num_samples: Annotated[int, Field(ge=0)] = 4,
     ) -> None:
-        if interval < 1:
+        if interval < 1:  # also when built in Python, without the recipe's option checks
             raise UserError("eval hook: interval must be at least 1")
         self.interval = interval
         self.eval_at_end = eval_at_end
@@ -79,6 +85,28 @@ class EvalHook(Hook):
         self.num_samples = num_samples
         self._evaluate_modules: list = []
 
+    def tracked_metrics(self) -> list[str]:
+        """The scalar metrics every evaluation computes (the evaluate modules add theirs,
+        named ``<module>/<key>``, which are only known once computed)."""
+        scalars = ["aAcc"] + [name for family in self.metrics for name in FAMILY_SCALARS[family]]
+        return list(dict.fromkeys(scalars))
+
+    def check_recipe(self, recipe, hooks) -> None:
+        """Refuse a recipe without validation data, or a ``best_key`` no evaluation computes."""
+        if recipe.data.val is None:
+            raise UserError("eval hook: the recipe has no data.val section; add one, or remove the eval hook")
+        tracked = self.tracked_metrics()
+        from_evaluate = bool(self.evaluate_specs) and "/" in self.best_key
+        if self.best_key not in tracked and not from_evaluate:
+            raise UserError(
+                f"eval hook: best_key '{self.best_key}' is not a computed metric"
+                f"{did_you_mean(self.best_key, tracked)}; choose one of {tracked}"
+            )
+
+    def check_run(self, runner) -> None:
+        """Check the first example of each validation shard before the run starts."""
+        check_val_data(runner.recipe.data, world_size=runner.accelerator.num_processes)
+
     def before_run(self, runner) -> None:
         self._evaluate_modules = [_load_evaluate(spec) for spec in self.evaluate_specs]
 
@@ -90,6 +118,8 @@ class EvalHook(Hook):
 
     def evaluate(self, runner) -> dict[str, Any]:
         """Predict the whole validation split, reduce across ranks, publish the metrics."""
+        from hooktrain.metrics import format_table, summarize
+
         runner.call_hooks("before_val")
         if not self._evaluate_modules and self.evaluate_specs:
             self._evaluate_modules = [_load_evaluate(spec) for spec in self.evaluate_specs]
@@ -122,6 +152,11 @@ class EvalHook(Hook):
         return metrics
 
     def _predict_areas(self, runner) -> tuple[Areas, int]:
+        import torch
+
+        from hooktrain.data import build_val_loader
+        from hooktrain.metrics import Areas, intersect_and_union
+
         accelerator = runner.accelerator
         data = runner.recipe.data
         model = runner.unwrapped_model
@@ -203,6 +238,26 @@ class EvalHook(Hook):
         )
         if better and value == value:  # NaN never becomes the best
             runner.state.best = {"key": self.best_key, "value": value, "iter": runner.state.iter}
+
+
+def check_val_data(data, *, world_size: int = 1) -> None:
+    """Decode and check the first example of each validation shard (a folder source is one
+    shard) as the evaluation will, so a bad mask or image in the validation split stops the
+    run before its first iteration rather than at its first evaluation."""
+    from hooktrain.data.config import FolderSource
+    from hooktrain.data.reading import check_first_examples
+    from hooktrain.data.sources import load_source
+    from hooktrain.data.transforms import ValTransform
+
+    if data.val is None:
+        return  # nothing to check (the eval hook's check_recipe refuses such a recipe)
+    start = time.perf_counter()
+    base = load_source(data.val.source, where="data.val.source")
+    transform = ValTransform(data.val.pipeline, mean=data.mean, std=data.std)
+    num_shards = 1 if isinstance(data.val.source, FolderSource) else None
+    checked = check_first_examples(data, base, transform, num_shards=num_shards, world_size=world_size)
+    logger.info("eval hook: checked the first example of %d validation shard(s) in %.2fs",
+                checked, time.perf_counter() - start)  # fmt: skip
 
 
 def _predict(model, batch: dict[str, Any], device: torch.device) -> list[torch.Tensor]:

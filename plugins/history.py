@@ -8,9 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 HISTORY_FILE = "metrics.jsonl"
 
 
@@ -22,10 +19,10 @@ def to_json(value: Any) -> Any:
     """``value`` as plain JSON data: tensors and numpy scalars become numbers, NaN and
     infinities become ``null`` (strict JSON has neither). Raises ``_Skip`` for arrays of two
     or more dimensions (images and masks belong on dashboards, not in the history)."""
-    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
-        if np.ndim(value) >= 2:
+    if _is_array(value):
+        if value.ndim >= 2:
             raise _Skip
-        value = value.tolist() if np.ndim(value) else value.item()
+        value = value.tolist()  # a number for 0-d arrays and scalars, else a list
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -33,6 +30,11 @@ def to_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
     return value
+
+
+def _is_array(value: Any) -> bool:
+    """A torch tensor, numpy array or numpy scalar, recognised without importing torch."""
+    return hasattr(value, "ndim") and hasattr(value, "tolist")
 
 
 class HistoryFile:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
+from pydantic import Field
 
 from hooktrain.errors import UserError
 from hooktrain.hooks import PRIORITIES, Hook
 
 from .history import HISTORY_FILE, HistoryFile
 from .trackers import Dashboards, TrackerName, WandbOptions, check_installed
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("hooktrain")
 
@@ -41,7 +44,7 @@ class LoggerHook(Hook):
 
     def __init__(
         self,
-        interval: int = 50,
+        interval: Annotated[int, Field(gt=0)] = 50,
         log_with: list[TrackerName] = [],  # noqa: B006 (copied, never mutated)
         wandb: WandbOptions | None = None,
     ) -> None:
@@ -91,6 +94,8 @@ class LoggerHook(Hook):
                 logger.info("logger: wandb run %s", self._dashboards.run_id)
 
     def after_train_iter(self, runner, outputs: dict[str, Any]) -> None:
+        import torch
+
         for key, value in outputs.items():
             if torch.is_tensor(value):
                 self._sums[key] = self._sums.get(key, 0) + value.detach().float()

@@ -12,8 +12,6 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import torch
 from pydantic import Field
 
 from hooktrain.config_base import Section
@@ -143,6 +141,7 @@ class Dashboards:
         return media
 
     def _wandb_image(self, sample: dict[str, Any], index: int):
+        import numpy as np
         import wandb
 
         masks = {
@@ -155,8 +154,8 @@ class Dashboards:
 
 def _scalar(value: Any) -> float | int | None:
     """A number a dashboard can plot, or None."""
-    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
-        return value.item() if np.ndim(value) == 0 else None
+    if hasattr(value, "ndim") and hasattr(value, "item"):  # a tensor or numpy value; no torch import
+        return value.item() if value.ndim == 0 else None
     if isinstance(value, bool):
         return int(value)
     return value if isinstance(value, int | float) else None

@@ -163,10 +163,11 @@ def test_two_processes_sigterm_resume_exact_with_force_and_load_from(
     result = run(train_command(reference_dir, "--force", "--cfg-options", *args, processes=2,
                                port=29631))  # fmt: skip
     assert result.returncode == 0, result.output[-4000:]
-    aside = [p for p in reference_dir.iterdir() if p.name.startswith("checkpoints.old-")]
-    assert len(aside) == 1 and (aside[0] / "iter_9").is_dir()
-    assert "--force: moved the previous checkpoints" in result.output
-    assert f"1 missing keys ['{dropped}'], 1 unexpected keys ['extra.weight']" in result.stdout
+    aside = [p for p in reference_dir.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "iter_9").is_dir()
+    assert "--force: moved the previous run's files" in result.output
+    module = dropped.rsplit(".", 1)[0]
+    assert f"kept the model's own {module}.* (not in the file); ignored extra.* (not in the model)" in result.stdout
 
     # The same run, stopped by SIGTERM delivered to the launcher's whole process group (as a
     # terminal's Ctrl-C or a scheduler's scancel does), then resumed with --resume.

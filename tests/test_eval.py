@@ -78,7 +78,7 @@ def test_unknown_best_key_and_metric_are_clear(tmp_path, data_root):
     assert result.returncode == 2
     assert "best_key 'mIOU' is not a computed metric" in result.stderr
     bad = run_cli("config", str(QUICKSTART), "--cfg-options", "hooks=[{type: eval, metrics: [mIoU, mAP]}]")
-    assert bad.returncode == 2 and "hooks[0].metrics.1: Input should be 'mIoU', 'mDice' or 'mFscore'" in bad.stderr
+    assert bad.returncode == 2 and "hooks[0].metrics[1]: Input should be 'mIoU', 'mDice' or 'mFscore'" in bad.stderr
 
 
 def test_test_command_evaluates_a_checkpoint_on_one_and_two_processes(tmp_path, data_root):

@@ -220,7 +220,7 @@ def test_missing_tracker_package_names_the_install(monkeypatch):
         ({"log_with": ["tensorbord"]}, "log_with"),
         ({"wandb": {"project": "x"}}, "add log_with: \\[wandb\\]"),
         ({"log_with": ["wandb"], "wandb": {"projct": "x"}}, "projct"),
-        ({"interval": 0}, "interval must be at least 1"),
+        ({"interval": 0}, r"hooks\[0\]\.interval: Input should be greater than 0"),
     ],
 )
 def test_bad_options_are_user_errors(options, message):

@@ -100,6 +100,14 @@ def test_recipe_errors_are_one_line_and_need_no_torch(options, fragments):
     assert_refused(result, *fragments)
 
 
+@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["config", "--help"]])
+def test_help_and_the_plugin_list_need_no_torch(args):
+    result = run_without_heavy_imports(*args)
+    assert result.returncode == 0, result.stderr
+    if args == ["plugins"]:  # every installed hook, described from its source without importing it
+        assert {"logger", "eval", "checkpoint"} <= {line.split()[0] for line in result.stdout.splitlines()}
+
+
 def test_cfg_options_take_the_bracket_spelling_errors_print():
     cfg = {"hooks": [{"type": "logger", "interval": 50}, {"type": "eval"}]}
     assert apply_cfg_options(cfg, ["hooks[1].interval=7", "hooks.0.interval=5"])["hooks"] == [

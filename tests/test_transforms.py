@@ -201,17 +201,21 @@ def test_cat_max_ratio_retries_towards_balanced_crops():
     assert balanced_share(1.0) < 0.5  # 62/193 ~ 0.32 without retries
 
 
-def test_padding_uses_zero_for_image_after_normalisation_and_ignore_for_mask():
-    image, mask = scene(h=40, w=50, seed=3)
-    cfg = TrainPipelineConfig(scale=(50, 40), ratio_range=(1.0, 1.0), crop_size=(64, 96), photometric=False, flip_prob=0.0)
+@pytest.mark.parametrize(("h", "w", "crop"), [(40, 50, (40, 96)), (50, 40, (96, 40))])
+def test_padding_uses_zero_for_image_after_normalisation_and_ignore_for_mask(h, w, crop):
+    # A crop longer than the image along one side (a crop larger on both sides than any image
+    # the resize makes is refused by the recipe schema: the crop would do nothing).
+    image, mask = scene(h=h, w=w, seed=3)
+    cfg = TrainPipelineConfig(scale=(50, 40), ratio_range=(1.0, 1.0), crop_size=crop, photometric=False, flip_prob=0.0)
     out_img, out_mask = TrainTransform(cfg, ignore_index=255)(image, mask, np.random.default_rng(0))
     img, m = out_img.numpy(), out_mask.numpy()
-    assert img.shape == (3, 64, 96) and m.shape == (64, 96)
+    assert img.shape == (3, *crop) and m.shape == crop
     expected = ((image.astype(np.float32) - MEAN) / STD).transpose(2, 0, 1)
-    np.testing.assert_allclose(img[:, :40, :50], expected, atol=1e-6)
-    np.testing.assert_array_equal(m[:40, :50], mask)
-    assert np.all(img[:, 40:] == 0) and np.all(img[:, :, 50:] == 0)
-    assert np.all(m[40:] == 255) and np.all(m[:, 50:] == 255)
+    np.testing.assert_allclose(img[:, :h, :w], expected, atol=1e-6)
+    np.testing.assert_array_equal(m[:h, :w], mask)
+    assert np.all(img[:, h:] == 0) and np.all(img[:, :, w:] == 0)
+    assert np.all(m[h:] == 255) and np.all(m[:, w:] == 255)
+    assert (crop[0] > h) != (crop[1] > w)  # exactly one side padded
 
 
 class ScriptedRng:

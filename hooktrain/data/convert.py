@@ -12,21 +12,28 @@ and written as single-channel PNG bytes; masks that already hold indices (greysc
 palette-indexed PNGs, as training reads them) are copied as they are. A colour that is not in
 the palette stops the conversion with the colours and where they occur.
 
-A conversion that stops on an error removes the shards it wrote, so a rerun starts clean.
+Every example goes through the checks training applies (:func:`check_example`): a mask training
+would refuse (colour channels, an undecodable file, labels beyond the palette's classes, a size
+other than its image's) stops the conversion with one line naming the file. Shards are written
+to a staging directory beside ``OUT`` and moved into ``OUT/data`` only once every example has
+passed, so a conversion that stops leaves ``OUT`` as it was.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from hooktrain.data.parquet import write_image_shard
 from hooktrain.data.folder import folder_pairs
-from hooktrain.data.labels import decode_mask
+from hooktrain.data.labels import LabelMapper, decode_image, decode_mask
 from hooktrain.data.palette import Palette, decode_colour_mask, map_colours
+from hooktrain.data.parquet import write_image_shard
 from hooktrain.errors import UserError
 
 # ADEChallengeData2016 names its splits training/validation; the Hub says train/validation.
@@ -76,46 +83,131 @@ def convert_folder(
         jobs = [(_HUB_SPLIT.get(s, s), source / "images" / s, source / "annotations" / s)
                 for s in splits]  # fmt: skip
     out = Path(out_dir) / "data"
-    written: dict[str, list[Path]] = {}
+    planned = []
+    for name, images, masks in jobs:
+        pairs = folder_pairs(images, masks, f"convert {images}",
+                             img_suffix=img_suffix, seg_map_suffix=seg_map_suffix)  # fmt: skip
+        if list(out.glob(f"{name}-*.parquet")):
+            raise UserError(f"{out} already holds {name} shards; remove them or pick another OUT")
+        planned.append((name, pairs))
+    staging = _staging_dir(out)
     try:
-        for name, images, annotations in jobs:
-            pairs = folder_pairs(images, annotations, f"convert {images}",
-                                 img_suffix=img_suffix, seg_map_suffix=seg_map_suffix)
-            if list(out.glob(f"{name}-*.parquet")):
-                raise UserError(
-                    f"{out} already holds {name} shards; remove them or pick another OUT"
-                )
-            written[name] = []
-            _write_shards(pairs, out, name, min(shards, len(pairs)), palette, written[name])
-    except UserError:
-        for path in (path for files in written.values() for path in files):
-            path.unlink(missing_ok=True)  # all or nothing: a rerun starts clean
-        raise
-    return written
+        staged = {name: _write_shards(pairs, staging, name, min(shards, len(pairs)), palette)
+                  for name, pairs in planned}  # fmt: skip
+        return _move_into(staged, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging_dir(out: Path) -> Path:
+    """A new hidden directory in the nearest existing directory above ``out``: on the file
+    system the shards are finally moved to, and removed before ``convert_folder`` returns."""
+    parent = out.absolute().parent
+    while not parent.is_dir():
+        parent = parent.parent
+    try:
+        return Path(tempfile.mkdtemp(prefix=".hooktrain-convert-", dir=parent))
+    except OSError as err:
+        raise UserError(f"convert: cannot write in {parent} ({err.strerror or err}); pick another OUT") from None
+
+
+def _move_into(staged: dict[str, list[Path]], out: Path) -> dict[str, list[Path]]:
+    """Move every staged shard into ``out``; returns their new paths per split."""
+    out.mkdir(parents=True, exist_ok=True)
+    moved: dict[str, list[Path]] = {}
+    for split, files in staged.items():
+        moved[split] = [out / f.name for f in files]
+        for source, target in zip(files, moved[split], strict=True):
+            os.replace(source, target)
+    return moved
 
 
 def _write_shards(pairs: list[tuple[str, str]], out: Path, split: str, shards: int,
-                  palette: Palette | None, files: list[Path]) -> None:  # fmt: skip
-    """Write ``shards`` files of ``pairs``, appending each path to ``files`` once written."""
-    out.mkdir(parents=True, exist_ok=True)
+                  palette: Palette | None) -> list[Path]:  # fmt: skip
+    """Write ``shards`` files of checked ``pairs`` into ``out``; returns their paths."""
     bounds = np.linspace(0, len(pairs), shards + 1).astype(int)
+    files = []
     for i in range(shards):
-        chunk = pairs[bounds[i] : bounds[i + 1]]
-        table = {
-            "image": [{"bytes": Path(img).read_bytes(), "path": Path(img).name} for img, _ in chunk],
-            "annotation": [_annotation(ann, palette) for _, ann in chunk],
-        }
+        cells = [_example_cells(img, ann, palette) for img, ann in pairs[bounds[i] : bounds[i + 1]]]
+        table = {"image": [image for image, _ in cells], "annotation": [ann for _, ann in cells]}
         path = out / f"{split}-{i:05d}-of-{shards:05d}.parquet"
         write_image_shard(path, table, row_group_size=_ROWS_PER_ROW_GROUP)
         files.append(path)
+    return files
 
 
-def _annotation(path: str, palette: Palette | None) -> dict:
-    """The annotation cell of ``path``: its bytes, or with a palette, index-mask PNG bytes."""
-    raw = Path(path).read_bytes()
+def _example_cells(image_path: str, mask_path: str, palette: Palette | None) -> tuple[dict, dict]:
+    """The ``image`` and ``annotation`` cells of one pair, after :func:`check_example`."""
+    image = _read(image_path)
+    mask = _read(mask_path)
     if palette is not None:
-        raw = palette_mask_png(raw, palette, path)
-    return {"bytes": raw, "path": Path(path).name}
+        mask = palette_mask_png(mask, palette, mask_path)
+    check_example(image, mask, image_path, mask_path, palette=palette)
+    return {"bytes": image, "path": Path(image_path).name}, {"bytes": mask, "path": Path(mask_path).name}
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"convert: cannot read {path} ({err.strerror or err}); make it readable or remove it") from None
+
+
+def check_example(image: bytes, mask: bytes, image_path: str, mask_path: str, *,
+                  palette: Palette | None = None) -> None:  # fmt: skip
+    """Refuse, as training would, a pair whose encoded ``mask`` is not one class index per pixel
+    (:func:`~hooktrain.data.labels.decode_mask`), holds labels that are not classes of
+    ``palette`` (nor 255, ignored; the ``LabelMapper`` of training with its defaults), or is not
+    the size of its image."""
+    try:
+        decoded = decode_mask(mask, mask_path)
+    except UserError as exc:
+        if palette is None and _is_colour(mask):
+            raise UserError(f"{exc}; or convert colour masks with --palette COLOURS") from None
+        raise
+    if palette is not None:
+        _check_labels(decoded, mask_path, palette)
+    height, width = _image_size(image, image_path)
+    if decoded.shape != (height, width):
+        raise UserError(
+            f"convert: the image {image_path} is {height}x{width} but its annotation {mask_path} is "
+            f"{decoded.shape[0]}x{decoded.shape[1]}; every mask must have its image's height and width"
+        )
+
+
+def _check_labels(mask: np.ndarray, mask_path: str, palette: Palette) -> None:
+    classes = LabelMapper(len(palette.colours))
+    values, out_of_range = classes.map_values(np.unique(mask))
+    if out_of_range.any():
+        shown = ", ".join(str(int(v)) for v in values[out_of_range][:10])
+        raise UserError(
+            f"--palette: {mask_path} holds class indices [{shown}] but the palette ({palette.source}) has "
+            f"{classes.num_classes} colours (indices 0-{classes.num_classes - 1}, and {classes.ignore_index} "
+            "for ignored pixels); fix the mask, or add those classes' colours to the palette"
+        )
+
+
+def _is_colour(mask: bytes) -> bool:
+    decoded = decode_colour_mask(mask)
+    return decoded is not None and decoded.ndim == 3
+
+
+# EXIF orientations that turn the picture by 90 degrees (the decoder applies them).
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def _image_size(image: bytes, image_path: str) -> tuple[int, int]:
+    """``(height, width)`` of the encoded image as training decodes it (EXIF orientation
+    applied), from its header when PIL can read it, else by decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image)) as header:
+            width, height = header.size
+            turned = header.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS
+        return (width, height) if turned else (height, width)
+    except (UnidentifiedImageError, OSError, ValueError):
+        return decode_image(image, image_path).shape[:2]
 
 
 def palette_mask_png(raw: bytes, palette: Palette, where: str) -> bytes:

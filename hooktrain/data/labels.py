@@ -32,16 +32,20 @@ from PIL import Image as PILImage
 
 from hooktrain.errors import UserError, did_you_mean
 
-__all__ = ["decode_image", "decode_mask", "LabelMapper"]
+__all__ = ["decode_image", "decode_mask", "example_name", "LabelMapper"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_PALETTE = 3  # IHDR colour type of an indexed (palette) PNG
 # OpenCV >= 4.11 decodes straight to RGB, which saves a full-image cvtColor.
 _IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _OUT_OF_RANGE_POLICIES = ("error", "ignore")
+# OpenCV's decoders log their complaints about a broken file to stderr ("[ERROR:0@2.7] global
+# grfmt_png.cpp ..."); the error or warning that names the file says it once, on one line.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 
 
-def _name(example_id: Any) -> str:
+def example_name(example_id: Any) -> str:
+    """How messages name an example: ``example 'cat.jpg (shard 0 row 3)'``."""
     return f"example {example_id!r}" if example_id is not None else "an example"
 
 
@@ -55,11 +59,11 @@ def _encoded_bytes(data: Any, example_id: Any, what: str) -> bytes | None:
                 return Path(data["path"]).read_bytes()
             except OSError as err:
                 raise UserError(
-                    f"{_name(example_id)}: cannot read the {what} file {data['path']!r} ({err}); "
+                    f"{example_name(example_id)}: cannot read the {what} file {data['path']!r} ({err}); "
                     "check that the dataset's files are where its paths say"
                 ) from err
         raise UserError(
-            f"{_name(example_id)}: the {what} cell has neither bytes nor a path; "
+            f"{example_name(example_id)}: the {what} cell has neither bytes nor a path; "
             "check the dataset's image columns"
         )
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -85,7 +89,7 @@ def decode_image(data: Any, example_id: Any = None) -> np.ndarray:
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         if image is None:
             raise UserError(
-                f"{_name(example_id)}: the image bytes could not be decoded; "
+                f"{example_name(example_id)}: the image bytes could not be decoded; "
                 "use JPEG, PNG, BMP, TIFF or WebP files"
             )
         return image
@@ -94,7 +98,7 @@ def decode_image(data: Any, example_id: Any = None) -> np.ndarray:
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
             raise UserError(
-                f"{_name(example_id)}: the image array has dtype {data.dtype}; "
+                f"{example_name(example_id)}: the image array has dtype {data.dtype}; "
                 "pass uint8 RGB pixels (0-255)"
             )
         if data.ndim == 2:
@@ -102,11 +106,11 @@ def decode_image(data: Any, example_id: Any = None) -> np.ndarray:
         if data.ndim == 3 and data.shape[2] in (3, 4):
             return np.ascontiguousarray(data[:, :, :3])
         raise UserError(
-            f"{_name(example_id)}: the image array has shape {data.shape}; "
+            f"{example_name(example_id)}: the image array has shape {data.shape}; "
             "pass HxW grey, HxWx3 RGB or HxWx4 RGBA"
         )
     raise UserError(
-        f"{_name(example_id)}: cannot decode an image from {type(data).__name__}; "
+        f"{example_name(example_id)}: cannot decode an image from {type(data).__name__}; "
         "pass encoded bytes, a PIL image or a numpy array"
     )
 
@@ -126,7 +130,7 @@ def decode_mask(data: Any, example_id: Any = None) -> np.ndarray:
             mask = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
             if mask is None:
                 raise UserError(
-                    f"{_name(example_id)}: the annotation bytes could not be decoded; "
+                    f"{example_name(example_id)}: the annotation bytes could not be decoded; "
                     "store masks as single-channel PNG files of class indices"
                 )
     elif isinstance(data, PILImage.Image):
@@ -135,7 +139,7 @@ def decode_mask(data: Any, example_id: Any = None) -> np.ndarray:
         mask = data
     else:
         raise UserError(
-            f"{_name(example_id)}: cannot decode an annotation from {type(data).__name__}; "
+            f"{example_name(example_id)}: cannot decode an annotation from {type(data).__name__}; "
             "pass encoded PNG bytes, a PIL image or a numpy array"
         )
     return _check_mask(mask, example_id)
@@ -152,7 +156,7 @@ def _check_mask(mask: np.ndarray, example_id: Any) -> np.ndarray:
         ):
             hint = " (its colour channels are equal: save it as a greyscale PNG, mode L)"
         raise UserError(
-            f"{_name(example_id)}: the annotation has shape {mask.shape}, i.e. "
+            f"{example_name(example_id)}: the annotation has shape {mask.shape}, i.e. "
             f"{channels or mask.ndim} channels{hint}; segmentation masks must be single-channel "
             "integer images (PNG mode L, P or I;16) with one class index per pixel"
         )
@@ -160,7 +164,7 @@ def _check_mask(mask: np.ndarray, example_id: Any) -> np.ndarray:
         return mask.astype(np.uint8)
     if not np.issubdtype(mask.dtype, np.integer):
         raise UserError(
-            f"{_name(example_id)}: the annotation has dtype {mask.dtype}; "
+            f"{example_name(example_id)}: the annotation has dtype {mask.dtype}; "
             "segmentation masks must hold integer class indices"
         )
     return mask
@@ -259,7 +263,7 @@ class LabelMapper:
                                        ("label_map", bool(self.label_map))) if on]
         after = f" after {' and '.join(steps)}" if steps else ""
         raise UserError(
-            f"{_name(example_id)}: {n_bad} annotation pixels with values [{shown}{more}] fall "
+            f"{example_name(example_id)}: {n_bad} annotation pixels with values [{shown}{more}] fall "
             f"outside [0, {self.num_classes}){after} and are not the ignore index "
             f"{self.ignore_index}; fix data.num_classes (or the label mapping), or set "
             "data.out_of_range: ignore to treat them as ignored"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from hooktrain.data.config import DataConfig
+from hooktrain.data.labels import example_name
 from hooktrain.data.sources import read_bytes
 from hooktrain.data.transforms import LabelMapper, decode_image, decode_mask
 from hooktrain.errors import UserError, first_line
@@ -138,14 +140,21 @@ class ExampleDecoder:
         try:
             image = decode_image(row.image, example_id)
         except Exception as exc:  # noqa: BLE001 - any failure to decode means corrupt
-            raise CorruptExample(f"{example_id}: {first_line(exc)}") from exc
+            raise _corrupt(example_id, exc) from exc
         try:
             mask = decode_mask(row.annotation, example_id)
         except UserError as exc:
             if _decodable(row.annotation):
                 raise  # a real annotation that is wrong: the user must fix the dataset
-            raise CorruptExample(f"{example_id}: {first_line(exc)}") from exc
+            raise _corrupt(example_id, exc) from exc
         return image, self.mapper(mask, example_id)
+
+
+def _corrupt(example_id: str, exc: Exception) -> CorruptExample:
+    """A ``CorruptExample`` whose message names the example once: the decoders' own errors
+    already start with its name."""
+    text, name = first_line(exc), example_name(example_id)
+    return CorruptExample(text if text.startswith(name) else f"{name}: {text}")
 
 
 def _decodable(value: Any) -> bool:
@@ -157,7 +166,13 @@ def _decodable(value: Any) -> bool:
 
 
 def corrupt_cap_error(count: int, cfg: DataConfig, last: str | None = None) -> UserError:
-    """The error that stops a run after more than ``max_corrupt`` undecodable examples."""
+    """The error that stops a run after more than ``max_corrupt`` undecodable examples;
+    ``last`` is the message of the latest one."""
+    if cfg.max_corrupt == 0 and last:
+        return UserError(
+            f"{last}; data.max_corrupt=0 skips no undecodable example: fix or remove the file, "
+            "or set data.max_corrupt to the number of undecodable examples to skip"
+        )
     detail = f" (last: {last})" if last else " (the warnings above name them)"
     return UserError(
         f"{count} examples could not be decoded, more than data.max_corrupt="
@@ -226,7 +241,11 @@ def reraise_user_error(exc: UserError) -> UserError:
 
 
 def warn_corrupt(message: str, count: int, cfg: DataConfig) -> None:
-    """Log one skipped example."""
+    """Log the ``count``-th skipped example, or raise :func:`corrupt_cap_error` when it is one
+    more than ``data.max_corrupt`` allows: the error line then says it all, with no warning of
+    an example that was not skipped before it."""
+    if count > cfg.max_corrupt:
+        raise corrupt_cap_error(count, cfg, message) from None
     logger.warning(
         "skipping an undecodable example (%d of at most %d): %s", count, cfg.max_corrupt, message
     )
@@ -249,3 +268,41 @@ def strided_rows(base, stride: int, offset: int) -> Iterator[tuple[int, RawRow]]
                     yield index + i, RawRow(shard, row + i, image, annotation)
             index += len(table)
             row += len(table)
+
+
+def first_rows(base, num_shards: int | None = None) -> Iterator[RawRow]:
+    """The first row of each shard of ``base``, or of its first ``num_shards`` shards."""
+    shards = base.num_shards if num_shards is None else min(num_shards, base.num_shards)
+    for shard in range(shards):
+        rows = shard_rows(base, base.num_shards, shard, ReaderPlan((shard,)))
+        try:
+            first = next(rows, None)
+        finally:
+            rows.close()  # stop the source's reader now
+        if first is not None:
+            yield first[1]
+
+
+def check_first_examples(
+    cfg: DataConfig, base, transform: Callable, *, num_shards: int | None = None, world_size: int = 1
+) -> int:
+    """Decode, label-map and ``transform`` the first example of each shard of ``base`` as the
+    loaders do, so that what would stop them later (an unreadable or colour mask, labels out of
+    range, an image and mask of different sizes) stops the caller now, with the same one-line
+    ``UserError``. Undecodable examples are skipped as the loaders skip them; the cap error is
+    raised only when the ``world_size`` processes sharing them cannot all stay within
+    ``data.max_corrupt``. Returns the number of examples checked."""
+    decode = ExampleDecoder(cfg)
+    checked, corrupt = 0, []
+    for raw in first_rows(base, num_shards):
+        checked += 1
+        try:
+            image, mask = decode(raw)
+        except CorruptExample as exc:
+            corrupt.append(str(exc))
+            continue
+        transform(image, mask, example_id=raw.example_id)
+    # The processes share these examples: however they are split, one meets at least this many.
+    if math.ceil(len(corrupt) / world_size) > cfg.max_corrupt:
+        raise corrupt_cap_error(len(corrupt), cfg, corrupt[-1])
+    return checked

@@ -183,9 +183,7 @@ class TrainExamples(torch.utils.data.IterableDataset):
                 return None  # counted (and reported) in the first pass already
             pos["corrupt"] += 1
             count = pos["corrupt"]
-            warn_corrupt(str(exc), count, self.cfg)
-            if count > self.cfg.max_corrupt:
-                raise corrupt_cap_error(count, self.cfg, str(exc)) from None
+            warn_corrupt(str(exc), count, self.cfg)  # raises past data.max_corrupt
             return None
         rng = np.random.default_rng([self.seed, _EXAMPLE, epoch, raw.shard, raw.row])
         image_t, mask_t = self.transform(image, mask, rng, example_id=raw.example_id)
