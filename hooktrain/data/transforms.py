@@ -40,7 +40,8 @@ Why OpenCV rather than torchvision.transforms.v2
     * photometric work happens on the 512x512 crop (mmseg's order already puts it there);
     * saturation and hue each keep their own HSV round trip, as mmseg does: merging them
       into one would save ~0.2 ms per image on average but change pixels, and this module is
-      bit-exact with mmseg's algorithm (tested against a reference in tests/test_transforms.py).
+      bit-exact with MMSegmentation 1.2.2's own transforms and data preprocessor
+      (tests/test_transforms.py runs them in their own environment with the same draws).
 
 Threads
     OpenCV's own thread pool fights with DataLoader workers, so the first transform call in
