@@ -3,7 +3,7 @@
 Each case runs ``python -m hooktrain ...`` in a fresh process (the best of ``--repeat`` runs;
 the first iteration is timed once) against two baselines measured in the same run: a bare
 ``python -c pass``, and importing torch, timm and datasets, which every error used to pay
-before the recipe was read. Results go to bench/results/startup.json (with the machine);
+before the recipe was read. Results go to bench/results/startup.json (``bench/results.py``);
 the last line printed is one line of JSON.
 
     python bench/startup.py [--repeat 3] [--quick]
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import describe_machine
+from results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
@@ -73,8 +73,7 @@ def first_iteration(cwd: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the best counts")
-    parser.add_argument("--quick", action="store_true", help="one run per case, results not saved")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "startup.json"))
+    parser.add_argument("--quick", action="store_true", help="one run per case")
     args = parser.parse_args()
     repeat = 1 if args.quick else args.repeat
     cwd = Path(tempfile.mkdtemp(prefix="hooktrain-startup-"))
@@ -89,8 +88,7 @@ def main() -> None:
     wall, reported = first_iteration(cwd)
     print(f"{'first iteration (quickstart)':<28} {wall:6.2f} s  (the run reports {reported:.1f} s)")
     summary = {
-        "bench": "startup",
-        "machine": describe_machine(),
+        "quick": args.quick,
         "python_s": round(python, 3),
         "heavy_imports_s": round(heavy, 3),
         "errors": rows,
@@ -98,9 +96,8 @@ def main() -> None:
         "first_iteration_s": round(wall, 2),
         "first_iteration_vs_heavy_imports": round(wall / heavy, 3),
     }
-    if not args.quick:
-        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary))
+    print(f"results: {write_result('startup', summary)}")
+    print(json.dumps({"bench": "startup", **summary}))
 
 
 if __name__ == "__main__":
