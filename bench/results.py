@@ -49,9 +49,13 @@ def gpu() -> str | None:
 def describe_machine() -> str:
     """One line for the console and the docs: ``AMD EPYC, no AVX-512, 2 cores`` (+ the GPU)."""
     info = cpu()
-    avx512 = "AVX-512" if "avx512f" in info["flags"] else "no AVX-512"
-    extra = f", {gpu()}" if gpu() else ""
-    return f"{info['model']}, {avx512}{', bf16' if 'avx512_bf16' in info['flags'] else ''}, {info['cores']} cores{extra}"
+    parts = [info["model"], "AVX-512" if "avx512f" in info["flags"] else "no AVX-512"]
+    if "avx512_bf16" in info["flags"]:
+        parts.append("bf16")
+    parts.append(f"{info['cores']} cores")
+    if gpu():
+        parts.append(gpu())
+    return ", ".join(parts)
 
 
 def versions() -> dict[str, str]:
