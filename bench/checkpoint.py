@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import shutil
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import write_result
 
 from hooktrain.checkpoints import TRAIN_STATE, data_state_file, save_checkpoint
 from hooktrain.data import build_train_stream
@@ -52,15 +52,6 @@ def tiny_data(root: Path, rows: int) -> list[str]:
                     f"data.{split}.source.num_val=4", f"data.{split}.source.image_size=32",
                     f"data.{split}.source.train_shards=8"]  # fmt: skip
     return options
-
-
-def machine() -> str:
-    """The CPU model, whether it has AVX-512, and the threads torch uses."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), platform.machine())  # fmt: skip
-    avx512 = "with" if " avx512f" in info else "without"
-    return f"{model} ({avx512} AVX-512), {torch.get_num_threads()} threads"
 
 
 def timed(fn) -> float:
@@ -157,14 +148,15 @@ def main() -> None:
     }
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    print(json.dumps({
-        "bench": "checkpoint",
-        "machine": machine(),
-        "rows": args.rows, "early_iter": args.early, "late_iter": late_iter,
+    summary = {
+        "quick": args.quick,
+        "rows": args.rows, "early_iter": args.early, "late_iter": late_iter, "repeats": args.repeats,
         "save_s": round(statistics.median(save_times), 3),
         **{f"resume_{name}_s": round(value, 3) for name, value in median.items()},
         **{name: round(value, 3) for name, value in ratios.items()},
-    }))  # fmt: skip
+    }  # fmt: skip
+    print(f"results: {write_result('checkpoint', summary)}")
+    print(json.dumps({"bench": "checkpoint", **summary}))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,31 @@
-"""Per-core speed of hooktrain's train pipeline against a plain torchvision.transforms.v2 one.
+"""Per-core speed of hooktrain's train pipeline against MMSegmentation 1.2.2's own, measured in
+the same run, and against a plain torchvision.transforms.v2 one.
 
 Synthetic ADE20K-like examples (683x512 JPEG of gradients, polygons and noise, ~100 KB, with
 a PNG mask of the same polygons) are written to parquet as ``datasets.Image()`` columns and
-streamed back with ``datasets`` as raw bytes. Both pipelines then run the full train path on
-one thread: decode JPEG + PNG, reduce_zero_label, RandomResize, RandomCrop with
-cat_max_ratio, flip, photometric distortion, Normalize, Pad. A literal port of
-MMSegmentation's own pipeline runs alongside as a second reference. Rounds are interleaved
-so load from other processes hits all alike; the medians are compared.
+streamed back with ``datasets`` as raw bytes. Each pipeline then turns those bytes into what a
+train step consumes, on one thread (OpenCV and torch): decode JPEG + PNG, reduce_zero_label,
+RandomResize(2048x512, ratio 0.5-2.0), RandomCrop(512x512, cat_max_ratio 0.75), flip,
+photometric distortion, Normalize (ImageNet mean/std) and Pad to 512x512 -- a normalised
+padded float32 image and a padded int64 mask.
+
+- hooktrain: ``decode_image``, ``decode_mask``, ``LabelMapper``, ``TrainTransform``, in this
+  process.
+- MMSegmentation 1.2.2: its registered ``LoadImageFromFile``, ``LoadAnnotations``,
+  ``RandomResize``, ``RandomCrop``, ``RandomFlip``, ``PhotoMetricDistortion``,
+  ``PackSegInputs`` and ``SegDataPreProcessor`` (per image, on the CPU), run by
+  ``tests/mmseg_ref/pipeline_bench.py`` in MMSegmentation's throwaway environment
+  (``tests/mmseg_ref/env.py``), one fresh process per round, the encoded bytes served from
+  memory as hooktrain's side gets them. Where that environment cannot be installed or run, the
+  bench says so and reports no ratio.
+- torchvision v2: the same steps written plainly on tv_tensors; decode only: the floor.
+
+Rounds are interleaved (hooktrain, torchvision v2, decode only, MMSegmentation; then again),
+each after the same number of untimed warm-up images, so load from other processes hits all
+alike; the medians are compared. In round ``r`` image ``i`` draws every random choice from
+``np.random.seed([seed + r, 0, 0, i])`` on every side, as MMSegmentation's transforms draw
+them, so hooktrain and MMSegmentation do the same work; their warm-up outputs are compared by
+digest (``mmseg_same_outputs``). Not timed on either side: process start-up and imports.
 
 The whole train stream (``build_train_stream``: sharding, shuffling, decoding, the same
 pipeline) is then measured per DataLoader worker on the same shards read two ways,
@@ -14,18 +33,22 @@ interleaved: streamed over HTTP from a local Hub-compatible server (``tests/hub_
 through huggingface_hub's client, as ``recipes/ade20k.yaml`` reads the Hub) and read from the
 local parquet files. The ratio is the cost of the HTTP path.
 
-    python bench/data_pipeline.py [--quick] [--examples N] [--rounds R] [--seed S]
+    python bench/data_pipeline.py [--quick] [--examples N] [--rounds R] [--warmup W] [--seed S]
 
-The last line printed is one JSON object.
+``--quick`` is a smoke run (16 examples, 2 rounds, MMSegmentation included). Results go to
+``bench/results/data_pipeline.json`` (``$HOOKTRAIN_BENCH_RESULTS`` overrides the directory;
+``"quick": true`` marks a smoke run). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +71,12 @@ from hooktrain.data.transforms import (
     rescaled_size,
 )
 
-MMSEG_REFERENCE_IMAGES_PER_S = 126  # mmseg's own OpenCV pipeline, one thread, same inputs
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from mmseg_ref.env import MmsegEnv  # noqa: E402  (standard library only: no huggingface_hub yet)
+from results import write_result  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+MMSEG_PIPELINE_BENCH = ROOT / "tests" / "mmseg_ref" / "pipeline_bench.py"
 NUM_CLASSES = 150
 Example = tuple[bytes, bytes]
 
@@ -121,14 +149,17 @@ class TorchvisionV2Pipeline:
 
     def __call__(self, image_bytes: bytes, mask_bytes: bytes, rng: np.random.Generator):
         from torchvision import tv_tensors
-        from torchvision.io import ImageReadMode, decode_image as tv_decode
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_image as tv_decode
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
         cfg = self.cfg
-        image = tv_tensors.Image(tv_decode(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), ImageReadMode.RGB))
+        image = tv_decode(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), ImageReadMode.RGB)
+        image = tv_tensors.Image(image)
         raw = tv_decode(torch.frombuffer(bytearray(mask_bytes), dtype=torch.uint8), ImageReadMode.UNCHANGED)[0]
-        mask = tv_tensors.Mask(torch.where((raw == 0) | (raw == 255), 255, raw - 1).to(torch.uint8))  # reduce_zero_label
+        reduced = torch.where((raw == 0) | (raw == 255), 255, raw - 1)  # reduce_zero_label
+        mask = tv_tensors.Mask(reduced.to(torch.uint8))
         # RandomResize
         lo, hi = cfg.ratio_range
         ratio = rng.random() * (hi - lo) + lo
@@ -153,7 +184,8 @@ class TorchvisionV2Pipeline:
             image, mask = F.horizontal_flip(image), F.horizontal_flip(mask)
         # photometric distortion (ColorJitter's saturation and hue)
         if rng.integers(2):
-            image = (image.float() + rng.uniform(-cfg.brightness_delta, cfg.brightness_delta)).clamp(0, 255).to(torch.uint8)
+            delta = rng.uniform(-cfg.brightness_delta, cfg.brightness_delta)
+            image = (image.float() + delta).clamp(0, 255).to(torch.uint8)
         contrast_first = rng.integers(2) == 1
         if contrast_first and rng.integers(2):
             image = (image.float() * rng.uniform(*cfg.contrast_range)).clamp(0, 255).to(torch.uint8)
@@ -164,99 +196,52 @@ class TorchvisionV2Pipeline:
         if not contrast_first and rng.integers(2):
             image = (image.float() * rng.uniform(*cfg.contrast_range)).clamp(0, 255).to(torch.uint8)
         # Normalize, Pad
-        image = F.normalize(F.to_dtype(tv_tensors.Image(image), torch.float32, scale=False), IMAGENET_MEAN, IMAGENET_STD)
+        image = F.to_dtype(tv_tensors.Image(image), torch.float32, scale=False)
+        image = F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
         pad = [0, 0, cw - image.shape[-1], ch - image.shape[-2]]
         return F.pad(image, pad, fill=0), F.pad(mask, pad, fill=self.ignore_index).long()
-
-
-class MMSegStylePipeline:
-    """MMSegmentation 0.x's pipeline ported literally (mmcv cv2/pillow backends, np.random
-    replaced by ``rng``), to compare against in the same process rather than only against
-    the 126 images/s measured once elsewhere."""
-
-    def __init__(self, cfg: TrainPipelineConfig, ignore_index: int = 255) -> None:
-        self.cfg, self.ignore_index = cfg, ignore_index
-        self.mean = np.asarray(IMAGENET_MEAN, np.float64).reshape(1, -1)
-        self.stdinv = 1 / np.asarray(IMAGENET_STD, np.float64).reshape(1, -1)
-
-    def __call__(self, image_bytes: bytes, mask_bytes: bytes, rng: np.random.Generator):
-        cfg = self.cfg
-        img = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)  # BGR
-        seg = np.array(PILImage.open(io.BytesIO(mask_bytes))).squeeze().astype(np.uint8)
-        seg[seg == 0] = 255  # reduce_zero_label
-        seg = seg - 1
-        seg[seg == 254] = 255
-        lo, hi = cfg.ratio_range
-        ratio = rng.random() * (hi - lo) + lo
-        scale = int(cfg.scale[0] * ratio), int(cfg.scale[1] * ratio)
-        new_h, new_w = rescaled_size(img.shape[0], img.shape[1], scale)
-        img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        seg = cv2.resize(seg, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
-        ch, cw = cfg.crop_size
-
-        def bbox():
-            oy = rng.integers(0, max(img.shape[0] - ch, 0) + 1)
-            ox = rng.integers(0, max(img.shape[1] - cw, 0) + 1)
-            return oy, oy + ch, ox, ox + cw
-
-        y1, y2, x1, x2 = bbox()
-        for _ in range(10):
-            labels, cnt = np.unique(seg[y1:y2, x1:x2], return_counts=True)
-            cnt = cnt[labels != self.ignore_index]
-            if len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < cfg.cat_max_ratio:
-                break
-            y1, y2, x1, x2 = bbox()
-        img, seg = img[y1:y2, x1:x2, ...], seg[y1:y2, x1:x2]
-        if rng.random() < cfg.flip_prob:
-            img, seg = np.flip(img, axis=1), np.flip(seg, axis=1)
-        img = self._photometric(img, rng)
-        img = img.copy().astype(np.float32)  # mmcv.imnormalize(to_rgb=True)
-        cv2.cvtColor(img, cv2.COLOR_BGR2RGB, img)
-        cv2.subtract(img, self.mean, img)
-        cv2.multiply(img, self.stdinv, img)
-        padded = np.zeros((ch, cw, 3), np.float32)  # mmcv.impad
-        padded[: img.shape[0], : img.shape[1]] = img
-        padded_seg = np.full((ch, cw), self.ignore_index, np.uint8)
-        padded_seg[: seg.shape[0], : seg.shape[1]] = seg
-        image = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))  # ImageToTensor
-        return image, torch.from_numpy(padded_seg.astype(np.int64))
-
-    def _photometric(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        cfg = self.cfg
-
-        def convert(x, alpha=1, beta=0):
-            return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-
-        def contrast(x):
-            return convert(x, alpha=rng.uniform(*cfg.contrast_range)) if rng.integers(2) else x
-
-        if rng.integers(2):
-            img = convert(img, beta=rng.uniform(-cfg.brightness_delta, cfg.brightness_delta))
-        mode = rng.integers(2)
-        if mode == 1:
-            img = contrast(img)
-        if rng.integers(2):
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
-            img[:, :, 1] = convert(img[:, :, 1], alpha=rng.uniform(*cfg.saturation_range))
-            img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
-        if rng.integers(2):
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
-            img[:, :, 0] = (img[:, :, 0].astype(int) + rng.integers(-cfg.hue_delta, cfg.hue_delta)) % 180
-            img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
-        if mode == 0:
-            img = contrast(img)
-        return img
 
 
 # ---------------------------------------------------------------- timing
 
 
-def images_per_second(pipeline: Pipeline, examples: Sequence[Example], seed: int) -> float:
-    """Run ``pipeline`` over all examples once; return images per second."""
+class MmsegDraws:
+    """The draws ``np.random.seed(key)`` gives MMSegmentation's transforms (``random_sample``,
+    ``randint``, ``uniform``; RandomFlip's ``choice`` takes one ``random_sample``), behind the
+    ``Generator`` methods the pipelines here call, without touching numpy's global state. Given
+    the key ``tests/mmseg_ref/pipeline_bench.py`` seeds an image with, hooktrain's pipeline makes
+    the same random choices as MMSegmentation's and so does the same work."""
+
+    def __init__(self, key: Sequence[int]) -> None:
+        self._state = np.random.RandomState(key)
+
+    def random(self) -> float:
+        return self._state.random_sample()
+
+    def integers(self, low: int, high: int | None = None) -> int:
+        return self._state.randint(low, high)
+
+    def uniform(self, low: float, high: float) -> float:
+        return self._state.uniform(low, high)
+
+
+def draws_key(seed: int, index: int, warmup: bool = False) -> list[int]:
+    """The seed of image ``index`` in a round seeded ``seed``, as ``pipeline_bench.py`` seeds its
+    round 0 (run with ``--seed seed --rounds 1``)."""
+    return [seed, 0, int(warmup), index]
+
+
+def run_round(pipeline: Pipeline, examples: Sequence[Example], seed: int, warmup: int) -> tuple[float, list]:
+    """``warmup`` untimed images, then one timed pass over ``examples``: (images/s, the warm-up
+    outputs)."""
+    outputs = []
+    for i in range(warmup):
+        image_bytes, mask_bytes = examples[i % len(examples)]
+        outputs.append(pipeline(image_bytes, mask_bytes, MmsegDraws(draws_key(seed, i, warmup=True))))
     start = time.perf_counter()
     for index, (image_bytes, mask_bytes) in enumerate(examples):
-        pipeline(image_bytes, mask_bytes, np.random.default_rng([seed, index]))
-    return len(examples) / (time.perf_counter() - start)
+        pipeline(image_bytes, mask_bytes, MmsegDraws(draws_key(seed, index)))
+    return len(examples) / (time.perf_counter() - start), outputs
 
 
 def decode_only(image_bytes: bytes, mask_bytes: bytes, rng: np.random.Generator):
@@ -264,22 +249,70 @@ def decode_only(image_bytes: bytes, mask_bytes: bytes, rng: np.random.Generator)
     return decode_image(image_bytes), decode_mask(mask_bytes)
 
 
-def compare(examples: Sequence[Example], rounds: int, seed: int) -> dict[str, float]:
-    """Interleaved rounds of each pipeline; median images/s of each."""
+def output_digest(image: torch.Tensor, mask: torch.Tensor) -> str:
+    """The digest ``pipeline_bench.py`` prints for each warm-up output (float32 image, int64 mask)."""
+    data = image.to(torch.float32).contiguous().numpy().tobytes() + mask.to(torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+class MmsegRounds:
+    """MMSegmentation 1.2.2's own train pipeline, one round per call, each in a fresh process of
+    its throwaway environment (``tests/mmseg_ref/env.py``). ``unavailable`` says why, once the
+    environment could not be installed or a round failed; no round is run after that."""
+
+    def __init__(self, examples: Sequence[Example], directory: Path) -> None:
+        self.inputs = directory / "mmseg_inputs.npz"
+        np.savez(self.inputs, **{f"image_{k}": np.frombuffer(image, np.uint8) for k, (image, _) in enumerate(examples)},
+                 **{f"mask_{k}": np.frombuffer(mask, np.uint8) for k, (_, mask) in enumerate(examples)})  # fmt: skip
+        self.env: MmsegEnv | None = None
+        self.unavailable: str | None = None
+        self.versions: dict[str, str] = {}
+        try:
+            self.env = MmsegEnv.install()
+        except (RuntimeError, OSError) as error:
+            self.unavailable = f"the MMSegmentation 1.2.2 environment could not be installed: {error}"
+
+    def run_round(self, seed: int, warmup: int) -> tuple[float, list[str]] | None:
+        """One round in a fresh process: (images/s, the warm-up digests), or None when unavailable."""
+        if self.env is None or self.unavailable:
+            return None
+        args = (str(self.inputs), "--rounds", "1", "--warmup", str(warmup), "--seed", str(seed))
+        try:
+            report = MmsegEnv.last_json(self.env.run(MMSEG_PIPELINE_BENCH, *args))
+        except (AssertionError, OSError, ValueError) as error:
+            self.unavailable = f"a round of MMSegmentation's pipeline failed: {str(error).strip()[-2000:]}"
+            return None
+        self.versions = report["versions"]
+        return report["images_per_s"][0], report["warmup_digests"][0]
+
+
+def compare(examples: Sequence[Example], rounds: int, seed: int, warmup: int, mmseg: MmsegRounds) -> dict:
+    """Interleaved rounds (hooktrain, torchvision v2, decode only, MMSegmentation), each after
+    the same ``warmup`` images; round ``r`` draws from seed ``seed + r`` on every side.
+    Returns each pipeline's images/s per round, and whether hooktrain's warm-up outputs equal
+    MMSegmentation's (None when MMSegmentation did not run)."""
     cfg = TrainPipelineConfig()
-    pipelines = {
-        "hooktrain": hooktrain_pipeline(cfg),
-        "tv2": TorchvisionV2Pipeline(cfg),
-        "mmseg_style": MMSegStylePipeline(cfg),
-        "decode_only": decode_only,
-    }
-    for pipeline in pipelines.values():  # warm-up: imports, first-call allocations
-        images_per_second(pipeline, examples[:2], seed)
-    rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    pipelines = {"hooktrain": hooktrain_pipeline(cfg), "tv2": TorchvisionV2Pipeline(cfg), "decode_only": decode_only}
+    rates: dict[str, list[float]] = {name: [] for name in [*pipelines, "mmseg"]}
+    matches = []  # per MMSegmentation round: its warm-up digests equal hooktrain's
     for r in range(rounds):
+        warmup_outputs = {}
         for name, pipeline in pipelines.items():
-            rates[name].append(images_per_second(pipeline, examples, seed + r))
-    return {name: statistics.median(values) for name, values in rates.items()}
+            rate, warmup_outputs[name] = run_round(pipeline, examples, seed + r, warmup)
+            rates[name].append(rate)
+        measured = mmseg.run_round(seed + r, warmup)
+        if measured is not None:
+            rate, mmseg_digests = measured
+            rates["mmseg"].append(rate)
+            matches.append(mmseg_digests == [output_digest(*output) for output in warmup_outputs["hooktrain"]])
+    if mmseg.unavailable:  # a round failed: report none of its rounds
+        rates["mmseg"], matches = [], []
+    same_outputs = all(matches) if matches else None
+    return {"rates": rates, "same_outputs": same_outputs}
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def quickstart_data_wait(iterations: int, workers: int) -> float:
@@ -376,9 +409,6 @@ def serve_shards(examples: Sequence[Example], root: Path):
     """Write ``examples`` as the ADE20K parquet conversion's ``scene_parsing/train`` shards under
     ``root`` and serve that folder from a local Hub server; returns the started server. The
     environment points huggingface_hub at it, so this runs before the client is imported."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     assert "huggingface_hub" not in sys.modules, "HF_ENDPOINT must be set before the client loads"
     from hub_replicas import ADE20K_ID, PARQUET_REVISION
     from hub_server import HubServer
@@ -394,12 +424,13 @@ def serve_shards(examples: Sequence[Example], root: Path):
     return server.start()
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 examples, 2 rounds (a few seconds)")
+    parser.add_argument("--quick", action="store_true", help="16 examples, 2 rounds: a smoke run")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=4, help="untimed images before every round of every pipeline")
     parser.add_argument(
         "--quickstart-iters", type=int, default=40,
         help="iterations of the quickstart for the data-wait share (0 skips it)",
@@ -420,16 +451,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         examples = read_stream(path)
         stream_rate = len(examples) / (time.perf_counter() - start)
     mean_kb = statistics.mean(len(img) for img, _ in examples) / 1024
-    print(f"{len(examples)} examples 683x512, JPEG mean {mean_kb:.0f} KB; datasets stream read {stream_rate:.0f} rows/s")
+    print(f"{len(examples)} examples 683x512, JPEG mean {mean_kb:.0f} KB; "
+          f"datasets stream read {stream_rate:.0f} rows/s")
 
-    medians = compare(examples, rounds, args.seed)
-    ratio = medians["hooktrain"] / medians["tv2"]
-    print(f"hooktrain train pipeline   {medians['hooktrain']:7.1f} images/s (one thread, median of {rounds})")
-    print(f"torchvision v2 baseline    {medians['tv2']:7.1f} images/s  -> hooktrain is {ratio:.2f}x")
-    print(f"mmseg-style port (same run) {medians['mmseg_style']:6.1f} images/s  -> hooktrain is "
-          f"{medians['hooktrain'] / medians['mmseg_style']:.2f}x")
-    print(f"decode only (JPEG + PNG)   {medians['decode_only']:7.1f} images/s")
-    print(f"mmseg OpenCV reference     {MMSEG_REFERENCE_IMAGES_PER_S:7d} images/s (measured earlier, not rerun here)")
+    with tempfile.TemporaryDirectory() as tmp:
+        mmseg = MmsegRounds(examples, Path(tmp))
+        compared = compare(examples, rounds, args.seed, args.warmup, mmseg)
+    rates = compared["rates"]
+    medians = {name: median_or_none(values) for name, values in rates.items()}
+    ratio_vs_tv2 = medians["hooktrain"] / medians["tv2"]
+    ratio_vs_mmseg = None if medians["mmseg"] is None else medians["hooktrain"] / medians["mmseg"]
+    print(f"hooktrain train pipeline         {medians['hooktrain']:7.1f} images/s "
+          f"(one thread, median of {rounds} rounds, {args.warmup} warm-up images before each)")
+    if ratio_vs_mmseg is None:
+        print(f"MMSegmentation 1.2.2 pipeline    not measured, so no ratio: {mmseg.unavailable}")
+    else:
+        print(f"MMSegmentation 1.2.2 pipeline    {medians['mmseg']:7.1f} images/s "
+              f"(its own environment, rounds interleaved)  -> hooktrain is {ratio_vs_mmseg:.2f}x")
+        print(f"  same outputs on the warm-up images (normalised padded image and mask): {compared['same_outputs']}")
+    print(f"torchvision v2 baseline          {medians['tv2']:7.1f} images/s  -> hooktrain is {ratio_vs_tv2:.2f}x")
+    print(f"decode only (JPEG + PNG)         {medians['decode_only']:7.1f} images/s")
     streams = compare_streams(len(generated), rounds, args.seed, Path(served.name))
     hub.stop()
     served.cleanup()
@@ -449,21 +490,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"quickstart, 2 workers: {100 * wait:.1f}% of step time waiting for data (target < 5%)")
     result = {
         "bench": "data_pipeline",
+        "quick": args.quick,
+        "examples": len(examples), "rounds": rounds, "warmup_images": args.warmup,
         "quickstart_data_wait_share": None if wait is None else round(wait, 4),
         "images_per_s": round(medians["hooktrain"], 1),
+        "mmseg_images_per_s": None if medians["mmseg"] is None else round(medians["mmseg"], 1),
+        "ratio_vs_mmseg": None if ratio_vs_mmseg is None else round(ratio_vs_mmseg, 2),
+        "mmseg_same_outputs": compared["same_outputs"],
+        "mmseg_unavailable": mmseg.unavailable,
+        "mmseg_versions": mmseg.versions or None,
         "baseline_tv2_images_per_s": round(medians["tv2"], 1),
-        "ratio": round(ratio, 2),
-        "mmseg_style_images_per_s": round(medians["mmseg_style"], 1),
-        "ratio_vs_mmseg_style": round(medians["hooktrain"] / medians["mmseg_style"], 2),
+        "ratio_vs_tv2": round(ratio_vs_tv2, 2),
         "decode_only_images_per_s": round(medians["decode_only"], 1),
-        "mmseg_reference_images_per_s": MMSEG_REFERENCE_IMAGES_PER_S,
+        "images_per_s_per_round": {name: [round(v, 1) for v in values] for name, values in rates.items()},
         "stream_hub_http_images_per_s_per_worker": round(http["images_per_s"], 1),
         "stream_local_parquet_images_per_s_per_worker": round(local["images_per_s"], 1),
         "stream_ratio_hub_vs_local": round(stream_ratio, 3),
         "worker_handover_batches_per_s": {k: round(v) for k, v in handover.items()},
         "stream_first_batch_s": {"hub_http": round(http["first_batch_s"], 2),
                                  "local_parquet": round(local["first_batch_s"], 2)},
-    }
+    }  # fmt: skip
+    print(f"results: {write_result('data_pipeline', {k: v for k, v in result.items() if k != 'bench'})}")
     print(json.dumps(result))
     return result
 

@@ -8,8 +8,9 @@ and full train pipeline. For each (batch size, workers) pair the real command ru
     python -m hooktrain recipes/ade20k.yaml --cfg-options train.max_iters=N ...
 
 with random encoder weights (no download) and the recipe's bf16 autocast, and its
-metrics.jsonl gives images/s, the share of iteration time spent waiting for data and peak GPU
-memory. The first logged interval (cuDNN autotuning, workers starting) is left out.
+metrics.jsonl gives the share of iteration time spent waiting for data and the peak GPU memory;
+images/s come from ``bench/synced_timer.py``, which times every iteration after the first
+logged interval (cuDNN autotuning, workers starting) with the GPU synchronised at both ends.
 
     python bench/gpu_train.py                      # on a CUDA machine
     python bench/gpu_train.py --quick              # a CPU smoke run (2 iterations at 64 px)
@@ -32,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from data_pipeline import make_example, write_parquet  # noqa: E402
+from results import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,17 +59,20 @@ def train(dataset: Path, work_dir: Path, *, batch: int, workers: int, iters: int
         f"data.train.num_workers={workers}",
         f"data.train.source={{type: hub, path: {dataset}, split: train}}",
         f"data.val.source={{type: hub, path: {dataset}, split: validation}}",
-        f"hooks=[{{type: logger, interval: {interval}}}]",
+        f"hooks=[{{type: logger, interval: {interval}}}, "
+        f"{{type: 'synced_timer:SyncedTimer', start: {interval}, out: '{work_dir / 'timing.json'}'}}]",
         *extra,
     ]
     command = [sys.executable, "-m", "hooktrain", str(ROOT / "recipes" / "ade20k.yaml"),
                "--work-dir", str(work_dir), "--cfg-options", *options]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=work_dir.parent, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, cwd=work_dir.parent, stdout=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [row for row in rows if "train/time" in row][1:] or rows[-1:]
-    step = sum(row["train/time"] for row in rows) / len(rows)
+    timing = json.loads((work_dir / "timing.json").read_text())  # after the first interval, synchronised
+    step = timing["seconds"] / (timing["iters"][1] - timing["iters"][0])
     data = sum(row["train/data_time"] for row in rows) / len(rows)
     return {
         "batch": batch,
@@ -109,8 +114,9 @@ def main() -> None:
                 flush=True,
             )
             results.append(result)
-    summary = {"bench": "gpu_train", "recipe": "ade20k", "iters": args.iters, "runs": results}
-    print(json.dumps(summary))
+    summary = {"quick": args.quick, "recipe": "ade20k", "iters": args.iters, "runs": results}
+    print(f"results: {write_result('gpu_train', summary)}")
+    print(json.dumps({"bench": "gpu_train", **summary}))
 
 
 if __name__ == "__main__":

@@ -11,22 +11,39 @@ against two baselines run in the same process on one thread:
     Both ways of passing masks are timed, as int64 (argmax output; Pillow stores int32 TIFF)
     and as uint8 (PNG), and the faster one is the baseline.
 
-Also reports the bytes that cross ranks per image (areas vs full masks) and the peak RSS growth
-while accumulating the areas of 2,000 validation images.
+Timing: every side gets the same warm-up (one pass over two images), then the rounds are
+interleaved (hooktrain, histc, evaluate int64, evaluate uint8; the next round starts one side
+later) and each side's median round counts. Ratios are the baseline's median / hooktrain's.
+
+Bytes handed to the collectives, measured: the real eval hook (``plugins/evaluation.py``) runs
+in this process over N validation images (512x512 masks, 150 classes, the quickstart model at
+a small input scale: predictions come back at the masks' size), with a spy that adds up the
+``nbytes`` of every tensor passed to ``accelerator.reduce`` / ``gather`` / ``gather_for_metrics``
+(hooktrain's path: the packed areas, once per evaluation), and of every array the hook hands
+to an ``evaluate`` module (the mask-gathering path: each prediction and reference in full; in
+one process the hook passes them to ``add_batch``, with several it passes the same lists to
+``gather_object``).
+
+Memory: peak RSS growth (VmHWM, reset after setup) while accumulating the areas of 2,000
+images (200 with ``--quick``) in a fresh process.
 
     python bench/metrics.py [--quick]
 
-Ends with one JSON line: {"bench": "metrics", ...}.
+Results go to bench/results/metrics.json (``bench/results.py``); the last line printed is one
+line of JSON: {"bench": "metrics", ...}.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -35,10 +52,17 @@ import datasets
 import evaluate
 import numpy as np
 import torch
+from PIL import Image
+from results import write_result
 
+from hooktrain.hooks import build_hooks
 from hooktrain.metrics import Areas, intersect_and_union
+from hooktrain.models import build_segmentor
+from hooktrain.recipe import load_recipe
+from hooktrain.runner import IterRunner, make_accelerator
 
 NUM_CLASSES, SIZE, IGNORE = 150, 512, 255
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
 def make_pair(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,11 +154,101 @@ def time_evaluate(pairs, dtype, cache_dir) -> tuple[float, torch.Tensor]:
     return elapsed, torch.from_numpy(result["total_areas"]).long()
 
 
-def best_of(rounds: int, fn, *args) -> tuple[float, torch.Tensor]:
-    """Fastest of several rounds (this VM's timings are noisy); results must agree."""
-    runs = [fn(*args) for _ in range(rounds)]
-    assert all(torch.equal(r[1], runs[0][1]) for r in runs)
-    return min(r[0] for r in runs), runs[0][1]
+def interleaved(sides: dict, pairs, rounds: int) -> dict[str, list[float]]:
+    """The same warm-up for every side (two images), then ``rounds`` interleaved rounds whose
+    starting side rotates; every round of every side must give the same areas."""
+    for fn in sides.values():
+        fn(pairs[:2])
+    names, times, expected = list(sides), {name: [] for name in sides}, None
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, areas = sides[name](pairs)
+            expected = areas if expected is None else expected
+            assert torch.equal(areas, expected), f"{name}: areas differ from the other sides'"
+            times[name].append(seconds)
+    return times
+
+
+def nbytes(value) -> int:
+    """Bytes of the tensors and arrays in ``value`` (nested lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return value.nbytes
+    if isinstance(value, list | tuple):
+        return sum(nbytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(nbytes(item) for item in value.values())
+    return 0
+
+
+def spy(counts: dict[str, int], key: str, fn):
+    """``fn``, adding the bytes of its arguments to ``counts[key]`` on each call."""
+
+    def counted(*args, **kwargs):
+        counts[key] += nbytes(list(args)) + nbytes(kwargs)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+def write_val_folder(root: Path, num_images: int) -> None:
+    """``num_images`` random 512x512 images with the bench's label maps as uint8 PNG masks."""
+    rng = np.random.default_rng(0)
+    for split in ("images", "annotations"):
+        (root / split).mkdir(parents=True)
+    for i in range(num_images):
+        _, label = make_pair(np.random.default_rng(i))
+        image = rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(label.numpy().astype(np.uint8), mode="L").save(root / "annotations" / f"{i:03d}.png")
+
+
+def write_mean_iou_module(root: Path) -> Path:
+    """This file's ``MeanIoU`` as a local evaluate module (``evaluate.load(path)``)."""
+    module = root / "mean_iou"
+    module.mkdir()
+    source = "import datasets\nimport evaluate\nimport numpy as np\n\n\n" + textwrap.dedent(inspect.getsource(MeanIoU))
+    (module / "mean_iou.py").write_text(source)
+    return module
+
+
+def eval_hook_bytes(num_images: int) -> dict[str, int]:
+    """Run the real eval hook once over ``num_images`` images with an evaluate module, counting
+    the bytes handed to the accelerator's collectives and to the module."""
+    with tempfile.TemporaryDirectory(prefix="hooktrain-metrics-bytes-") as tmp:
+        root = Path(tmp)
+        write_val_folder(root, num_images)
+        module = write_mean_iou_module(root)
+        source = f"{{type: folder, images_dir: '{root}/images', annotations_dir: '{root}/annotations'}}"
+        recipe = load_recipe(QUICKSTART, [
+            f"data.val.source={source}", f"data.num_classes={NUM_CLASSES}", "data.class_names=null",
+            "data.palette=null", "data.val.pipeline.scale=[64,64]", "data.val.batch_size=2",
+            f"hooks=[{{type: eval, num_samples: 0, evaluate: [{{path: '{module}'}}]}}]",
+        ])  # fmt: skip
+        return count_handed_bytes(recipe, root / "work_dir")
+
+
+def count_handed_bytes(recipe, work_dir: Path) -> dict[str, int]:
+    """One evaluation by the recipe's eval hook (the quickstart model, random weights) with spies
+    on the accelerator's collectives and on the evaluate module's ``add_batch``."""
+    accelerator = make_accelerator(recipe.train)
+    torch.manual_seed(0)
+    model = accelerator.prepare(build_segmentor(recipe.model, num_classes=NUM_CLASSES))
+    hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
+    runner = IterRunner(recipe=recipe, accelerator=accelerator, model=model, optimizer=None, scheduler=None,
+                        train_stream=None, hooks=hooks, work_dir=work_dir)  # fmt: skip
+    hook, counts = hooks[0].hook, {"collectives": 0, "masks": 0}
+    hook.before_run(runner)  # loads the evaluate module
+    for name in ("reduce", "gather", "gather_for_metrics"):
+        setattr(accelerator, name, spy(counts, "collectives", getattr(accelerator, name)))
+    metric = hook._evaluate_modules[0].metric
+    metric.add_batch = spy(counts, "masks", metric.add_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's int64 downcast; NaN IoU of absent classes
+        metrics = hook.evaluate(runner)
+    runner.watch.close()
+    assert "mean_io_u/mean_iou" in metrics and counts["collectives"] and counts["masks"], (sorted(metrics), counts)
+    return counts
 
 
 def proc_status_kb(field: str) -> int:
@@ -178,64 +292,75 @@ def rss_growth(num_images: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images and rounds")
+    parser.add_argument("--quick", action="store_true", help="fewer images and rounds (a smoke run)")
     parser.add_argument("--rss-child", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         return rss_child(args.rss_child)
     torch.set_num_threads(1)
-    num_images, rounds = (8, 2) if args.quick else (32, 3)
+    num_images, rounds, eval_images, rss_images = (8, 2, 4, 200) if args.quick else (32, 5, 16, 2000)
 
     rng = np.random.default_rng(0)
     pairs = [make_pair(rng) for _ in range(num_images)]
     ignored = np.mean([float((label == IGNORE).float().mean()) for _, label in pairs])
     print(f"inputs: {num_images} images {SIZE}x{SIZE}, {NUM_CLASSES} classes, int64, "
-          f"{100 * ignored:.1f}% ignored, predictions = labels + 20% noise; 1 thread; best of {rounds}")
+          f"{100 * ignored:.1f}% ignored, predictions = labels + 20% noise; 1 thread; "
+          f"median of {rounds} interleaved rounds after the same warm-up")
 
-    time_ours(pairs[:2]), time_histc(pairs[:2])  # warm-up
-    t_ours, areas = best_of(rounds, time_ours, pairs)
-    t_histc, areas_histc = best_of(rounds, time_histc, pairs)
-    assert torch.equal(areas, areas_histc), "histc areas differ"
     with tempfile.TemporaryDirectory() as cache_dir:
-        t_eval = {}
-        for name, dtype in (("int64", np.int64), ("uint8", np.uint8)):
-            t_eval[name], areas_eval = best_of(max(1, rounds - 1), time_evaluate, pairs, dtype, cache_dir)
-            assert torch.equal(areas, areas_eval), f"evaluate ({name}) areas differ"
-    eval_kind = min(t_eval, key=t_eval.get)
+        sides = {
+            "hooktrain": time_ours,
+            "histc": time_histc,
+            "evaluate_int64": lambda pairs: time_evaluate(pairs, np.int64, cache_dir),
+            "evaluate_uint8": lambda pairs: time_evaluate(pairs, np.uint8, cache_dir),
+        }
+        times = {name: statistics.median(t) for name, t in interleaved(sides, pairs, rounds).items()}
+    ours = times["hooktrain"]
+    eval_kind = min(("evaluate_int64", "evaluate_uint8"), key=times.get)
 
     def ms(t: float) -> str:
         return f"{1e3 * t / num_images:7.2f} ms/image"
 
-    print(f"hooktrain bincount        {ms(t_ours)}  {num_images / t_ours:8.1f} images/s")
-    print(f"mmseg 0.x torch.histc     {ms(t_histc)}  ratio {t_histc / t_ours:5.2f}x")
-    for name, t in t_eval.items():
-        print(f"evaluate mean_iou ({name:5s}) {ms(t)}  ratio {t / t_ours:5.2f}x"
+    print(f"hooktrain bincount        {ms(ours)}  {num_images / ours:8.1f} images/s")
+    print(f"mmseg 0.x torch.histc     {ms(times['histc'])}  ratio {times['histc'] / ours:5.2f}x")
+    for name in ("evaluate_int64", "evaluate_uint8"):
+        print(f"evaluate mean_iou ({name[9:]:5s}) {ms(times[name])}  ratio {times[name] / ours:5.2f}x"
               + ("  <- baseline" if name == eval_kind else ""))
 
-    area_bytes = 4 * NUM_CLASSES * 8
-    mask_u8, mask_i64 = SIZE * SIZE, SIZE * SIZE * 8
-    print(f"bytes per image: areas {area_bytes} (4 x {NUM_CLASSES} int64) vs full prediction mask "
-          f"{mask_u8} (uint8) / {mask_i64} (int64): "
-          f"{mask_u8 / area_bytes:.0f}x / {mask_i64 / area_bytes:.0f}x; "
-          f"with per-rank summing, one {area_bytes + 8}-byte all-reduce per evaluation")
+    handed = eval_hook_bytes(eval_images)
+    per_image = handed["masks"] // eval_images
+    print(f"bytes handed over by the eval hook over {eval_images} images (measured): collectives "
+          f"{handed['collectives']:,} B per evaluation (packed areas); with an evaluate module, full masks "
+          f"{per_image:,} B per image (prediction + reference): one image's masks are "
+          f"{per_image / handed['collectives']:.0f}x the whole evaluation's areas")
 
-    rss = rss_growth(2000)
+    rss = rss_growth(rss_images)
     reset = "worked" if rss["reset_ok"] else "FAILED: figure includes setup"
     growth = rss["growth_mb"]
-    print(f"peak RSS growth over 2000 images accumulating areas (fresh process): {growth:.1f} MB, "
+    print(f"peak RSS growth over {rss_images} images accumulating areas (fresh process): {growth:.1f} MB, "
           f"of which {rss['growth_after_first_image_mb']:.1f} MB after the first image "
-          f"(VmHWM minus VmRSS before; peak reset {reset}); "
-          f"keeping uint8 masks instead would hold {2000 * mask_u8 / 2**20:.0f} MB")
+          f"(VmHWM minus VmRSS before; peak reset {reset})")
 
-    print(json.dumps({
-        "bench": "metrics",
-        "vs_histc_ratio": round(t_histc / t_ours, 2),
-        "vs_evaluate_ratio": round(t_eval[eval_kind] / t_ours, 2),
-        "images_per_s": round(num_images / t_ours, 1),
-        "bytes_per_image": area_bytes,
-        "full_mask_bytes_per_image": mask_u8,
-        "rss_growth_mb_2000": round(growth, 1),
-    }))
+    summary = {
+        "quick": args.quick,
+        "images": num_images,
+        "rounds": rounds,
+        "ms_per_image": {name: round(1e3 * t / num_images, 3) for name, t in times.items()},
+        "images_per_s": round(num_images / ours, 1),
+        "vs_histc_ratio": round(times["histc"] / ours, 2),
+        "evaluate_baseline": eval_kind,
+        "vs_evaluate_ratio": round(times[eval_kind] / ours, 2),
+        "eval_hook_images": eval_images,
+        "collective_bytes_per_evaluation": handed["collectives"],
+        "evaluate_mask_bytes_per_image": per_image,
+        "mask_bytes_per_image_vs_collective_bytes": round(per_image / handed["collectives"], 1),
+        "rss_images": rss_images,
+        "rss_growth_mb": round(growth, 1),
+        "rss_growth_after_first_image_mb": round(rss["growth_after_first_image_mb"], 1),
+        "rss_reset_ok": rss["reset_ok"],
+    }
+    print(f"results: {write_result('metrics', summary)}")
+    print(json.dumps({"bench": "metrics", **summary}))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ ratio is hooktrain's time over MMSegmentation's: at most 1.0 means hooktrain is 
     python bench/mmseg_parity.py --quick               # CI smoke: SegFormer-B0 only, 128x128, no slide
     python bench/mmseg_parity.py --device cuda --bf16 --size 512
 
-Results go to bench/results/mmseg_parity.json (with the machine); the last line printed is one
-JSON object.
+Results go to bench/results/mmseg_parity.json (``bench/results.py``); the last line printed is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from mmseg_ref import ZOO_CONFIGS  # noqa: E402
 from mmseg_ref.env import MmsegEnv  # noqa: E402
+from results import write_result  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 CONFIGS = ZOO_CONFIGS
 INFERENCE_CONFIGS = CONFIGS[:2]
@@ -114,19 +114,6 @@ def mmseg_side(env: MmsegEnv, name: str, mode: str, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-        cpu += ", AVX-512" if "avx512f" in flags else ", no AVX-512"
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -136,7 +123,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
     parser.add_argument("--quick", action="store_true", help="SegFormer-B0 only, 128x128, one timed step, no slide")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "mmseg_parity.json"))
     args = parser.parse_args()
     configs, inference_configs, modes = CONFIGS, INFERENCE_CONFIGS, ("whole", "slide")
     if args.quick:
@@ -160,8 +146,7 @@ def main() -> None:
             print(f"{name} {mode}: hooktrain {ours:.2f} img/s, mmseg {theirs:.2f} img/s, ratio {theirs / ours:.3f}",
                   flush=True)  # fmt: skip
     summary = {
-        "bench": "mmseg_parity",
-        "machine": machine(device),
+        "quick": args.quick,
         "device": args.device,
         "precision": "bf16" if args.bf16 else "fp32",
         "size": args.size,
@@ -170,9 +155,8 @@ def main() -> None:
         "worst_ratio": max(row["ratio"] for row in rows),
         "rows": rows,
     }
-    if not args.quick:
-        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary))
+    print(f"results: {write_result('mmseg_parity', summary)}")
+    print(json.dumps({"bench": "mmseg_parity", **summary}))
 
 
 if __name__ == "__main__":

@@ -2,22 +2,33 @@
 head) against the same model in plain PyTorch.
 
 Both models (timm ``pvt_v2_b0`` encoder + all-MLP head, 150 classes) run forward, backward and an
-AdamW step on the same random batch, interleaved in one process; the median step times are
-compared. A ratio (hooktrain / plain) near 1.0 means the segmentor adds no overhead.
+AdamW step on the same random batch. Time: both models are built, each gets the same
+``--warmup`` steps, then ``--steps`` rounds of one step each, the side that goes first
+alternating every round (hooktrain, plain; then plain, hooktrain; ...); the median step times
+are compared. On CUDA each step is timed between two ``torch.cuda.synchronize()`` calls. A ratio
+(hooktrain / plain) near 1.0 means the segmentor adds no overhead.
+
+Peak memory (CUDA only): afterwards each side alone is built, warmed up and stepped with the
+other side freed (``del``, ``gc.collect()``, ``torch.cuda.empty_cache()``), between
+``torch.cuda.reset_peak_memory_stats()`` and ``torch.cuda.max_memory_allocated()``. On the CPU
+no peak is reported: the allocator keeps freed memory, so a process-wide RSS peak cannot tell
+the two sides apart.
 
     python bench/model_step.py                 # CPU, 512x512, batch 2, fp32 and bf16 autocast
-    python bench/model_step.py --quick         # fewer steps at 256x256
+    python bench/model_step.py --quick         # a smoke run: 2 steps at 128x128, fp32
     python bench/model_step.py --device cuda   # also images/s and peak memory
 
 On a CPU without native bf16 (no AVX512-BF16/AMX), bf16 autocast is emulated and many times
 slower than fp32; ``--precision bf16 --size 128`` keeps that measurement short.
 
-The last line printed is one JSON object.
+Results go to bench/results/model_step.json (``bench/results.py``); the last line printed is
+one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -28,12 +39,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import timm
 import torch
 import torch.nn.functional as F
+from results import write_result
 from torch import nn
 
 from hooktrain.models import ModelConfig, build_segmentor
 
 NUM_CLASSES = 150
 ENCODER = "pvt_v2_b0"
+SIDES = ("hooktrain", "plain")
 
 
 class PlainMLPHead(nn.Module):
@@ -90,93 +103,138 @@ def plain_loss(model: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> tor
     return model(image, mask)
 
 
+BUILDERS = {"hooktrain": (hooktrain_model, hooktrain_loss), "plain": (PlainSegformer, plain_loss)}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def run(args: argparse.Namespace, device: torch.device, bf16: bool) -> dict:
-    """Interleaved steps of both models; returns median step times (and GPU stats)."""
+def make_batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     image = torch.randn(args.batch, 3, args.size, args.size, device=device)
     mask = torch.randint(0, NUM_CLASSES, (args.batch, args.size, args.size), device=device)
     mask[:, : args.size // 8] = 255
-    contenders = {}
-    for name, model, loss_fn in (
-        ("hooktrain", hooktrain_model(), hooktrain_loss),
-        ("plain", PlainSegformer(), plain_loss),
-    ):
-        model = model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
-        contenders[name] = (model, optimizer, loss_fn)
-    times = {name: [] for name in contenders}
-    peak = {name: 0 for name in contenders}
-    for step in range(args.warmup + args.steps):
-        for name, (model, optimizer, loss_fn) in contenders.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync(device)
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_fn(model, image, mask)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync(device)
-            if step >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
-    result = {name: statistics.median(t) for name, t in times.items()}
+    return image, mask
+
+
+def build(name: str, device: torch.device):
+    """One side: its model (seeded the same for both), AdamW optimizer and loss function."""
+    make_model, loss_fn = BUILDERS[name]
+    torch.manual_seed(0)
+    model = make_model().to(device).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01), loss_fn
+
+
+def step(side, image: torch.Tensor, mask: torch.Tensor, bf16: bool) -> float:
+    """One forward, backward and AdamW step; seconds, with the device synchronised at both ends."""
+    model, optimizer, loss_fn = side
+    sync(image.device)
+    start = time.perf_counter()
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn(model, image, mask)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(image.device)
+    return time.perf_counter() - start
+
+
+def step_times(args: argparse.Namespace, device: torch.device, bf16: bool) -> dict[str, float]:
+    """Median step time of each side: equal warm-up, then rounds alternating who goes first."""
+    image, mask = make_batch(args, device)
+    sides = {name: build(name, device) for name in SIDES}
+    for _ in range(args.warmup):
+        for name in SIDES:
+            step(sides[name], image, mask, bf16)
+    times = {name: [] for name in SIDES}
+    for index in range(args.steps):
+        for name in SIDES if index % 2 == 0 else SIDES[::-1]:
+            times[name].append(step(sides[name], image, mask, bf16))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def free_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def peak_memory_mib(name: str, args: argparse.Namespace, device: torch.device, bf16: bool) -> float:
+    """``torch.cuda.max_memory_allocated`` over building one side and its warm-up and timed
+    steps, with nothing else of this bench resident but the batch."""
+    image, mask = make_batch(args, device)
+    free_cuda()
+    torch.cuda.reset_peak_memory_stats()
+    side = build(name, device)
+    for _ in range(args.warmup + args.steps):
+        step(side, image, mask, bf16)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated()
+    del side
+    free_cuda()
+    return round(peak / 2**20, 1)
+
+
+def measure(args: argparse.Namespace, device: torch.device, precision: str) -> dict:
+    """Step times (both sides resident, interleaved), then on CUDA each side's peak alone."""
+    bf16 = precision == "bf16"
+    result = {"step_s": step_times(args, device, bf16)}
     if device.type == "cuda":
-        result["peak_mib"] = {name: round(p / 2**20, 1) for name, p in peak.items()}
+        free_cuda()
+        result["peak_mib"] = {name: peak_memory_mib(name, args, device, bf16) for name in SIDES}
     return result
+
+
+def report(precision: str, result: dict, batch: int) -> dict:
+    """Print one line for ``precision``; its summary entries."""
+    times = result["step_s"]
+    ratio = times["hooktrain"] / times["plain"]
+    line = (f"  {precision}: hooktrain {times['hooktrain']:.4f} s/step, plain {times['plain']:.4f} s/step, "
+            f"ratio {ratio:.3f}")  # fmt: skip
+    entry = {"ratio": round(ratio, 4), "step_s": {name: round(t, 4) for name, t in times.items()},
+             "images_per_s": {name: round(batch / t, 2) for name, t in times.items()}}  # fmt: skip
+    if "peak_mib" in result:
+        peak = result["peak_mib"]
+        line += (f", {entry['images_per_s']['hooktrain']:.1f} images/s, peak {peak['hooktrain']} MiB "
+                 f"(plain {peak['plain']} MiB, each measured alone)")  # fmt: skip
+        entry["max_memory_allocated_mib"] = peak
+    print(line, flush=True)
+    return entry
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quick", action="store_true", help="3 steps at 256x256 (a smoke run)")
-    parser.add_argument("--size", type=int, default=None, help="image side (default 512, 256 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fp32, 2 steps at 128x128, 1 warm-up")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 512, 128 with --quick)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 10, 3 with --quick)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 10, 2 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per model (default 2, 1 with --quick)")
     parser.add_argument(
-        "--precision", choices=["fp32", "bf16", "both"], default="both", help="bf16 = torch.autocast(bfloat16)"
-    )
+        "--precision", choices=["fp32", "bf16", "both"], default=None,
+        help="bf16 = torch.autocast(bfloat16) (default both, fp32 with --quick)",
+    )  # fmt: skip
     args = parser.parse_args()
-    args.size = args.size or (256 if args.quick else 512)
-    args.steps = args.steps or (3 if args.quick else 10)
+    args.size = args.size or (128 if args.quick else 512)
+    args.steps = args.steps or (2 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.precision = args.precision or ("fp32" if args.quick else "both")
     device = torch.device(args.device)
-    params = {
-        "hooktrain": sum(p.numel() for p in hooktrain_model().parameters()),
-        "plain": sum(p.numel() for p in PlainSegformer().parameters()),
-    }
+    params = {name: sum(p.numel() for p in BUILDERS[name][0]().parameters()) for name in SIDES}
     print(f"model_step: {ENCODER} + all-MLP head, {NUM_CLASSES} classes, {args.size}x{args.size}, batch {args.batch}")
-    print(f"  device {device}, threads {torch.get_num_threads()}, {args.steps} timed steps after {args.warmup} warmup")
+    print(f"  device {device}, threads {torch.get_num_threads()}, median of {args.steps} interleaved steps "
+          f"(first side alternating) after {args.warmup} warm-up each")  # fmt: skip
     print(f"  parameters: hooktrain {params['hooktrain']:,}, plain {params['plain']:,}")
-    summary = {"bench": "model_step", "device": device.type}
+    if device.type != "cuda":
+        print("  peak memory: measured on CUDA only")
+    summary = {"quick": args.quick, "device": device.type, "size": args.size, "batch": args.batch,
+               "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
+               "parameters": params}  # fmt: skip
     for precision in ("fp32", "bf16") if args.precision == "both" else (args.precision,):
-        result = run(args, device, bf16=precision == "bf16")
-        ratio = result["hooktrain"] / result["plain"]
-        line = (
-            f"  {precision}: hooktrain {result['hooktrain']:.3f} s/step, plain {result['plain']:.3f} s/step, "
-            f"ratio {ratio:.3f}"
-        )
-        summary[f"{precision}_ratio"] = round(ratio, 4)
-        summary[f"{precision}_step_s"] = round(result["hooktrain"], 4)
-        summary[f"{precision}_plain_step_s"] = round(result["plain"], 4)
-        if device.type == "cuda":
-            ips = args.batch / result["hooktrain"]
-            peak = result["peak_mib"]
-            line += f", {ips:.1f} images/s, peak {peak['hooktrain']} MiB (plain {peak['plain']} MiB)"
-            summary[f"{precision}_images_per_s"] = round(ips, 2)
-            summary[f"{precision}_plain_images_per_s"] = round(args.batch / result["plain"], 2)
-            summary[f"{precision}_max_memory_allocated_mib"] = result["peak_mib"]["hooktrain"]
-            summary[f"{precision}_plain_max_memory_allocated_mib"] = result["peak_mib"]["plain"]
-        print(line, flush=True)
-    summary.update(size=args.size, batch=args.batch, steps=args.steps, threads=torch.get_num_threads())
-    print(json.dumps(summary))
+        summary[precision] = report(precision, measure(args, device, precision), args.batch)
+    print(f"results: {write_result('model_step', summary)}")
+    print(json.dumps({"bench": "model_step", **summary}))
 
 
 if __name__ == "__main__":

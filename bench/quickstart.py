@@ -1,5 +1,6 @@
 """The quickstart as a newcomer runs it: wall time (data generation included) and the mIoU
-it ends at, against its targets (3 minutes on 2 CPU cores, mIoU >= 0.70).
+it ends at, against its targets (3 minutes on 2 CPU cores, mIoU >= 0.70). Results go to
+bench/results/quickstart.json (``bench/results.py``).
 
 Runs ``python -m hooktrain recipes/quickstart.yaml`` in a fresh temporary directory (so the
 shapes dataset is generated, as on a first run) and reads the final evaluation from the run's
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SECONDS, TARGET_MIOU = 180.0, 0.70
@@ -45,11 +48,14 @@ def main(extra: list[str]) -> None:
     miou, iou = final["val/mIoU"], final["val/per_class"]["IoU"]
     print(f"wall time {seconds:.1f} s (target <= {TARGET_SECONDS:.0f}), val/mIoU {miou:.4f} "
           f"(target >= {TARGET_MIOU}) at iteration {final['iter']}")  # fmt: skip
-    print(json.dumps({
-        "bench": "quickstart", "seconds": round(seconds, 1), "miou": round(miou, 4),
+    summary = {
+        "command": " ".join(["python -m hooktrain recipes/quickstart.yaml", *extra]),
+        "seconds": round(seconds, 1), "miou": round(miou, 4),
         "per_class_iou": [round(v, 4) for v in iou], "iters": final["iter"],
         "time_ratio": round(seconds / TARGET_SECONDS, 3), "miou_ratio": round(miou / TARGET_MIOU, 3),
-    }))  # fmt: skip
+    }  # fmt: skip
+    print(f"results: {write_result('quickstart', summary)}")
+    print(json.dumps({"bench": "quickstart", **summary}))
 
 
 if __name__ == "__main__":

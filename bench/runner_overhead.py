@@ -1,10 +1,17 @@
 """Runner overhead: IterRunner (with its hooks) against a hand-written Accelerate loop.
 
-Both train the same model (the quickstart segmentor) on the same in-memory batches with the
-same optimizer, schedule and precision, one Accelerator, interleaved in blocks in this one
-process. Prints the median per-step time of each and their ratio (target: at most 1.03).
+Both train the quickstart segmentor exactly as ``recipes/quickstart.yaml`` builds it now (read
+at run time: encoder, stages, head, losses, channels_last) on the same in-memory batches (by
+default the recipe's own crop size and batch size) with the same optimizer, schedule and
+precision, one Accelerator, in this one process. Each side gets the same warm-up (one block),
+then ``--rounds`` interleaved blocks of ``--steps`` steps, the side that goes first alternating
+every round; on CUDA each block is timed between two ``torch.cuda.synchronize()`` calls. Prints
+the median per-step time of each and their ratio (target: at most 1.03).
 
     python bench/runner_overhead.py [--quick] [--precision no|bf16]
+
+Results go to bench/results/runner_overhead.json (``bench/results.py``); the last line printed
+is one line of JSON.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import itertools
 import json
 import logging
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results import write_result
 
 from hooktrain.hooks import build_hooks
 from hooktrain.models import build_segmentor
@@ -48,6 +57,18 @@ def build_parts(recipe, accelerator):
     return model, optimizer, scheduler
 
 
+def describe_model(recipe, model) -> dict:
+    """What was measured: the quickstart model's encoder, stages, head and size."""
+    encoder = recipe.model.encoder
+    return {
+        "encoder": encoder.name,
+        "out_indices": encoder.out_indices,
+        "decode_head": recipe.model.decode_head.type,
+        "channels_last": recipe.model.channels_last,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
 def hand_written_block(accelerator, model, optimizer, scheduler, batches, steps: int) -> None:
     """The loop a user would write with Accelerate directly."""
     for _ in range(steps):
@@ -68,12 +89,23 @@ def runner_block(runner: IterRunner, steps: int) -> None:
     runner.run()
 
 
+def timed(block, device: torch.device) -> float:
+    """Seconds ``block()`` takes, the device synchronised before and after on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    block()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
     parser.add_argument("--precision", choices=["no", "bf16"], default="no")
-    parser.add_argument("--size", type=int, default=128, help="image side")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--size", type=int, help="image side (default: the recipe's train crop size)")
+    parser.add_argument("--batch-size", type=int, help="default: the recipe's train batch size")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=5, help="steps per interleaved block")
     args = parser.parse_args()
@@ -81,6 +113,8 @@ def main() -> None:
         args.rounds, args.steps, args.size, args.batch_size = 3, 2, 64, 2
 
     recipe = load_recipe(QUICKSTART, [f"train.mixed_precision={args.precision}", "train.max_iters=100000"])
+    args.size = args.size or recipe.data.train.pipeline.crop_size[0]
+    args.batch_size = args.batch_size or recipe.data.train.batch_size
     accelerator = make_accelerator(recipe.train)
     logging.getLogger("hooktrain").setLevel(logging.WARNING)
     batches = make_batches(recipe.data.num_classes, args.batch_size, args.size)
@@ -98,43 +132,51 @@ def main() -> None:
         scheduler=runner_parts[2],
         train_stream=itertools.cycle(batches),
         hooks=hooks,
-        work_dir="work_dirs/bench_runner_overhead",
+        work_dir=tempfile.mkdtemp(prefix="hooktrain-runner-overhead-"),
     )
     plain_batches = itertools.cycle(batches)
+    blocks = {
+        "runner": lambda: runner_block(runner, args.steps),
+        "plain": lambda: hand_written_block(accelerator, model, optimizer, scheduler, plain_batches, args.steps),
+    }
 
-    # Warm up both (allocator, autograd graph caches) before timing.
-    runner_block(runner, args.steps)
-    hand_written_block(accelerator, model, optimizer, scheduler, plain_batches, args.steps)
-
-    runner_times, plain_times = [], []
+    # The same warm-up for both (allocator, autograd graph caches) before timing.
+    for block in blocks.values():
+        block()
+    times = {name: [] for name in blocks}
     for round_index in range(args.rounds):
-        order = [("runner", runner_times), ("plain", plain_times)]
-        if round_index % 2:
-            order.reverse()  # alternate who goes first so drift hits both equally
-        for name, times in order:
-            start = time.perf_counter()
-            if name == "runner":
-                runner_block(runner, args.steps)
-            else:
-                hand_written_block(accelerator, model, optimizer, scheduler, plain_batches, args.steps)
-            times.append((time.perf_counter() - start) / args.steps)
+        order = list(blocks) if round_index % 2 == 0 else list(blocks)[::-1]  # alternate who goes first
+        for name in order:
+            times[name].append(timed(blocks[name], accelerator.device) / args.steps)
+    runner.watch.close()
 
-    runner_median = statistics.median(runner_times)
-    plain_median = statistics.median(plain_times)
+    runner_median, plain_median = (statistics.median(times[name]) for name in ("runner", "plain"))
     ratio = runner_median / plain_median
+    measured = describe_model(recipe, model)
+    print(f"model: recipes/quickstart.yaml, {measured['encoder']} stages {measured['out_indices']} + "
+          f"{measured['decode_head']}, channels_last {measured['channels_last']}, "
+          f"{measured['parameters']:,} parameters")
     print(f"machine threads: {torch.get_num_threads()}, precision: {args.precision}, "
           f"batch {args.batch_size}x3x{args.size}x{args.size}, {args.rounds} rounds x {args.steps} steps")
     print(f"IterRunner (hooks: {', '.join(h.name for h in hooks)}): {runner_median * 1e3:.1f} ms/step")
     print(f"hand-written Accelerate loop: {plain_median * 1e3:.1f} ms/step")
     print(f"ratio: {ratio:.3f} (target <= 1.03)")
-    print(json.dumps({
-        "bench": "runner_overhead",
+    summary = {
+        "quick": args.quick,
         "ratio": round(ratio, 4),
         "runner_ms_per_step": round(runner_median * 1e3, 2),
         "plain_ms_per_step": round(plain_median * 1e3, 2),
         "precision": args.precision,
         "device": str(accelerator.device),
-    }))
+        "batch": args.batch_size,
+        "size": args.size,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "threads": torch.get_num_threads(),
+        "model": measured,
+    }
+    print(f"results: {write_result('runner_overhead', summary)}")
+    print(json.dumps({"bench": "runner_overhead", **summary}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,18 @@ def test_recipe_reference_is_current():
     assert written == recipe_reference(), "docs/recipes.md is stale: run `hooktrain reference > docs/recipes.md`"
 
 
+def test_benchmark_tables_come_from_the_results_files():
+    """Every generated block of docs/benchmarks.md is what bench/report.py makes of
+    bench/results/*.json, and every bench the report knows has a block on the page."""
+    import runpy
+
+    report = runpy.run_path(str(ROOT / "bench" / "report.py"))
+    written = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert written == report["render"](written), "docs/benchmarks.md is stale: run `python bench/report.py`"
+    blocks = set(re.findall(r"<!-- generated: ([a-z_]+) -->", written))
+    assert blocks == {"summary", *report["BENCHES"]}
+
+
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():
     readme = (ROOT / "README.md").read_text()
     setup = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]

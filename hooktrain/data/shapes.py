@@ -33,7 +33,7 @@ _MANIFEST = "shapes.json"
 _FORMAT_VERSION = 3  # 2: fine textures, flat contrasting shapes; 3: upright shapes, PNG images
 # Generator knobs (bump _FORMAT_VERSION when changing any): sized so that the quickstart's
 # ResNet-18 FPN, from scratch on 2 CPU cores, tells the shapes apart within about three
-# minutes (the measured variants are in docs/benchmarks.md, "quickstart").
+# minutes on a CPU with AVX-512 (`bench/quickstart.py` measures it).
 _TEXTURE_AMPLITUDE = 90.0  # background texture swing around its base colour, per channel
 _RADIUS_RANGE = (0.2, 0.34)  # shape "radius" as a fraction of the image size
 _MAX_SHAPES = 2
