@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one run (about 5 minutes on an H100):
 #   - the GPU tests (metrics on CUDA, fp16/bf16 training steps, the logger's peak memory);
-#   - bench/model_step.py --device cuda: SegFormer-B0 512x512 step, bf16 images/s, peak memory;
-#   - bench/gpu_train.py: the ADE20K recipe end to end, images/s and data wait per worker count;
+#   - bench/run_all.py --device cuda: model_step (SegFormer-B0 512x512 step, images/s, peak
+#     memory), mmseg_parity (bf16 512x512 against MMSegmentation), gpu_train (the ADE20K recipe
+#     end to end, images/s and data wait per worker count), startup; results in $OUT/results/
+#     as <bench>-cuda.json, to commit into bench/results/;
 #   - the quickstart in fp16 and in bf16 on the GPU, to its final validation mIoU.
 # Results go to $OUT (default gpu-out/). Each step runs even if an earlier one failed.
 #
@@ -28,9 +30,8 @@ step() {  # step NAME COMMAND...: run, keep the log, note the exit status
 }
 step tests python3 -m pytest -q -p no:cacheprovider tests/test_metrics.py \
   tests/test_train.py::test_mixed_precision_on_gpu_trains_and_logs_peak_memory
-step model_step python3 bench/model_step.py --device cuda --steps 50 --warmup 10
-step model_step_batch16 python3 bench/model_step.py --device cuda --batch 16 --steps 20 --warmup 5
-step gpu_train python3 bench/gpu_train.py
+export HOOKTRAIN_BENCH_RESULTS="$OUT/results"
+step benches python3 bench/run_all.py --device cuda
 for precision in fp16 bf16; do
   step "quickstart_$precision" python3 -m hooktrain recipes/quickstart.yaml \
     --work-dir "/tmp/quickstart-$precision" --cfg-options train.mixed_precision=$precision

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from data_pipeline import make_example, write_parquet  # noqa: E402
@@ -114,7 +115,8 @@ def main() -> None:
                 flush=True,
             )
             results.append(result)
-    summary = {"quick": args.quick, "recipe": "ade20k", "iters": args.iters, "runs": results}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    summary = {"quick": args.quick, "device": device, "recipe": "ade20k", "iters": args.iters, "runs": results}
     print(f"results: {write_result('gpu_train', summary)}")
     print(json.dumps({"bench": "gpu_train", **summary}))
 

@@ -6,7 +6,9 @@ Runs ``python -m hooktrain recipes/quickstart.yaml`` in a fresh temporary direct
 shapes dataset is generated, as on a first run) and reads the final evaluation from the run's
 ``metrics.jsonl``. Extra arguments go to the command, e.g. ``--cfg-options train.max_iters=650``.
 
-    python bench/quickstart.py [--cfg-options KEY=VALUE ...]
+    python bench/quickstart.py [--quick] [--cfg-options KEY=VALUE ...]
+
+``--quick`` (a smoke run) trains 10 iterations without DataLoader workers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_SECONDS, TARGET_MIOU = 180.0, 0.70
 
 
-def main(extra: list[str]) -> None:
+QUICK = ["--cfg-options", "train.max_iters=10", "data.train.num_workers=0"]
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv
+    extra = [arg for arg in argv if arg != "--quick"] + (QUICK if quick else [])
     scratch = Path(tempfile.mkdtemp(prefix="hooktrain-quickstart-"))
     try:
         (scratch / "recipes").symlink_to(ROOT / "recipes")
@@ -49,6 +56,7 @@ def main(extra: list[str]) -> None:
     print(f"wall time {seconds:.1f} s (target <= {TARGET_SECONDS:.0f}), val/mIoU {miou:.4f} "
           f"(target >= {TARGET_MIOU}) at iteration {final['iter']}")  # fmt: skip
     summary = {
+        "quick": quick,
         "command": " ".join(["python -m hooktrain recipes/quickstart.yaml", *extra]),
         "seconds": round(seconds, 1), "miou": round(miou, 4),
         "per_class_iou": [round(v, 4) for v in iou], "iters": final["iter"],

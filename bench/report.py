@@ -1,6 +1,7 @@
-"""docs/benchmarks.md's tables, generated from the committed ``bench/results/*.json``.
+"""docs/benchmarks.md's tables (and README's quickstart figures), generated from the committed
+``bench/results/*.json``.
 
-    python bench/report.py           # rewrite the generated blocks of docs/benchmarks.md
+    python bench/report.py           # rewrite the generated blocks of docs/benchmarks.md and README.md
     python bench/report.py --check   # exit 1 when they differ from what the results files say
 
 A generated block sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``: ``summary``
@@ -21,14 +22,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-DOC = ROOT / "docs" / "benchmarks.md"
+DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 Result = dict[str, Any]
 
 
+GPU_ONLY = {"gpu_train"}  # rendered from <bench>-cuda.json
+
+
 def load(name: str) -> Result | None:
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}-cuda.json" if name in GPU_ONLY else f"{name}.json")
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -45,6 +49,10 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def joined(values: list) -> str:
+    return ", ".join(str(v) for v in values)
 
 
 def fmt(value: float, digits: int = 3) -> str:
@@ -128,6 +136,93 @@ def gpu_train(r: Result) -> tuple[str, str]:
     return summary, table(["batch", "workers", "images/s", "ms/iteration", "data wait", "peak MiB"], rows)
 
 
+def runner_overhead(r: Result) -> tuple[str, str]:
+    model = r["model"]
+    summary = f"**{r['ratio']:.3f}** ({r['runner_ms_per_step']:.1f} vs {r['plain_ms_per_step']:.1f} ms/step)"
+    rows = [["IterRunner with the logger hook", f"{r['runner_ms_per_step']:.1f}"],
+            ["hand-written Accelerate loop", f"{r['plain_ms_per_step']:.1f}"], ["ratio", fmt(r["ratio"])]]  # fmt: skip
+    setting = (f"{model['encoder']} (stages {model['out_indices']}) + {model['decode_head']}, "
+               f"{model['parameters']:,} parameters, batch {r['batch']}x3x{r['size']}x{r['size']}, precision "
+               f"{r['precision']}, {r['rounds']} rounds x {r['steps_per_round']} steps, "
+               f"{r['threads']} threads")  # fmt: skip
+    return summary, table(["", "ms/step"], rows) + f"\n\n{setting}."
+
+
+def data_pipeline(r: Result) -> tuple[str, str]:
+    if r.get("mmseg_unavailable"):
+        versus = f"MMSegmentation not measured ({r['mmseg_unavailable']}): no ratio"
+    else:
+        versus = f"{r['ratio_vs_mmseg']:.2f}x MMSegmentation 1.2.2's pipeline ({r['mmseg_images_per_s']} img/s)"
+    summary = (f"{r['images_per_s']} img/s per core; {versus}; {r['ratio_vs_tv2']:.2f}x torchvision v2; "
+               f"HTTP/local stream {r['stream_ratio_hub_vs_local']:.2f}; quickstart data wait "
+               f"{100 * r['quickstart_data_wait_share']:.1f}%")  # fmt: skip
+    rounds, first = r["images_per_s_per_round"], r["stream_first_batch_s"]
+    versus = f"{r['ratio_vs_mmseg']:.2f}x" if r.get("ratio_vs_mmseg") else "not measured"
+    rows = [
+        ["hooktrain", r["images_per_s"], joined(rounds["hooktrain"]), ""],
+        ["MMSegmentation 1.2.2 (own env.)", r["mmseg_images_per_s"], joined(rounds.get("mmseg", [])), versus],
+        ["torchvision v2", r["baseline_tv2_images_per_s"], joined(rounds["tv2"]), f"{r['ratio_vs_tv2']:.2f}x"],
+        ["decode only (JPEG + PNG)", r["decode_only_images_per_s"], joined(rounds["decode_only"]), ""],
+    ]
+    pipeline = table(["pipeline (one thread)", "images/s (median)", "per round", "hooktrain is"], rows)
+    handover = r["worker_handover_batches_per_s"]
+    rows = [
+        ["local Hub server over HTTP", r["stream_hub_http_images_per_s_per_worker"], f"{first['hub_http']} s"],
+        ["local parquet", r["stream_local_parquet_images_per_s_per_worker"], f"{first['local_parquet']} s"],
+        ["HTTP / local", fmt(r["stream_ratio_hub_vs_local"], 2), ""],
+        ["worker hand-over alone, float32 image + int64 mask (batches/s)", handover["float32_int64"], ""],
+        ["worker hand-over alone, uint8 (batches/s)", handover["uint8"], ""],
+    ]
+    stream = table(["train stream, 1 worker", "images/s", "first batch"], rows)
+    same = "equal bit for bit" if r.get("mmseg_same_outputs") else "NOT equal"
+    notes = (f"{r['examples']} examples, {r['rounds']} interleaved rounds, {r['warmup_images']} warm-up images per "
+             f"side and round; hooktrain's and MMSegmentation's outputs on the warm-up images: {same}.")  # fmt: skip
+    return summary, f"{pipeline}\n\n{stream}\n\n{notes}"
+
+
+def model_step(r: Result) -> tuple[str, str]:
+    precisions = [p for p in ("fp32", "bf16") if p in r]
+    summary = f"{r['device']} {r['size']}x{r['size']} b{r['batch']}: " + "; ".join(
+        f"{p} ratio {r[p]['ratio']:.2f}" for p in precisions
+    )
+    rows = []
+    for p in precisions:
+        memory = r[p].get("max_memory_allocated_mib") or {}
+        rows.append([p, fmt(r[p]["step_s"]["hooktrain"], 4), fmt(r[p]["step_s"]["plain"], 4), fmt(r[p]["ratio"], 3),
+                     r[p]["images_per_s"]["hooktrain"], memory.get("hooktrain", "CUDA only"),
+                     memory.get("plain", "CUDA only")])  # fmt: skip
+    header = ["precision", "hooktrain s/step", "plain s/step", "ratio", "hooktrain images/s", "peak MiB hooktrain",
+              "peak MiB plain"]  # fmt: skip
+    setting = (f"{r['size']}x{r['size']}, batch {r['batch']}, {r['steps']} timed steps after {r['warmup']} warm-up, "
+               f"{r['threads']} threads, {r['parameters']['hooktrain']:,} parameters on both sides")  # fmt: skip
+    return summary, table(header, rows) + f"\n\n{setting}."
+
+
+def metrics(r: Result) -> tuple[str, str]:
+    ms = r["ms_per_image"]
+    summary = (f"{r['vs_histc_ratio']:.1f}x faster than histc, {r['vs_evaluate_ratio']:.1f}x than evaluate; "
+               f"{r['collective_bytes_per_evaluation']:,} B reduced per evaluation vs "
+               f"{r['evaluate_mask_bytes_per_image']:,} B of masks per image; RSS +{r['rss_growth_mb']} MB over "
+               f"{r['rss_images']:,} images")  # fmt: skip
+    names = {
+        "hooktrain": "hooktrain `intersect_and_union`",
+        "histc": "MMSegmentation `histc`",
+        "evaluate_int64": "`evaluate` mean_iou (int64 masks)",
+        "evaluate_uint8": "`evaluate` mean_iou (uint8 masks)",
+    }
+    rows = [[names.get(k, k), fmt(v, 2), fmt(v / ms["hooktrain"], 2)] for k, v in ms.items()]
+    speed = table(["implementation", "ms/image (median)", "x hooktrain"], rows)
+    bound = "" if r.get("rss_reset_ok") else "; an upper bound: the peak reset did not take"
+    volume = table(
+        ["what the eval hook hands over (measured)", "bytes"],
+        [["collectives, per evaluation (packed areas)", f"{r['collective_bytes_per_evaluation']:,}"],
+         ["masks to an `evaluate` module, per image (both)", f"{r['evaluate_mask_bytes_per_image']:,}"],
+         ["peak RSS growth accumulating areas", f"{r['rss_growth_mb']} MB over {r['rss_images']:,} images "
+          f"({r['rss_growth_after_first_image_mb']} MB after the first){bound}"]],
+    )  # fmt: skip
+    return summary, f"{speed}\n\n{volume}\n\n{r['images']} images of 512x512, {r['rounds']} interleaved rounds."
+
+
 # bench: (what is compared, target, renderer)
 BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "startup": ("time from the command to a one-line error, and to the first iteration, against importing "
@@ -136,6 +231,15 @@ BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
                    checkpoint),
     "mmseg_parity": ("each `recipes/mmseg` model against MMSegmentation 1.2.2's own module from the same config: "
                      "train step and whole/slide inference", "ratio <= 1.0", mmseg_parity),
+    "runner_overhead": ("IterRunner with its per-iteration hooks vs a hand-written Accelerate loop, same model, "
+                        "data and optimizer, median step time", "<= 1.03", runner_overhead),
+    "data_pipeline": ("the ADE20K train pipeline per core vs MMSegmentation 1.2.2's own (same run, its environment) "
+                      "and torchvision v2; the train stream over HTTP vs local parquet", "> 1.0x MMSegmentation",
+                      data_pipeline),
+    "model_step": ("SegFormer-B0-like segmentor vs the same encoder + MLP head in plain PyTorch, fwd+bwd+step",
+                   "~1.0", model_step),
+    "metrics": ("per-image areas vs MMSegmentation's histc and evaluate's mean_iou; bytes handed to collectives",
+                "faster; no masks gathered", metrics),
     "quickstart": ("the quickstart from a fresh directory: wall time and final mIoU", "<= 180 s, >= 0.70",
                    quickstart),
     "gpu_train": ("`recipes/ade20k.yaml` end to end on one GPU, per batch size and DataLoader workers",
@@ -149,15 +253,27 @@ def blocks() -> dict[str, str]:
     for name, (what, target, render) in BENCHES.items():
         result = load(name)
         if result is None:
-            rows.append([f"`{name}.py`", what, "no results file yet: run `python bench/run_all.py`", target, ""])
-            out[name] = f"No `bench/results/{name}.json` yet: run `python bench/run_all.py --only {name}`."
+            device = " --device cuda" if name in GPU_ONLY else ""
+            rows.append([f"`{name}.py`", what, f"not measured yet: `python bench/run_all.py{device}`", target, ""])
+            out[name] = f"Not measured yet: run `python bench/run_all.py{device} --only {name}`."
             continue
         summary, detail = render(result)
         quick = " (quick mode)" if result.get("quick") else ""
         rows.append([f"`{name}.py`", what, summary + quick, target, f"{machine(result)}, {result.get('date', '')}"])
         out[name] = f"{detail}\n\n`bench/results/{name}.json`{quick}: {provenance(result)}."
     out["summary"] = table(["bench", "what is compared", "result", "target", "machine, date"], rows)
+    out["quickstart_readme"] = quickstart_readme(load("quickstart"))
     return out
+
+
+def quickstart_readme(r: Result | None) -> str:
+    """README's sentence on the quickstart's last measurement."""
+    if r is None:
+        return "No `bench/results/quickstart.json` yet."
+    verdict = "within" if r["seconds"] <= 180 else "over"
+    return (f"**{r['seconds']:.0f} s** in all (data generation included; {verdict} the 3 minutes) and validation "
+            f"mIoU **{r['miou']:.3f}** at iteration {r['iters']}, on {provenance(r)} "
+            "(`bench/results/quickstart.json`).")
 
 
 def render(text: str) -> str:
@@ -174,16 +290,19 @@ def render(text: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when docs/benchmarks.md is out of date")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a generated block is out of date")
     args = parser.parse_args()
-    text = DOC.read_text()
-    new = render(text)
-    if args.check:
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = render(text)
         if new != text:
-            print("docs/benchmarks.md differs from bench/results: run `python bench/report.py`", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new)
+            stale.append(doc.name)
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print(f"{', '.join(stale)} differ from bench/results: run `python bench/report.py`", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Where benchmark results go: ``bench/results/<bench>.json``, each with the machine it ran on
+"""Where benchmark results go: ``bench/results/<bench>.json`` (``<bench>-cuda.json`` for a run
+whose summary says ``"device": "cuda"``), each with the machine it ran on
 (CPU model and flags, cores, GPU), the package versions, the date and the git revision.
 
 ``HOOKTRAIN_BENCH_RESULTS`` names another directory (``bench/run_all.py --quick`` writes its
@@ -80,7 +81,9 @@ def git_revision() -> str:
 
 
 def write_result(bench: str, summary: dict[str, Any]) -> Path:
-    """Write ``summary`` with the machine, versions, date and revision to ``<bench>.json``."""
+    """Write ``summary`` with the machine, versions, date and revision to ``<bench>.json``, or to
+    ``<bench>-cuda.json`` when ``summary["device"]`` is ``cuda`` (CPU and GPU figures live side
+    by side)."""
     record = {
         "bench": bench,
         **summary,
@@ -91,6 +94,7 @@ def write_result(bench: str, summary: dict[str, Any]) -> Path:
     }
     directory = results_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{bench}.json"
+    suffix = "-cuda" if summary.get("device") == "cuda" else ""
+    path = directory / f"{bench}{suffix}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path

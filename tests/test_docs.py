@@ -7,8 +7,8 @@ import re
 import shlex
 
 import pytest
-
 from conftest import ROOT, ensure_installed, run_cli
+
 from hooktrain.recipe import load_recipe
 from hooktrain.reference import recipe_reference
 
@@ -21,15 +21,17 @@ def test_recipe_reference_is_current():
 
 
 def test_benchmark_tables_come_from_the_results_files():
-    """Every generated block of docs/benchmarks.md is what bench/report.py makes of
-    bench/results/*.json, and every bench the report knows has a block on the page."""
+    """Every generated block of docs/benchmarks.md and README.md is what bench/report.py makes
+    of bench/results/*.json, and every bench the report knows has a block on the page."""
     import runpy
 
     report = runpy.run_path(str(ROOT / "bench" / "report.py"))
-    written = (ROOT / "docs" / "benchmarks.md").read_text()
-    assert written == report["render"](written), "docs/benchmarks.md is stale: run `python bench/report.py`"
-    blocks = set(re.findall(r"<!-- generated: ([a-z_]+) -->", written))
+    for doc in report["DOCS"]:
+        written = doc.read_text()
+        assert written == report["render"](written), f"{doc.name} is stale: run `python bench/report.py`"
+    blocks = set(re.findall(r"<!-- generated: ([a-z_]+) -->", (ROOT / "docs" / "benchmarks.md").read_text()))
     assert blocks == {"summary", *report["BENCHES"]}
+    assert "<!-- generated: quickstart_readme -->" in (ROOT / "README.md").read_text()
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():

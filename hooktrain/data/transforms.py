@@ -21,12 +21,11 @@ Randomness
     mmseg), [contrast coin + ``uniform``]. No global RNG is touched.
 
 Why OpenCV rather than torchvision.transforms.v2
-    The project standard is tv2 unless OpenCV is measurably faster, and it is: measured with
-    ``bench/data_pipeline.py`` (683x512 JPEG of ~105 KB + PNG mask, bytes to padded tensors,
-    one thread, a shared 2-core CPU machine), this module ran 144 images/s against 36 for a
-    plain tv2 implementation of the same steps (quietest run); under load from other jobs the
-    same-process ratios held at 3.1-4.1x over tv2 and 2.0-2.5x over a literal port of
-    MMSegmentation's OpenCV pipeline (measured elsewhere at ~126 images/s). Decoding alone
+    The project standard is tv2 unless OpenCV is measurably faster, and it is:
+    ``bench/data_pipeline.py`` (683x512 JPEG of ~105 KB + PNG mask, bytes to padded tensors, one
+    thread) runs this module, a plain tv2 implementation of the same steps and MMSegmentation
+    1.2.2's own pipeline (in its environment) in interleaved rounds; docs/benchmarks.md has the
+    figures from ``bench/results/data_pipeline.json``. Decoding alone
     (cv2.imdecode, JPEG + PNG) is a third or more of the time. The big items: tv2 hue jitter on
     ``uint8`` tensors costs ~19 ms per 512x512 crop against ~0.9 ms for OpenCV's HSV round
     trip; mmseg's ``np.unique`` in the cat_max_ratio check costs several ms per try against
