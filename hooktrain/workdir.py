@@ -6,8 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from hooktrain.checkpoints import CHECKPOINTS, clean_stale, complete_checkpoints
-from hooktrain.checkpoints import write_text_atomically
+from hooktrain.checkpoints import clean_stale, complete_checkpoints, write_text_atomically
 from hooktrain.errors import UserError
 
 logger = logging.getLogger("hooktrain")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICKSTART, assert_refused, run_cli, tree_digest
 from safetensors.torch import save_file
 
-from conftest import QUICKSTART, assert_refused, run_cli, tree_digest
 from hooktrain.recipe import apply_cfg_options
 
 TINY = [
