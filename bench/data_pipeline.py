@@ -415,7 +415,9 @@ def serve_shards(examples: Sequence[Example], root: Path):
 
     server = HubServer()
     server.add(ADE20K_ID, root, revision=PARQUET_REVISION)
-    os.environ.update(HF_ENDPOINT=server.url, HF_HUB_OFFLINE="0", HF_HOME=str(root / "hf_home"))
+    # Online towards this local server, even where the caller runs offline (the test suite does).
+    os.environ.update(HF_ENDPOINT=server.url, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0")
+    os.environ["HF_HOME"] = str(root / "hf_home")
     shards = root / "scene_parsing" / "train"
     shards.mkdir(parents=True)
     half = len(examples) // 2

@@ -6,6 +6,8 @@ image size; and, for SegFormer-B0 and UPerNet-R50, inference images/s with whole
 inference. MMSegmentation runs in its throwaway environment (``tests/mmseg_ref``, installed on
 first use) in a subprocess; hooktrain in this process, with the same number of threads. The
 ratio is hooktrain's time over MMSegmentation's: at most 1.0 means hooktrain is not slower.
+Each side is measured ``--rounds`` times (each with its own equal warm-up), the side that goes
+first alternating, and the medians are compared.
 
     python bench/mmseg_parity.py                       # CPU: 256x256, batch 2
     python bench/mmseg_parity.py --quick               # CI smoke: SegFormer-B0 only, 128x128, no slide
@@ -105,6 +107,20 @@ def hooktrain_inference(name: str, mode: str, args, device: torch.device) -> flo
     return 1.0 / median_time(step, args.iters, args.warmup, device)
 
 
+def interleaved(ours, theirs, rounds: int) -> tuple[list[float], list[float]]:
+    """``rounds`` measurements of each side (each with its own equal warm-up), alternating which
+    side goes first, so that load from other processes hits both alike."""
+    mine, other = [], []
+    for index in range(rounds):
+        if index % 2 == 0:
+            mine.append(ours())
+            other.append(theirs())
+        else:
+            other.append(theirs())
+            mine.append(ours())
+    return mine, other
+
+
 def mmseg_side(env: MmsegEnv, name: str, mode: str, args) -> dict:
     extra = ["--bf16"] if args.bf16 else []
     size = f"{args.size}x{args.size}" if mode == "train" else f"{args.size}x{2 * args.size}"
@@ -121,6 +137,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="measurements per side, alternating which goes first")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
     parser.add_argument("--quick", action="store_true", help="SegFormer-B0 only, 128x128, one timed step, no slide")
     args = parser.parse_args()
@@ -128,23 +145,35 @@ def main() -> None:
     if args.quick:
         modes = ("whole",)
         configs, inference_configs = CONFIGS[:1], CONFIGS[:1]
-        args.size, args.iters, args.warmup = 128, 1, 1
+        args.size, args.iters, args.warmup, args.rounds = 128, 1, 1, 1
     device = torch.device(args.device)
     env = MmsegEnv.install()
     rows = []
     for name in configs:
-        ours = hooktrain_train_step(name, args, device)
-        theirs = mmseg_side(env, name, "train", args)["seconds_per_iter"]
-        rows.append({"config": name, "mode": "train", "hooktrain_s": ours, "mmseg_s": theirs, "ratio": ours / theirs})
-        print(f"{name} train step: hooktrain {ours:.3f} s, mmseg {theirs:.3f} s, ratio {ours / theirs:.3f}", flush=True)
+        ours, theirs = interleaved(
+            lambda: hooktrain_train_step(name, args, device),
+            lambda: mmseg_side(env, name, "train", args)["seconds_per_iter"],
+            args.rounds,
+        )
+        rows.append({"config": name, "mode": "train", "hooktrain_s": statistics.median(ours),
+                     "mmseg_s": statistics.median(theirs), "rounds": {"hooktrain": ours, "mmseg": theirs}})  # fmt: skip
+        rows[-1]["ratio"] = rows[-1]["hooktrain_s"] / rows[-1]["mmseg_s"]
+        print(f"{name} train step: hooktrain {rows[-1]['hooktrain_s']:.3f} s, mmseg {rows[-1]['mmseg_s']:.3f} s, "
+              f"ratio {rows[-1]['ratio']:.3f}", flush=True)  # fmt: skip
     for name in inference_configs:
         for mode in modes:
-            ours = hooktrain_inference(name, mode, args, device)
-            theirs = mmseg_side(env, name, mode, args)["images_per_s"]
-            rows.append({"config": name, "mode": mode, "hooktrain_img_s": ours, "mmseg_img_s": theirs,
-                         "ratio": theirs / ours})  # fmt: skip
-            print(f"{name} {mode}: hooktrain {ours:.2f} img/s, mmseg {theirs:.2f} img/s, ratio {theirs / ours:.3f}",
-                  flush=True)  # fmt: skip
+            ours, theirs = interleaved(
+                lambda: hooktrain_inference(name, mode, args, device),
+                lambda: mmseg_side(env, name, mode, args)["images_per_s"],
+                args.rounds,
+            )
+            row = {"config": name, "mode": mode, "hooktrain_img_s": statistics.median(ours),
+                   "mmseg_img_s": statistics.median(theirs)}  # fmt: skip
+            row["rounds"] = {"hooktrain": ours, "mmseg": theirs}
+            row["ratio"] = row["mmseg_img_s"] / row["hooktrain_img_s"]
+            rows.append(row)
+            print(f"{name} {mode}: hooktrain {row['hooktrain_img_s']:.2f} img/s, mmseg {row['mmseg_img_s']:.2f} img/s, "
+                  f"ratio {row['ratio']:.3f}", flush=True)  # fmt: skip
     summary = {
         "quick": args.quick,
         "device": args.device,
@@ -152,6 +181,8 @@ def main() -> None:
         "size": args.size,
         "batch": args.batch,
         "iters": args.iters,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
         "worst_ratio": max(row["ratio"] for row in rows),
         "rows": rows,
     }

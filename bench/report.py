@@ -118,7 +118,9 @@ def mmseg_parity(r: Result) -> tuple[str, str]:
         [[parity_name(x["config"]), x["mode"], fmt(x["hooktrain_img_s"], 2), fmt(x["mmseg_img_s"], 2),
           fmt(x["ratio"], 2)] for x in infer],
     )  # fmt: skip
-    return summary, f"{train_table}\n\n{infer_table}"
+    setting = (f"Each side measured in {r.get('rounds', 1)} round(s), the first side alternating; each round "
+               f"{r['iters']} timed step(s) after {r.get('warmup', 1)} warm-up.")  # fmt: skip
+    return summary, f"{train_table}\n\n{infer_table}\n\n{setting}"
 
 
 def quickstart(r: Result) -> tuple[str, str]:

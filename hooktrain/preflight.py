@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from hooktrain.errors import UserError
+from hooktrain.models import build_segmentor
 from hooktrain.recipe import Recipe
 from hooktrain.weights import Shapes, compare, read_shapes, refuse_misfit, weights_file
 
@@ -24,8 +26,6 @@ TEST_FIX = "test with the recipe the checkpoint was trained with (its recipe.yam
 
 def model_shapes(recipe: Recipe) -> Shapes:
     """Every parameter and buffer shape of the recipe's model, built on the meta device."""
-    from hooktrain.models import build_segmentor
-
     model_cfg = recipe.model.model_copy(deep=True)
     model_cfg.encoder.pretrained = False
     model_cfg.encoder.pretrained_path = None
@@ -37,8 +37,6 @@ def model_shapes(recipe: Recipe) -> Shapes:
 
 def check_files(recipe: Recipe) -> None:
     """Files the recipe names exist (the encoder's ``pretrained_path``)."""
-    from hooktrain.errors import UserError
-
     path = recipe.model.encoder.pretrained_path
     if path is not None and not Path(path).is_file():
         raise UserError(f"model.encoder.pretrained_path: {path} is not a file; fix the path or set it to null")

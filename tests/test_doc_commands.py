@@ -458,13 +458,39 @@ def test_bring_your_mmseg_checkpoint_commands(sandbox, mmseg_zoo_references):
     assert (sandbox / "masks" / "room.png").is_file()
 
 
+# -- docs/benchmarks.md: the benches' smoke run (CI) and the generated tables -----------------
+
+RUN_ALL_QUICK = Doc("python bench/run_all.py --quick")
+# As the page writes it, but only checking: a test never rewrites the committed docs.
+REPORT = Doc("python bench/report.py", append="--check")
+
+
+def test_benchmark_page_commands(mmseg_env, tmp_path):
+    """Every CPU bench runs in its quick mode (nothing about speed is asserted), MMSegmentation's
+    side included, writing its results file with where and when it ran; the tables are current."""
+    run(REPORT, ROOT)
+    quick = Doc(RUN_ALL_QUICK.text, env={"HOOKTRAIN_BENCH_RESULTS": str(tmp_path)})
+    summary = json.loads(run(quick, ROOT, timeout=1800).stdout.strip().splitlines()[-1])
+    names = [entry["bench"] for entry in summary["runs"]]
+    assert set(names) == {"startup", "checkpoint", "metrics", "data_pipeline", "runner_overhead", "model_step",
+                          "mmseg_parity", "quickstart"}  # fmt: skip
+    for name in names:
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert record["bench"] == name and record["quick"] is True
+        assert record["machine"]["cpu"]["cores"] >= 1 and record["date"] and record["revision"]
+    parity = json.loads((tmp_path / "mmseg_parity.json").read_text())
+    assert [row["mode"] for row in parity["rows"]] == ["train", "whole"] and all(r["ratio"] > 0 for r in parity["rows"])
+    pipeline = json.loads((tmp_path / "data_pipeline.json").read_text())
+    assert pipeline["mmseg_same_outputs"] is True  # hooktrain and MMSegmentation 1.2.2 made the same crops
+
+
 RUN_HERE = [
     README_QUICKSTART, QUICKSTART, CONFIG, RESUME, TEST, EXPORT, PREDICT, TWO_CPU_PROCESSES,
     CONVERT, ACCELERATE_CONFIG, ADE20K, ADE20K_FOLDER, ADE20K_8_GPUS, ADE20K_2_NODES,
     EXPORT_BEST, PREDICT_FILES, PLUGIN_INSTALL, PLUGIN_RUN,
     CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,
     DATA_CHECK, DATA_CHECK_VAL, DATA_CHECK_ADE, CONVERT_PALETTE, CONVERT_PALETTE_FILE,
-    ZOO_CONVERT, ZOO_PREDICT,
+    ZOO_CONVERT, ZOO_PREDICT, RUN_ALL_QUICK, REPORT,
 ]  # fmt: skip
 
 
