@@ -73,6 +73,7 @@ from hooktrain.data.transforms import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from mmseg_ref.draws import MmsegDraws  # noqa: E402
 from mmseg_ref.env import MmsegEnv  # noqa: E402  (standard library only: no huggingface_hub yet)
 from results import write_result  # noqa: E402  (bench/ is on sys.path when run as a script)
 
@@ -203,26 +204,6 @@ class TorchvisionV2Pipeline:
 
 
 # ---------------------------------------------------------------- timing
-
-
-class MmsegDraws:
-    """The draws ``np.random.seed(key)`` gives MMSegmentation's transforms (``random_sample``,
-    ``randint``, ``uniform``; RandomFlip's ``choice`` takes one ``random_sample``), behind the
-    ``Generator`` methods the pipelines here call, without touching numpy's global state. Given
-    the key ``tests/mmseg_ref/pipeline_bench.py`` seeds an image with, hooktrain's pipeline makes
-    the same random choices as MMSegmentation's and so does the same work."""
-
-    def __init__(self, key: Sequence[int]) -> None:
-        self._state = np.random.RandomState(key)
-
-    def random(self) -> float:
-        return self._state.random_sample()
-
-    def integers(self, low: int, high: int | None = None) -> int:
-        return self._state.randint(low, high)
-
-    def uniform(self, low: float, high: float) -> float:
-        return self._state.uniform(low, high)
 
 
 def draws_key(seed: int, index: int, warmup: bool = False) -> list[int]:

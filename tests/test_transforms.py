@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from mmseg_ref.draws import MmsegDraws
 from PIL import Image
 from pydantic import ValidationError
 
@@ -147,24 +148,6 @@ def test_train_matches_mmseg_reference_bit_for_bit(mask_dtype):
         np.testing.assert_allclose(out_img.numpy(), ref_img, rtol=0, atol=1e-5, err_msg=f"seed {seed}")
 
 
-class GlobalNumpyDraws:
-    """``np.random.seed(seed)``'s draws, made as MMSegmentation's transforms make them
-    (``random_sample``, ``randint``, ``uniform``; RandomFlip's ``choice`` with p=[0.5, 0.5]
-    takes one ``random_sample``), behind the ``Generator`` methods ``TrainTransform`` calls."""
-
-    def __init__(self, seed: int) -> None:
-        self._state = np.random.RandomState(seed)
-
-    def random(self) -> float:
-        return self._state.random_sample()
-
-    def integers(self, low: int, high: int | None = None) -> int:
-        return self._state.randint(low, high)
-
-    def uniform(self, low: float, high: float) -> float:
-        return self._state.uniform(low, high)
-
-
 def test_train_matches_mmsegmentations_own_transforms(mmseg_env, tmp_path):
     """MMSegmentation 1.2.2's registered RandomResize -> RandomCrop(cat_max_ratio) -> RandomFlip ->
     PhotoMetricDistortion -> PackSegInputs and its SegDataPreProcessor (normalise, pad), run in
@@ -183,7 +166,7 @@ def test_train_matches_mmsegmentations_own_transforms(mmseg_env, tmp_path):
     transform = TrainTransform(cfg)
     for seed in range(60):
         image, mask = scenes[seed % 7]
-        ours_img, ours_mask = transform(image, mask, GlobalNumpyDraws(seed))
+        ours_img, ours_mask = transform(image, mask, MmsegDraws(seed))
         np.testing.assert_array_equal(ours_mask.numpy(), reference[f"mask_{seed}"], err_msg=f"seed {seed}")
         np.testing.assert_array_equal(ours_img.numpy(), reference[f"image_{seed}"], err_msg=f"seed {seed}")
 
