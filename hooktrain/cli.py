@@ -26,7 +26,7 @@ def command(name: str) -> Callable:
     return register
 
 
-def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+def _add_recipe_args(parser: argparse.ArgumentParser, *, work_dir: bool = True) -> None:
     parser.add_argument("recipe", help="path to a recipe YAML file")
     parser.add_argument(
         "--cfg-options",
@@ -37,7 +37,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         help="override recipe keys, e.g. train.max_iters=100 data.train.batch_size=4 "
         "(values are YAML: x=[1,2], y=null); may be given more than once, later keys win",
     )
-    parser.add_argument("--work-dir", help="run directory (default: work_dirs/<recipe name>)")
+    if work_dir:
+        parser.add_argument("--work-dir", help="run directory (default: work_dirs/<recipe name>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +112,36 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", help="a .safetensors file written by `hooktrain export`")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or directories")
     predict.add_argument("--out", required=True, help="directory for the colour and label PNGs")
+
+    plot = sub.add_parser("plot", help="plot curves from runs' metrics.jsonl, several runs overlaid")
+    plot.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="run directories (each has metrics.jsonl)")
+    plot.add_argument(
+        "--keys",
+        nargs="+",
+        metavar="KEY",
+        help="history keys to plot, one panel each, e.g. train/loss val/mIoU (default: the loss "
+        "terms, the learning rate and the validation metrics found)",
+    )
+    plot.add_argument("--out", required=True, help="the PNG file to write")
+    plot.add_argument("--log-scale", action="store_true", help="logarithmic y axes")
+
+    browse = sub.add_parser(
+        "browse", help="write the samples exactly as the model sees them after the pipeline, as PNGs"
+    )
+    _add_recipe_args(browse, work_dir=False)
+    browse.add_argument("--split", choices=("train", "val"), default="train", help="the pipeline to show")
+    browse.add_argument("--num", type=int, default=8, help="samples to write (default 8)")
+    browse.add_argument("--out", required=True, help="directory for the PNGs")
+
+    benchmark = sub.add_parser(
+        "benchmark",
+        help="parameters, FLOPs at the crop size, inference and train-step images/s and peak memory "
+        "of a recipe's model on this device; ends with a JSON line",
+    )
+    _add_recipe_args(benchmark, work_dir=False)
+    benchmark.add_argument("--checkpoint", help="weights to load (a checkpoint directory or a .safetensors file)")
+    benchmark.add_argument("--iters", type=int, default=10, help="timed iterations per measurement (default 10)")
+    benchmark.add_argument("--warmup", type=int, default=2, help="untimed iterations before each (default 2)")
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -226,7 +257,7 @@ def test_command(args: argparse.Namespace) -> int:
     options = dict(specs[0].model_extra or {}) if specs else {}
     evaluator = eval_class(**validate_hook_options(eval_class, options, "eval hook"))
     try:
-        metrics = evaluator.evaluate(runner)
+        metrics = evaluator.evaluate(runner, name="test")
     finally:
         runner.watch.close()
         runner.accelerator.end_training()
@@ -298,6 +329,31 @@ def predict_command(args: argparse.Namespace) -> int:
 
     written = predict_images(args.model, args.inputs, args.out)
     print(f"wrote {len(written)} colour masks (and *_label.png) to {args.out}")
+    return 0
+
+
+@command("plot")
+def plot_command(args: argparse.Namespace) -> int:
+    from hooktrain.analysis.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.work_dirs, args.out, keys=args.keys, log_scale=args.log_scale)}")
+    return 0
+
+
+@command("browse")
+def browse_command(args: argparse.Namespace) -> int:
+    from hooktrain.analysis.browse import browse
+
+    written = browse(args.recipe, args.cfg_options, split=args.split, num=args.num, out=args.out)
+    print(f"wrote {len(written)} samples to {args.out}")
+    return 0
+
+
+@command("benchmark")
+def benchmark_command(args: argparse.Namespace) -> int:
+    from hooktrain.analysis.benchmark import benchmark
+
+    benchmark(args.recipe, args.cfg_options, checkpoint=args.checkpoint, iters=args.iters, warmup=args.warmup)
     return 0
 
 

@@ -9,7 +9,7 @@ Then the loop, exactly as ``IterRunner.run`` executes it, with the stage each ho
 
     before_run(runner)                          # after the model, optimizer and data are ready
     try:
-        while state.iter < state.max_iters and not runner.stop_requested:
+        while state.iter < state.max_iters and not (runner.stop_requested or runner.finish_requested):
             before_train_iter(runner)
             for each of train.grad_accum_steps micro-batches:
                 batch = next(train_stream)       # resumable stream; passes are invisible
@@ -24,16 +24,19 @@ Then the loop, exactly as ``IterRunner.run`` executes it, with the stage each ho
                 before_val(runner)               #   fired by an evaluating hook around
                 after_val(runner, metrics)       #   its validation pass (runner.validate)
     finally:
-        after_run(runner)                        # also on an exception, SIGTERM or SIGINT
+        after_run(runner)                        # also on an exception, SIGTERM or SIGINT, and after
+                                                 # runner.request_finish(reason) (early stopping)
 
     on_log(runner, values, step)                 # whenever anything calls runner.log(...)
 
 Every method receives the runner (the ``Runner`` protocol below), which exposes
 ``accelerator``, ``model``, ``optimizer``, ``scheduler``, ``train_stream``, ``state`` (a
-``TrainState``), ``work_dir``, ``recipe`` and ``log()``. Hooks run in ascending ``priority``
-(lower first), ties in recipe order, so an evaluation hook (``HIGH``) publishes its metrics
-before a checkpoint hook (``NORMAL``) reads them in the same iteration. A hook that carries
-state across a resume implements ``state_dict`` / ``load_state_dict``.
+``TrainState``), ``work_dir``, ``recipe``, ``log()`` and ``request_finish(reason)``: a hook
+that calls it on every rank at the same iteration ends the loop after that iteration, like a
+finished run (exit code 0). Hooks run in ascending ``priority`` (lower first), ties in recipe
+order, so an evaluation hook (``HIGH``) publishes its metrics before a checkpoint hook
+(``NORMAL``) reads them in the same iteration. A hook that carries state across a resume
+implements ``state_dict`` / ``load_state_dict``.
 
 Hooks are found through the ``hooktrain.hooks`` entry-point group (``type: NAME`` in a recipe)
 or imported directly (``type: package.module:Class``). Installing a plugin never activates it:
@@ -98,6 +101,7 @@ class Runner(Protocol):
     recipe: Any  # hooktrain.recipe.Recipe
     work_dir: Path
     stop_requested: str | None
+    finish_requested: str | None  # the reason a hook gave request_finish, once one did
     error: BaseException | None
 
     @property
@@ -106,6 +110,11 @@ class Runner(Protocol):
     def call_hooks(self, stage: str, *args: Any) -> None: ...
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None: ...
+
+    def request_finish(self, reason: str) -> None:
+        """End the loop after the current iteration, like a finished run (``after_run``
+        fires, the final checkpoint is saved, exit code 0); every rank must call it at the
+        same iteration."""
 
 
 class Hook:

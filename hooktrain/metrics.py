@@ -42,7 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Areas", "Summary", "intersect_and_union", "summarize", "format_table", "METRICS"]
+__all__ = [
+    "Areas", "Summary", "intersect_and_union", "confusion_counts", "areas_from_confusion", "top_confusions",
+    "summarize", "format_table", "METRICS",
+]  # fmt: skip
 
 # Metric name -> per-class keys it produces, in mmseg's order.
 METRICS: dict[str, tuple[str, ...]] = {
@@ -132,9 +135,23 @@ def intersect_and_union(
         :class:`Areas` on ``pred``'s device. Out-of-range values are handled as described in
         the module docstring.
 
-    All four areas come from one ``torch.bincount`` over a ``(C+2) x (C+1)`` confusion matrix:
-    rows are labels (plus one row for ignored and one for out-of-range pixels), columns are
-    predictions (plus one column for out-of-range predictions).
+    All four areas come from one ``torch.bincount``: see :func:`confusion_counts`.
+    """
+    return areas_from_confusion(confusion_counts(pred, label, num_classes, ignore_index))
+
+
+def confusion_counts(
+    pred: torch.Tensor | np.ndarray,
+    label: torch.Tensor | np.ndarray,
+    num_classes: int,
+    ignore_index: int | None = 255,
+) -> torch.Tensor:
+    """The extended confusion matrix of one prediction (or a batch), from one ``torch.bincount``.
+
+    Returns an int64 ``[C+2, C+1]`` tensor on ``pred``'s device: rows are ground-truth classes
+    ``0..C-1``, then one row for ignored pixels and one for out-of-range labels; columns are
+    predicted classes ``0..C-1``, then one column for out-of-range predictions. Its top-left
+    ``[C, C]`` block is the confusion matrix; counts add up exactly across images and ranks.
     """
     pred, label = torch.as_tensor(pred), torch.as_tensor(label)
     if pred.shape != label.shape:
@@ -151,14 +168,34 @@ def intersect_and_union(
         row = row.masked_fill_(label == ignore_index, ignored_row)
     col = torch.where((pred >= 0) & (pred < C), pred, C)
     counts = torch.bincount(row.mul_(C + 1).add_(col), minlength=(C + 2) * (C + 1))
-    confusion = counts.view(C + 2, C + 1)
+    return counts.view(C + 2, C + 1)
 
-    scored = confusion[:C]
+
+def areas_from_confusion(counts: torch.Tensor) -> Areas:
+    """The four per-class areas of an extended confusion matrix (:func:`confusion_counts`,
+    or a sum of them)."""
+    C = counts.shape[1] - 1
+    scored = counts[:C]
     area_intersect = torch.diagonal(scored[:, :C]).clone()
     area_pred = scored[:, :C].sum(0)
     area_label = scored.sum(1)
     area_union = area_pred + area_label - area_intersect
-    return Areas(area_intersect, area_union, area_pred, area_label, confusion[bad_row].sum())
+    return Areas(area_intersect, area_union, area_pred, area_label, counts[C + 1].sum())
+
+
+def top_confusions(matrix: np.ndarray | torch.Tensor, class_names: Sequence[str]) -> list[str]:
+    """For each ground-truth class (row of a ``[C, C]`` confusion matrix), the class its
+    pixels are most often predicted as instead, with the share of the row: ``"building 12.0%"``;
+    ``""`` for a class with no pixels or no confusion."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    off_diagonal = matrix.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    totals = matrix.sum(1)
+    cells = []
+    for row, total in zip(off_diagonal, totals, strict=True):
+        other = int(row.argmax()) if row.size else 0
+        cells.append(f"{class_names[other]} {100 * row[other] / total:.1f}%" if row.size and row[other] else "")
+    return cells
 
 
 @dataclass(frozen=True)
@@ -240,13 +277,16 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def format_table(
-    per_class: Mapping[str, np.ndarray], class_names: Sequence[str] | None = None
+    per_class: Mapping[str, np.ndarray],
+    class_names: Sequence[str] | None = None,
+    notes: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """A plain-text per-class table in percent with 2 decimals, plus a ``mean`` row.
 
     Columns follow ``per_class``'s order (e.g. ``Summary.per_class``); rows are classes, named
     by ``class_names`` or by index. NaN prints as ``nan``; the mean row skips NaN like the
-    ``m*`` scalars do.
+    ``m*`` scalars do. ``notes`` adds left-aligned text columns after them, one string per class
+    (e.g. ``{"Top confusion": top_confusions(...)}``).
     """
     keys = list(per_class)
     columns = [np.asarray(per_class[k], dtype=np.float64) for k in keys]
@@ -261,14 +301,24 @@ def format_table(
     def pct(x: float) -> str:
         return "nan" if math.isnan(x) else f"{100 * x:.2f}"
 
-    rows = [["Class", *keys]]
-    rows += [[str(name), *(pct(c[i]) for c in columns)] for i, name in enumerate(class_names)]
-    footer = ["mean", *(pct(_nanmean(c)) for c in columns)]
+    notes = dict(notes or {})
+    if any(len(n) != num_classes for n in notes.values()):
+        raise ValueError("notes and per-class arrays differ in length")
+    rows = [["Class", *keys, *notes]]
+    rows += [
+        [str(name), *(pct(c[i]) for c in columns), *(n[i] for n in notes.values())]
+        for i, name in enumerate(class_names)
+    ]
+    footer = ["mean", *(pct(_nanmean(c)) for c in columns), *("" for _ in notes)]
     widths = [max(len(r[j]) for r in [*rows, footer]) for j in range(len(rows[0]))]
+    num_numeric = 1 + len(keys)
 
     def line(cells: list[str]) -> str:
-        first, *rest = cells
-        return " | ".join([first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:]))])
+        first, *numbers = cells[:num_numeric]
+        texts = cells[num_numeric:]
+        parts = [first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(numbers, widths[1:num_numeric]))]
+        parts += [c.ljust(w) for c, w in zip(texts, widths[num_numeric:])]
+        return " | ".join(parts).rstrip()
 
     rule = "-+-".join("-" * w for w in widths)
     return "\n".join([line(rows[0]), rule, *map(line, rows[1:]), rule, line(footer)])

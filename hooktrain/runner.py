@@ -103,6 +103,9 @@ class IterRunner:
         self.work_dir = Path(work_dir)
         self.state = TrainState(max_iters=recipe.train.max_iters)
         self.stop_requested: str | None = None  # a signal's name, once every rank knows it
+        self.finish_requested: str | None = None  # why a hook ended the run early (request_finish)
+        self._iteration_open = False  # between before_train_iter and the iteration count's update
+        self._loop_started = False  # set when the loop first checks whether to go on
         self.error: BaseException | None = None  # what ended the loop, if it failed
         self.signals = StopSignals()
         self.watch = RankWatch(accelerator.process_index, accelerator.num_processes,
@@ -220,6 +223,22 @@ class IterRunner:
         step = self.state.iter if step is None else step
         self.call_hooks("on_log", values, step)
 
+    def request_finish(self, reason: str) -> None:
+        """End the run cleanly after the current iteration (before the first one when called
+        in ``before_run``), as if ``max_iters`` were reached: ``after_run`` fires, the
+        checkpoint hook saves, the exit code is 0. Every rank must call it at the same
+        iteration (decide from values every rank shares, such as validation metrics): the
+        loop has no collective for it. The first reason wins; it is logged with the
+        iteration the run stops after."""
+        if self.finish_requested is not None:
+            return
+        self.finish_requested = reason
+        if self.accelerator.is_main_process:
+            if not self._loop_started:
+                logger.info("%s; stopping at iteration %d without training", reason, self.state.iter)
+            else:
+                logger.info("%s; stopping after iteration %d", reason, self.state.iter + self._iteration_open)
+
     def resume_from(self, checkpoint: Path) -> None:
         """Continue the run ``checkpoint`` holds (see ``hooktrain.checkpoints.load_state``)."""
         how = load_state(self, checkpoint)
@@ -230,8 +249,9 @@ class IterRunner:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> str | None:
-        """Train until ``max_iters`` or a stop signal. Returns the signal's name when one
-        stopped the run (the CLI turns it into ``EXIT_CODES``), else ``None``."""
+        """Train until ``max_iters``, a stop signal or a hook's ``request_finish``. Returns the
+        signal's name when one stopped the run (the CLI turns it into ``EXIT_CODES``), else
+        ``None`` (a requested finish ends the run like a finished one)."""
         if self.state.iter >= self.state.max_iters:  # resumed a finished run: no hook fires
             logger.info(
                 "already at iteration %d of %d: nothing to train (raise train.max_iters to go on)",
@@ -243,10 +263,13 @@ class IterRunner:
         with self.signals:
             try:
                 self.call_hooks("before_run")
-                while self.state.iter < self.state.max_iters and not self.stop_requested:
+                self._loop_started = True
+                while self.state.iter < self.state.max_iters and not (self.stop_requested or self.finish_requested):
+                    self._iteration_open = True
                     self.call_hooks("before_train_iter")
                     outputs = self.train_step()
                     self.state.iter += 1
+                    self._iteration_open = False
                     self.call_hooks("after_train_iter", outputs)
             except BaseException as exc:
                 self.error = exc

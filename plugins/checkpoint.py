@@ -1,5 +1,6 @@
 """Checkpoint hook: atomic full-state saves every ``interval`` iterations and when the run
-ends or is stopped, pruning to ``max_keep``, and the best model by a validation metric.
+ends (``max_iters``, or a hook's ``request_finish``) or is stopped, pruning to ``max_keep``,
+and the best model by a validation metric.
 
 The on-disk layout and the atomic protocol live in ``hooktrain.checkpoints``; this hook only
 decides when to save. See docs/checkpoints.md.
@@ -31,7 +32,7 @@ class CheckpointHook(Hook):
         interval: Save every this many iterations into checkpoints/iter_N.
         max_keep: Keep only this many newest complete checkpoints (best is never pruned); null keeps all.
         save_best: Also keep checkpoints/best with the weights of the best value of this metric (the eval hook's best_key).
-        save_last: Save when the run ends or is stopped by SIGTERM/SIGINT (not after a crash).
+        save_last: Save when the run ends (max_iters or early_stop) or is stopped by SIGTERM/SIGINT (not after a crash).
     """
 
     priority = PRIORITIES["NORMAL"]  # after the eval hook (HIGH): sees this iteration's best
@@ -112,9 +113,10 @@ class CheckpointHook(Hook):
     def after_run(self, runner) -> None:
         if runner.error is not None or runner.state.iter == 0:
             return  # never save what a crash left; nothing learned yet at iteration 0
-        finished = runner.state.iter >= runner.state.max_iters
+        # A hook's request_finish (early stopping) ends the run like reaching max_iters.
+        finished = runner.state.iter >= runner.state.max_iters or getattr(runner, "finish_requested", None)
         if (finished and self.save_last) or runner.stop_requested:
-            if self._last_saved != runner.state.iter:
+            if self._last_saved != runner.state.iter:  # a resumed run's iteration counts as saved
                 self._save(runner)
 
     def _save(self, runner) -> None:

@@ -1,16 +1,21 @@
 """Evaluation hook: mIoU / mDice / mFscore on the validation split, exact across ranks.
 
 Each rank predicts its own share of the validation split (``build_val_loader`` gives every
-example to exactly one rank, so there is no padding to drop), reduces every prediction to
-four per-class area rows on the device, and sums them. One all-reduce of ``4 * C + 1``
-integers then gives every rank the exact totals, whatever the number of ranks, workers or
-batches per rank; memory does not grow with the validation set.
+example to exactly one rank, so there is no padding to drop), reduces every prediction to its
+confusion matrix on the device (one ``bincount``, ``hooktrain.metrics.confusion_counts``) and
+sums them. One all-reduce of about ``C * C`` int64 values then gives every rank the exact
+matrix, whatever the number of ranks, workers or batches per rank; the areas, metrics and each
+class's top confusion come from it. With ``confusion: false`` only the ``4 * C + 1`` area
+counts cross ranks. With ``loss: true`` each image's decode-head loss terms are summed in
+float64 and all-reduced with the image count: ``val/loss`` is the mean over images.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
@@ -20,6 +25,7 @@ from hooktrain.errors import UserError, did_you_mean
 from hooktrain.hooks import PRIORITIES, Hook
 
 if TYPE_CHECKING:  # torch and the data/metrics modules load when a run starts, not on import
+    import numpy as np
     import torch
 
     from hooktrain.metrics import Areas
@@ -56,6 +62,8 @@ class EvalHook(Hook):
         rule: Whether greater or less is better for best_key.
         evaluate: Extra metrics from the evaluate library, as [{path: local module dir or Hub name, kwargs: {...}}]; each gets every prediction and reference on the main process (costly: full masks are gathered).
         num_samples: Validation images (input, prediction, ground truth) passed to the loggers per evaluation.
+        loss: Also compute the decode head's loss terms on the very predictions that are scored (the same whole/slide/flip inference, at the original size; on the log of the averaged probabilities with flip or scales), logged as val/loss and val/decode.<term>: the mean over images of each image's loss.
+        confusion: Reduce the full confusion matrix (C x C int64, one all-reduce), write it per evaluation to confusion/ as CSV and a row-normalised PNG heatmap, log the heatmap to the dashboards and add each class's top confusion to the table. Turn off for very many classes (it then reduces 4 x C area counts).
     """
 
     priority = PRIORITIES["HIGH"]
@@ -71,6 +79,8 @@ class EvalHook(Hook):
         rule: Literal["greater", "less"] = "greater",
         evaluate: list[EvaluateModule] = [],  # noqa: B006
         num_samples: Annotated[int, Field(ge=0)] = 4,
+        loss: bool = False,
+        confusion: bool = True,
     ) -> None:
         if interval < 1:  # also when built in Python, without the recipe's option checks
             raise UserError("eval hook: interval must be at least 1")
@@ -83,13 +93,16 @@ class EvalHook(Hook):
         self.rule = rule
         self.evaluate_specs = list(evaluate)
         self.num_samples = num_samples
+        self.loss = loss
+        self.confusion = confusion
+        self.confusion_matrix: np.ndarray | None = None  # [C, C] of the last evaluation
         self._evaluate_modules: list = []
 
     def tracked_metrics(self) -> list[str]:
         """The scalar metrics every evaluation computes (the evaluate modules add theirs,
         named ``<module>/<key>``, which are only known once computed)."""
         scalars = ["aAcc"] + [name for family in self.metrics for name in FAMILY_SCALARS[family]]
-        return list(dict.fromkeys(scalars))
+        return list(dict.fromkeys(scalars + (["loss"] if self.loss else [])))
 
     def check_recipe(self, recipe, hooks) -> None:
         """Refuse a recipe without validation data, or a ``best_key`` no evaluation computes."""
@@ -116,77 +129,110 @@ class EvalHook(Hook):
         if state.iter % self.interval == 0 or (last and self.eval_at_end):
             self.evaluate(runner)
 
-    def evaluate(self, runner) -> dict[str, Any]:
-        """Predict the whole validation split, reduce across ranks, publish the metrics."""
-        from hooktrain.metrics import format_table, summarize
+    def evaluate(self, runner, name: str | None = None) -> dict[str, Any]:
+        """Predict the whole validation split, reduce across ranks, publish the metrics. The
+        confusion files are named after ``name`` (default ``iter_<N>``)."""
+        from hooktrain.metrics import format_table, summarize, top_confusions
 
         runner.call_hooks("before_val")
         if not self._evaluate_modules and self.evaluate_specs:
             self._evaluate_modules = [_load_evaluate(spec) for spec in self.evaluate_specs]
         self._samples: list[dict[str, Any]] = []
-        areas, num_images = self._predict_areas(runner)
-        summary = summarize(areas, self.metrics, beta=self.beta, nan_to_num=self.nan_to_num)
+        totals = self._predict_totals(runner)
+        summary = summarize(totals.areas, self.metrics, beta=self.beta, nan_to_num=self.nan_to_num)
         metrics: dict[str, Any] = dict(summary.scalars)
+        metrics.update(totals.losses)
         for module in self._evaluate_modules:
             metrics.update(self._compute_evaluate(runner, module))
         self._update_best(runner, metrics)
         runner.state.metrics = metrics
         data = runner.recipe.data
+        logged: dict[str, Any] = {f"val/{k}": v for k, v in metrics.items()}
+        notes = {}
+        if totals.confusion is not None:
+            self.confusion_matrix = totals.confusion
+            notes["Top confusion"] = top_confusions(totals.confusion, data.names)
+            if runner.accelerator.is_main_process:
+                logged["val/confusion_matrix"] = _write_confusion(
+                    runner, totals.confusion, data.names, name or f"iter_{runner.state.iter}"
+                )
         if runner.accelerator.is_main_process:
-            names = data.names
             logger.info(
                 "validation at iter %d on %d images:\n%s",
-                runner.state.iter, num_images, format_table(summary.per_class, names),
+                runner.state.iter, totals.num_images, format_table(summary.per_class, data.names, notes),
             )  # fmt: skip
-        if int(areas.num_out_of_range):
+        if totals.num_out_of_range:
             logger.warning(
                 "validation: %d pixels had labels outside [0, %d) and were not scored",
-                int(areas.num_out_of_range), data.num_classes,
+                totals.num_out_of_range, data.num_classes,
             )  # fmt: skip
         runner.call_hooks("after_val", metrics)
-        per_class = {key: values.tolist() for key, values in summary.per_class.items()}
-        logged = {**{f"val/{k}": v for k, v in metrics.items()}, "val/per_class": per_class}
+        logged["val/per_class"] = {key: values.tolist() for key, values in summary.per_class.items()}
         if self._samples:
             logged["val/samples"] = self._samples
         runner.log(logged)
         return metrics
 
-    def _predict_areas(self, runner) -> tuple[Areas, int]:
+    def _predict_totals(self, runner) -> _Totals:
+        """Predict this rank's share of the validation split and reduce the counts (and loss
+        sums) of every rank: exact totals on every rank."""
         import torch
 
         from hooktrain.data import build_val_loader
-        from hooktrain.metrics import Areas, intersect_and_union
+        from hooktrain.metrics import Areas, confusion_counts, intersect_and_union
 
         accelerator = runner.accelerator
+        device = accelerator.device
         data = runner.recipe.data
         model = runner.unwrapped_model
-        was_training = model.training
-        model.eval()
-        total = Areas.zeros(data.num_classes, device=accelerator.device)
-        count = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        num_classes = data.num_classes
+        counts = (
+            torch.zeros((num_classes + 2, num_classes + 1), dtype=torch.int64, device=device)
+            if self.confusion
+            else Areas.zeros(num_classes, device=device).pack()
+        )
+        terms = model.decode_loss.term_names if self.loss else []
+        loss_sums = torch.zeros(len(terms), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.int64, device=device)
         loader = build_val_loader(
             data, rank=accelerator.process_index, world_size=accelerator.num_processes,
             scales=model.inference.scales,
         )  # fmt: skip
+        was_training = model.training
+        model.eval()
         try:
             with torch.no_grad(), accelerator.autocast():
                 for batch in loader:
-                    logits = _predict(model, batch, accelerator.device)
+                    logits = _predict(model, batch, device)
                     for i, image_logits in enumerate(logits):
                         height, width = batch["ori_shapes"][i]
-                        label = batch["mask"][i, :height, :width].to(accelerator.device)
+                        label = batch["mask"][i, :height, :width].to(device)
                         pred = image_logits.argmax(0)
                         if len(self._samples) < self.num_samples and accelerator.is_main_process:
                             self._samples.append(_sample(batch, i, pred, data))
-                        total += intersect_and_union(pred, label, data.num_classes, data.ignore_index)
+                        if self.confusion:
+                            counts += confusion_counts(pred, label, num_classes, data.ignore_index)
+                        else:
+                            counts += intersect_and_union(pred, label, num_classes, data.ignore_index).pack()
+                        if terms:
+                            loss_sums += _image_loss(model, image_logits, label, terms)
                         for module in self._evaluate_modules:
                             module.pending.append((pred.cpu().numpy(), label.cpu().numpy()))
                     count += len(logits)
                     self._flush_pending(accelerator.num_processes == 1)
         finally:
             model.train(was_training)
-        packed = accelerator.reduce(torch.cat([total.pack(), count[None]]), reduction="sum")
-        return Areas.unpack(packed[:-1]), int(packed[-1])
+        packed = accelerator.reduce(torch.cat([counts.reshape(-1), count[None]]), reduction="sum")
+        num_images = int(packed[-1])
+        losses = {}
+        if terms:
+            sums = accelerator.reduce(loss_sums, reduction="sum").cpu().tolist()
+            means = {f"decode.{term}": total / max(num_images, 1) for term, total in zip(terms, sums, strict=True)}
+            losses = {"loss": sum(means.values()), **means}
+        if self.confusion:
+            extended = packed[:-1].reshape(num_classes + 2, num_classes + 1)
+            return _Totals.from_confusion(extended, num_images, losses)
+        return _Totals(Areas.unpack(packed[:-1]), None, num_images, losses)
 
     def _flush_pending(self, single_process: bool) -> None:
         """Hand the batch's predictions to each evaluate module: straight to ``add_batch``
@@ -238,6 +284,52 @@ class EvalHook(Hook):
         )
         if better and value == value:  # NaN never becomes the best
             runner.state.best = {"key": self.best_key, "value": value, "iter": runner.state.iter}
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """One evaluation's exact totals over every rank."""
+
+    areas: Areas
+    confusion: np.ndarray | None  # [C, C] int64: ground truth x prediction, ignored pixels left out
+    num_images: int
+    losses: dict[str, float]  # "loss" and "decode.<term>": means over images (empty without loss: true)
+
+    @property
+    def num_out_of_range(self) -> int:
+        return int(self.areas.num_out_of_range)
+
+    @classmethod
+    def from_confusion(cls, extended: torch.Tensor, num_images: int, losses: dict[str, float]) -> _Totals:
+        from hooktrain.metrics import areas_from_confusion
+
+        num_classes = extended.shape[1] - 1
+        confusion = extended[:num_classes, :num_classes].cpu().numpy()
+        return cls(areas_from_confusion(extended), confusion, num_images, losses)
+
+
+def _image_loss(model, scores: torch.Tensor, label: torch.Tensor, terms: list[str]) -> torch.Tensor:
+    """The decode head's weighted loss terms of one image's scored prediction, in float64."""
+    import torch
+
+    from hooktrain.models.inference import as_logits
+
+    with torch.autocast(scores.device.type, enabled=False):
+        values = model.decode_loss(as_logits(scores, model.inference)[None], label[None].long())
+    return torch.stack([values[term].detach().double() for term in terms])
+
+
+def _write_confusion(runner, matrix: np.ndarray, names: list[str], name: str) -> np.ndarray:
+    """Write ``confusion/confusion_<name>.csv`` and ``.png`` in the work dir; returns the
+    heatmap (RGB) for the dashboards."""
+    from hooktrain.analysis.confusion import render_heatmap, write_confusion_csv, write_heatmap
+
+    directory = Path(runner.work_dir) / "confusion"
+    directory.mkdir(parents=True, exist_ok=True)
+    write_confusion_csv(matrix, names, directory / f"confusion_{name}.csv")
+    heatmap = render_heatmap(matrix, names, title=f"confusion, {name.replace('_', ' ')} (rows sum to 100%)")
+    write_heatmap(heatmap, directory / f"confusion_{name}.png")
+    return heatmap
 
 
 def check_val_data(data, *, world_size: int = 1) -> None:

@@ -57,7 +57,8 @@ def check_installed(names: list[str]) -> None:
 
 class Dashboards:
     """The run's trackers on the main process. Converts logged values for each tracker
-    (scalars everywhere; tables and images on wandb) and keeps wandb's steps moving forward."""
+    (scalars and pictures everywhere; tables and segmentation samples on wandb) and keeps
+    wandb's steps moving forward."""
 
     def __init__(self, names: list[str], wandb_options: WandbOptions) -> None:
         self.names = names
@@ -112,8 +113,13 @@ class Dashboards:
     def log(self, values: dict[str, Any], step: int) -> None:
         """Send ``values`` at ``step`` to every tracker in the form it understands."""
         scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in values.items()) if v is not None}
-        if "tensorboard" in self.names and scalars:
-            self._accelerator.get_tracker("tensorboard").log(scalars, step=step)
+        if "tensorboard" in self.names:
+            tensorboard = self._accelerator.get_tracker("tensorboard")
+            if scalars:
+                tensorboard.log(scalars, step=step)
+            images = {k: v for k, v in values.items() if _is_image(v)}
+            if images:
+                tensorboard.log_images(images, step=step, dataformats="HWC")
         if "wandb" in self.names:
             if step < self._wandb_floor:
                 logger.warning(
@@ -126,7 +132,8 @@ class Dashboards:
             self._wandb_floor = step
 
     def _wandb_media(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Per-class tables and segmentation samples as wandb objects."""
+        """Per-class tables, segmentation samples and pictures (the confusion heatmap) as wandb
+        objects."""
         import wandb
 
         media = {}
@@ -138,6 +145,8 @@ class Dashboards:
                 media[key] = wandb.Table(columns=["class", *columns], data=rows)
             elif _is_samples(value):
                 media[key] = [self._wandb_image(sample, i) for i, sample in enumerate(value)]
+            elif _is_image(value):
+                media[key] = wandb.Image(value)
         return media
 
     def _wandb_image(self, sample: dict[str, Any], index: int):
@@ -175,6 +184,11 @@ def _is_samples(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(
         isinstance(v, dict) and "image" in v for v in value
     )
+
+
+def _is_image(value: Any) -> bool:
+    """An RGB picture, ``uint8 [H, W, 3]`` (the confusion heatmap); masks are 2-D."""
+    return getattr(value, "ndim", 0) == 3 and value.shape[-1] == 3 and str(getattr(value, "dtype", "")) == "uint8"
 
 
 def _raise_start_error(exc: Exception) -> None:

@@ -66,6 +66,31 @@ def tree_digest(root: Path | str) -> dict[str, str]:
     return digest
 
 
+def tiny(data_root: Path, iters: int = 6, *extra: str) -> list[str]:
+    """--cfg-options for a seconds-long run of the quickstart on tiny shapes images."""
+    options = [
+        f"train.max_iters={iters}",
+        "schedule.warmup_iters=2",
+        "data.train.batch_size=2",
+        "data.train.num_workers=0",
+        "data.train.shuffle_buffer=8",
+        "data.train.pipeline.crop_size=[32,32]",
+        "data.train.pipeline.scale=[64,32]",
+        "data.val.pipeline.scale=[64,32]",
+        "hooks.0.interval=2",
+        *extra,
+    ]
+    for split in ("train", "val"):
+        options += [
+            f"data.{split}.source.root={data_root}",
+            f"data.{split}.source.num_train=24",
+            f"data.{split}.source.num_val=4",
+            f"data.{split}.source.image_size=32",
+            f"data.{split}.source.train_shards=4",
+        ]
+    return options
+
+
 def launch_command(*args: str, port: int, processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``processes`` CPU processes (gloo) running ARGS, for example
     ``"-m", "hooktrain", recipe, ...``; each test passes its own ``port``."""

@@ -1,5 +1,5 @@
 """Evaluates one random-init model on folder datasets of several lengths and batch sizes and
-writes the metrics as JSON. Run once with 1 process and once under `accelerate launch` with 2;
+writes the metrics, validation loss and confusion matrix as JSON. Run once with 1 process and once under `accelerate launch` with 2;
 the test compares the two files. Usage: python eval_exactness_script.py DATA_ROOT OUT.json"""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
             case = load_recipe(
                 QUICKSTART,
                 [f"data.val.source={source}", f"data.val.batch_size={batch_size}",
-                 "data.val.pipeline.scale=[48,32]", "hooks=[{type: eval, num_samples: 0}]"],
+                 "data.val.pipeline.scale=[48,32]", "hooks=[{type: eval, num_samples: 0, loss: true}]"],
             )  # fmt: skip
             hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in case.hooks])
             runner = IterRunner(
@@ -68,7 +68,7 @@ def main() -> None:
             )  # fmt: skip
             metrics = hooks[0].hook.evaluate(runner)
             runner.watch.close()
-            results[f"{length}x{batch_size}"] = metrics
+            results[f"{length}x{batch_size}"] = {**metrics, "confusion": hooks[0].hook.confusion_matrix.tolist()}
     if accelerator.is_main_process:
         out.write_text(json.dumps(results))
     accelerator.end_training()

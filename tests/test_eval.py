@@ -37,9 +37,13 @@ def test_two_processes_equal_one_process_for_every_length_and_batch_size(tmp_pat
     assert single.keys() == double.keys()
     for case in single:
         assert single[case].keys() == double[case].keys()
+        assert single[case].pop("confusion") == double[case].pop("confusion"), case
         for key, value in single[case].items():
-            assert same(value, double[case][key]), (case, key, value, double[case][key])
-    assert not math.isnan(single["9x2"]["mIoU"])
+            if "loss" in key:  # each image once on either side; its logits may differ in the last float32 bits
+                assert value == pytest.approx(double[case][key], rel=1e-6), (case, key)
+            else:
+                assert same(value, double[case][key]), (case, key, value, double[case][key])
+    assert not math.isnan(single["9x2"]["mIoU"]) and single["9x2"]["loss"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +52,10 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def test_training_evaluates_at_interval_and_end_and_tracks_best(tmp_path, data_root):
+    """Also without the confusion matrix: the same metrics from the 4 x C area counts."""
     prefix = tmp_path / "p"
     hooks = (
-        "hooks=[{type: logger, interval: 2}, {type: eval, interval: 4, num_samples: 0}, "
+        "hooks=[{type: logger, interval: 2}, {type: eval, interval: 4, num_samples: 0, confusion: false}, "
         f"{{type: 'probe_hooks:ProbeHook', prefix: '{prefix}'}}]"
     )
     result = run_cli(
@@ -68,6 +73,7 @@ def test_training_evaluates_at_interval_and_end_and_tracks_best(tmp_path, data_r
     assert "validation at iter 4 on 4 images" in result.stdout
     assert "background" in result.stdout and "cross" in result.stdout
     assert "val/mIoU" in result.stdout
+    assert "Top confusion" not in result.stdout and not (tmp_path / "run" / "confusion").exists()
 
 
 def test_unknown_best_key_and_metric_are_clear(tmp_path, data_root):
@@ -101,8 +107,56 @@ def test_test_command_evaluates_a_checkpoint_on_one_and_two_processes(tmp_path, 
     double = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
     assert single.keys() == double.keys() and "mIoU" in single
     assert all(same(single[k], double[k]) for k in single if k != "checkpoint")
+    one_matrix = (tmp_path / "one" / "confusion" / "confusion_test.csv").read_text()
+    assert one_matrix == (tmp_path / "two" / "confusion" / "confusion_test.csv").read_text()
+    assert (tmp_path / "two" / "confusion" / "confusion_test.png").is_file()
     missing = run_cli("test", str(QUICKSTART), "--checkpoint", str(tmp_path / "nope.safetensors"))
     assert missing.returncode == 2 and "weights not found" in missing.stderr
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_validation_loss_is_the_mean_of_each_images_loss_on_the_scored_prediction(tmp_path, flip):
+    """``loss: true``: val/loss is the mean over images of mmseg's cross-entropy (divided by
+    all pixels, avg_non_ignore false) of the very scores that are evaluated; with flip, of the
+    log of the averaged probabilities."""
+    import torch.nn.functional as F
+
+    from eval_exactness_script import NUM_CLASSES, write_folder
+    from hooktrain.data import build_val_loader
+    from hooktrain.hooks import build_hooks
+    from hooktrain.models import build_segmentor
+    from hooktrain.recipe import load_recipe
+    from hooktrain.runner import IterRunner, make_accelerator
+
+    write_folder(tmp_path / "data", 5)
+    source = f"{{type: folder, images_dir: '{tmp_path}/data/images', annotations_dir: '{tmp_path}/data/annotations'}}"
+    recipe = load_recipe(QUICKSTART, [
+        f"data.val.source={source}", "data.val.batch_size=2", "data.val.num_workers=0",
+        "data.val.pipeline.scale=[48,32]", f"model.inference.flip={str(flip).lower()}",
+        "model.decode_head.losses=[{type: cross_entropy, avg_non_ignore: false}]",
+        "data.class_names=[a,b,c,d,e]", "hooks=[{type: eval, num_samples: 0, loss: true}]",
+    ])  # fmt: skip
+    accelerator = make_accelerator(recipe.train)
+    torch.manual_seed(0)
+    model = build_segmentor(recipe.model, num_classes=NUM_CLASSES).eval()
+    hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
+    runner = IterRunner(recipe=recipe, accelerator=accelerator, model=model, optimizer=None, scheduler=None,
+                        train_stream=None, hooks=hooks, work_dir=tmp_path / "wd")  # fmt: skip
+    metrics = hooks[0].hook.evaluate(runner)
+    runner.watch.close()
+
+    losses = []
+    for batch in build_val_loader(recipe.data, rank=0, world_size=1):
+        for scores, (h, w), mask in zip(model.predict(batch["image"], batch["img_shapes"], batch["ori_shapes"]),
+                                        batch["ori_shapes"], batch["mask"], strict=True):  # fmt: skip
+            label = mask[:h, :w]
+            log_probs = scores.log() if flip else scores.log_softmax(0)
+            per_pixel = F.nll_loss(log_probs[None], label[None], ignore_index=255, reduction="sum")
+            losses.append(float(per_pixel) / label.numel())
+    assert len(losses) == 5
+    assert metrics["loss"] == pytest.approx(sum(losses) / 5, rel=1e-5)
+    assert metrics["decode.loss_ce"] == metrics["loss"]
+    assert "loss" in hooks[0].hook.tracked_metrics()
 
 
 PIXEL_ACCURACY = '''

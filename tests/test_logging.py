@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -148,6 +149,43 @@ def test_tensorboard_holds_the_scalars(first_run):
     tb_dir = work_dir / "tensorboard"
     assert scalars(tb_dir, "train/loss") == expected(history, "train/loss")
     assert scalars(tb_dir, "val/mIoU") == expected(history, "val/mIoU")
+
+
+def test_confusion_matrix_on_disk_in_the_table_on_wandb_and_tensorboard(first_run):
+    """Each evaluation's confusion matrix agrees with its metrics, and its heatmap reaches
+    the work dir, wandb and TensorBoard."""
+    from hooktrain.analysis.confusion import read_confusion_csv
+
+    work_dir, stdout = first_run
+    history = {r["iter"]: r for r in read_history(work_dir / "metrics.jsonl")}
+    assert "Top confusion" in stdout
+    (run_dir,) = offline_runs(work_dir / "wandb")
+    logged = read_run(run_dir).series("val/confusion_matrix")
+    tensorboard = EventAccumulator(str(work_dir / "tensorboard"), size_guidance={"images": 0})
+    tensorboard.Reload()
+    tb_images = {event.step: event for event in tensorboard.Images("val/confusion_matrix")}
+    for step in (2, 4):
+        matrix, names = read_confusion_csv(work_dir / "confusion" / f"confusion_iter_{step}.csv")
+        assert names == CLASSES and matrix.shape == (5, 5)
+        per_class = history[step]["val/per_class"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc = np.diag(matrix) / matrix.sum(1)
+            iou = np.diag(matrix) / (matrix.sum(1) + matrix.sum(0) - np.diag(matrix))
+        assert np.allclose(acc, np.array(per_class["Acc"], dtype=float), equal_nan=True)
+        assert np.allclose(iou, np.array(per_class["IoU"], dtype=float), equal_nan=True)
+
+        heatmap = np.asarray(Image.open(work_dir / "confusion" / f"confusion_iter_{step}.png").convert("RGB"))
+        assert heatmap.shape == (400, 500, 3)  # 5 classes: a 5 x 4 inch figure at 100 dpi
+        # Each cell is a ~60 x 60 px square of one colour (the colour bar has ~2 px per level):
+        # the largest share's colour fills a whole cell.
+        from hooktrain.analysis.confusion import row_normalised
+
+        largest = colormaps["Blues"](row_normalised(matrix).max())[:3]
+        close = np.abs(heatmap.astype(int) - np.round(np.array(largest) * 255)).max(-1) <= 2
+        assert close.sum() > 1500, close.sum()
+        assert logged[step]["_type"] == "image-file"
+        assert (logged[step]["width"], logged[step]["height"]) == (500, 400)
+        assert (tb_images[step].width, tb_images[step].height) == (500, 400)
 
 
 def test_resume_continues_history_wandb_run_and_tensorboard(tmp_path, first_run, data_root):

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from hooktrain.metrics import METRICS, Areas, format_table, intersect_and_union, summarize
+from hooktrain.metrics import (
+    METRICS,
+    Areas,
+    areas_from_confusion,
+    confusion_counts,
+    format_table,
+    intersect_and_union,
+    summarize,
+    top_confusions,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -320,3 +329,39 @@ def test_format_table():
     assert format_table(per_class).splitlines()[2].startswith("0 ")
     with pytest.raises(ValueError, match="2 class names for 3"):
         format_table(per_class, ["a", "b"])
+
+
+def test_table_notes_column_and_top_confusions():
+    matrix = np.array([[80, 12, 8], [0, 50, 0], [0, 0, 0]])
+    notes = {"Top confusion": top_confusions(matrix, ["wall", "building", "sky"])}
+    assert notes["Top confusion"] == ["building 12.0%", "", ""]
+    per_class = {"IoU": np.array([0.8, 0.5, np.nan])}
+    lines = format_table(per_class, ["wall", "building", "sky"], notes).splitlines()
+    assert lines[0] == "Class    |   IoU | Top confusion"
+    assert lines[2] == "wall     | 80.00 | building 12.0%"
+    assert lines[3] == "building | 50.00 |"
+
+
+# ---------------------------------------------------------------- confusion matrix
+
+
+def test_confusion_counts_match_a_reference_and_give_the_same_areas():
+    rng = np.random.default_rng(3)
+    num_classes = 6
+    label = rng.integers(0, num_classes + 2, size=(3, 40, 30))  # 6 and 7 are out of range
+    label[:, :5] = 255
+    pred = rng.integers(-1, num_classes + 1, size=label.shape)  # -1 and 6 are out of range
+    counts = confusion_counts(torch.from_numpy(pred), torch.from_numpy(label), num_classes)
+    assert counts.shape == (num_classes + 2, num_classes + 1) and counts.dtype == torch.int64
+
+    reference = np.zeros((num_classes, num_classes), np.int64)
+    valid = (label < num_classes) & (pred >= 0) & (pred < num_classes)
+    np.add.at(reference, (label[valid], pred[valid]), 1)
+    assert np.array_equal(counts[:num_classes, :num_classes].numpy(), reference)
+    assert int(counts[num_classes].sum()) == int((label == 255).sum())  # the ignored row
+
+    areas = intersect_and_union(pred, label, num_classes)
+    same = areas_from_confusion(counts)
+    assert torch.equal(areas.pack(), same.pack())
+    halves = confusion_counts(pred[:1], label[:1], num_classes) + confusion_counts(pred[1:], label[1:], num_classes)
+    assert torch.equal(halves, counts)

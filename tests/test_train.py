@@ -13,36 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ENV, QUICKSTART, ROOT, TESTS, ensure_installed, run_cli, run_launch
+from conftest import ENV, QUICKSTART, ROOT, TESTS, ensure_installed, run_cli, run_launch, tiny
 from hooktrain.optim import ScheduleConfig, scheduled_lr
 from hooktrain.recipe import load_recipe
 
 BASE_LR = load_recipe(QUICKSTART).optimizer.lr
-
-
-def tiny(data_root: Path, iters: int = 6, *extra: str) -> list[str]:
-    """--cfg-options for a seconds-long run of the quickstart on tiny shapes images."""
-    options = [
-        f"train.max_iters={iters}",
-        "schedule.warmup_iters=2",
-        "data.train.batch_size=2",
-        "data.train.num_workers=0",
-        "data.train.shuffle_buffer=8",
-        "data.train.pipeline.crop_size=[32,32]",
-        "data.train.pipeline.scale=[64,32]",
-        "data.val.pipeline.scale=[64,32]",
-        "hooks.0.interval=2",
-        *extra,
-    ]
-    for split in ("train", "val"):
-        options += [
-            f"data.{split}.source.root={data_root}",
-            f"data.{split}.source.num_train=24",
-            f"data.{split}.source.num_val=4",
-            f"data.{split}.source.image_size=32",
-            f"data.{split}.source.train_shards=4",
-        ]
-    return options
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,9 @@ def _fresh_position() -> dict[str, int]:
 class TrainExamples(torch.utils.data.IterableDataset):
     """The examples of one rank, as seen by each of its DataLoader workers (a reader).
 
-    Iterating yields ``(image [3,h,w], mask [h,w], worker, corrupt_count)`` forever.
+    Iterating yields ``(image [3,h,w], mask [h,w], worker, corrupt_count, (example_id,
+    pass))`` forever: ``example_id`` is :attr:`RawRow.example_id` (``"shard 3 row 5"``, with
+    the file name first when the source has one) and ``pass`` the reader's pass number.
     ``state_dict``/``load_state_dict`` hold the reader's position (see the module doc).
     """
 
@@ -164,7 +166,7 @@ class TrainExamples(torch.utils.data.IterableDataset):
                     mark(self._seen, raw.shard, raw.row)
                     example = self._example(raw, epoch, worker, pos)
                     if example is not None:
-                        yield example
+                        yield (*example, (raw.example_id, epoch))
             if at_pass_start and seen == 0 and self._skip is None:
                 raise UserError(
                     f"data.train.source: rank {self.rank} worker {worker} got no training "
@@ -191,19 +193,31 @@ class TrainExamples(torch.utils.data.IterableDataset):
 
 
 def collate_train(examples: list[tuple]) -> dict[str, Any]:
-    """Stack examples into a batch; ``_worker``/``_corrupt`` are removed by ``TrainStream``."""
-    images, masks, workers, corrupt = zip(*examples, strict=True)
-    return {
+    """Stack examples into a batch; ``_worker``/``_corrupt`` are removed by ``TrainStream``.
+
+    Examples that carry their ``(example_id, pass)`` (those of :class:`TrainExamples`) also
+    give ``"example_ids": [str]`` and ``"passes": [int]``, for tools such as ``hooktrain
+    browse``; training uses only ``image`` and ``mask``.
+    """
+    columns = list(zip(*examples, strict=True))
+    images, masks, workers, corrupt = columns[:4]
+    batch = {
         "image": torch.stack(images),
         "mask": torch.stack(masks),
         "_worker": workers[-1],
         "_corrupt": corrupt[-1],
     }
+    if len(columns) > 4:
+        batch["example_ids"] = [example_id for example_id, _ in columns[4]]
+        batch["passes"] = [epoch for _, epoch in columns[4]]
+    return batch
 
 
 class TrainStream:
     """Endless iterator of training batches ``{"image": float32 [B,3,H,W], "mask": int64
-    [B,H,W]}`` on the CPU, with ``state_dict``/``load_state_dict`` for exact resume.
+    [B,H,W], "example_ids": [str], "passes": [int]}`` on the CPU, with
+    ``state_dict``/``load_state_dict`` for exact resume. ``example_ids`` and ``passes`` name
+    where each example came from (see :class:`TrainExamples`); training ignores them.
 
     The state belongs to this rank: ``load_state_dict`` restores it exactly with the same
     ``world_size``, ``num_workers``, ``batch_size``, ``shuffle_buffer``, seed and data;

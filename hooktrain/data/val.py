@@ -78,7 +78,7 @@ class ValExamples(torch.utils.data.IterableDataset):
                 warn_corrupt(str(exc), corrupt, self.cfg)  # raises past data.max_corrupt
                 continue
             image_t, mask_t = self.transform(image, mask, example_id=raw.example_id)
-            example = {"image": image_t, "mask": mask_t, "index": index,
+            example = {"image": image_t, "mask": mask_t, "index": index, "example_id": raw.example_id,
                        "ori_shape": tuple(mask.shape[:2]), "worker": worker, "corrupt": corrupt}  # fmt: skip
             if self.scales is not None:
                 example["views"] = ScaledViews(image, self.scales, self.transform, raw.example_id)
@@ -107,6 +107,8 @@ def make_val_collate(ignore_index: int):
             "_worker": examples[-1]["worker"],
             "_corrupt": examples[-1]["corrupt"],
         }
+        if "example_id" in examples[0]:
+            batch["example_ids"] = [e["example_id"] for e in examples]
         if "views" in examples[0]:
             batch["views"] = [e["views"] for e in examples]
         return batch
@@ -119,8 +121,9 @@ class ValLoader:
 
     Batch: ``{"image": float32 [B,3,h,w] padded with 0, "mask": int64 [B,H,W] original size
     padded with ignore_index, "img_shapes": [(h_i, w_i)], "ori_shapes": [(H_i, W_i)],
-    "index": int64 [B] global example index}``, plus ``"views": [ScaledViews]`` when built
-    with ``scales`` (the multi-scale test).
+    "index": int64 [B] global example index, "example_ids": [str] (``"shard 0 row 3"``, with
+    the file name first when the source has one)}``, plus ``"views": [ScaledViews]`` when
+    built with ``scales`` (the multi-scale test).
     """
 
     def __init__(self, dataset: ValExamples, cfg: DataConfig) -> None:

@@ -78,6 +78,20 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return logits.sigmoid() if logits.shape[0] == 1 else logits.softmax(dim=0)
 
 
+def as_logits(scores: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """Logits equivalent to what :func:`predict_logits` / :func:`predict_scales` returned for
+    ``cfg``: the scores themselves, or for averaged probabilities (``flip`` or ``scales``) their
+    log (softmax of it gives them back) or, for one sigmoid channel, their log-odds. Lets a
+    loss be computed on exactly the prediction that is scored."""
+    scores = scores.float()
+    if not cfg.flip and cfg.scales is None:
+        return scores
+    if scores.shape[0] == 1:  # one sigmoid channel
+        p = scores.clamp(1e-7, 1 - 1e-7)
+        return p.log() - (-p).log1p()
+    return scores.clamp_min(1e-12).log()
+
+
 class ProbabilityMean:
     """Running mean of the variants' probabilities of one image at its original size."""
 

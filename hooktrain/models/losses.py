@@ -132,6 +132,11 @@ class HeadLoss(nn.Module):
             # Buffers follow the model across devices; not persistent, so checkpoints stay config-driven.
             self.register_buffer(f"class_weight_{i}", weight, persistent=False)
 
+    @property
+    def term_names(self) -> list[str]:
+        """The keys :meth:`forward` returns, in its order."""
+        return list(dict.fromkeys(_term_name(loss) for loss in self.losses))
+
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = resize(logits, mask.shape[-2:], self.align_corners)
         pixel_weight = None
@@ -151,7 +156,7 @@ class HeadLoss(nn.Module):
                     pixel_weight=pixel_weight,
                     avg_non_ignore=loss.avg_non_ignore,
                 )
-                terms["loss_ce"] = loss.weight * value
+                terms[_term_name(loss)] = loss.weight * value
             else:
                 value = dice(
                     logits,
@@ -161,5 +166,9 @@ class HeadLoss(nn.Module):
                     smooth=loss.smooth,
                     exponent=loss.exponent,
                 )
-                terms["loss_dice"] = loss.weight * value
+                terms[_term_name(loss)] = loss.weight * value
         return terms
+
+
+def _term_name(loss: CrossEntropyLossConfig | DiceLossConfig) -> str:
+    return "loss_ce" if isinstance(loss, CrossEntropyLossConfig) else "loss_dice"

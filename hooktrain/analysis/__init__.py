@@ -1,0 +1,1 @@
+"""One-command analysis tools: `hooktrain plot`, `browse` and `benchmark`."""
