@@ -19,7 +19,8 @@ Bytes handed to the collectives, measured: the real eval hook (``plugins/evaluat
 in this process over N validation images (512x512 masks, 150 classes, the quickstart model at
 a small input scale: predictions come back at the masks' size), with a spy that adds up the
 ``nbytes`` of every tensor passed to ``accelerator.reduce`` / ``gather`` / ``gather_for_metrics``
-(hooktrain's path: the packed areas, once per evaluation), and of every array the hook hands
+(hooktrain's path: the confusion matrix, or with ``confusion: false`` the packed areas, once
+per evaluation; both are measured), and of every array the hook hands
 to an ``evaluate`` module (the mask-gathering path: each prediction and reference in full; in
 one process the hook passes them to ``add_batch``, with several it passes the same lists to
 ``gather_object``).
@@ -212,9 +213,10 @@ def write_mean_iou_module(root: Path) -> Path:
     return module
 
 
-def eval_hook_bytes(num_images: int) -> dict[str, int]:
+def eval_hook_bytes(num_images: int, confusion: bool = True) -> dict[str, int]:
     """Run the real eval hook once over ``num_images`` images with an evaluate module, counting
-    the bytes handed to the accelerator's collectives and to the module."""
+    the bytes handed to the accelerator's collectives and to the module. ``confusion``: the
+    hook reduces the whole confusion matrix (its default), else only the area counts."""
     with tempfile.TemporaryDirectory(prefix="hooktrain-metrics-bytes-") as tmp:
         root = Path(tmp)
         write_val_folder(root, num_images)
@@ -223,7 +225,8 @@ def eval_hook_bytes(num_images: int) -> dict[str, int]:
         recipe = load_recipe(QUICKSTART, [
             f"data.val.source={source}", f"data.num_classes={NUM_CLASSES}", "data.class_names=null",
             "data.palette=null", "data.val.pipeline.scale=[64,64]", "data.val.batch_size=2",
-            f"hooks=[{{type: eval, num_samples: 0, evaluate: [{{path: '{module}'}}]}}]",
+            f"hooks=[{{type: eval, num_samples: 0, confusion: {str(confusion).lower()}, "
+            f"evaluate: [{{path: '{module}'}}]}}]",
         ])  # fmt: skip
         return count_handed_bytes(recipe, root / "work_dir")
 
@@ -328,11 +331,13 @@ def main() -> None:
               + ("  <- baseline" if name == eval_kind else ""))
 
     handed = eval_hook_bytes(eval_images)
+    areas_only = eval_hook_bytes(eval_images, confusion=False)["collectives"]
     per_image = handed["masks"] // eval_images
     print(f"bytes handed over by the eval hook over {eval_images} images (measured): collectives "
-          f"{handed['collectives']:,} B per evaluation (packed areas); with an evaluate module, full masks "
-          f"{per_image:,} B per image (prediction + reference): one image's masks are "
-          f"{per_image / handed['collectives']:.0f}x the whole evaluation's areas")
+          f"{handed['collectives']:,} B per evaluation (the confusion matrix), {areas_only:,} B with "
+          f"confusion: false (packed areas); with an evaluate module, full masks {per_image:,} B per image "
+          f"(prediction + reference): one image's masks are {per_image / handed['collectives']:.0f}x the "
+          "whole evaluation's confusion matrix")
 
     rss = rss_growth(rss_images)
     reset = "worked" if rss["reset_ok"] else "FAILED: figure includes setup"
@@ -352,6 +357,7 @@ def main() -> None:
         "vs_evaluate_ratio": round(times[eval_kind] / ours, 2),
         "eval_hook_images": eval_images,
         "collective_bytes_per_evaluation": handed["collectives"],
+        "collective_bytes_per_evaluation_areas_only": areas_only,
         "evaluate_mask_bytes_per_image": per_image,
         "mask_bytes_per_image_vs_collective_bytes": round(per_image / handed["collectives"], 1),
         "rss_images": rss_images,

@@ -217,7 +217,9 @@ def metrics(r: Result) -> tuple[str, str]:
     bound = "" if r.get("rss_reset_ok") else "; an upper bound: the peak reset did not take"
     volume = table(
         ["what the eval hook hands over (measured)", "bytes"],
-        [["collectives, per evaluation (packed areas)", f"{r['collective_bytes_per_evaluation']:,}"],
+        [["collectives, per evaluation (the confusion matrix)", f"{r['collective_bytes_per_evaluation']:,}"],
+         ["collectives, per evaluation with `confusion: false` (packed areas)",
+          f"{r['collective_bytes_per_evaluation_areas_only']:,}"],
          ["masks to an `evaluate` module, per image (both)", f"{r['evaluate_mask_bytes_per_image']:,}"],
          ["peak RSS growth accumulating areas", f"{r['rss_growth_mb']} MB over {r['rss_images']:,} images "
           f"({r['rss_growth_after_first_image_mb']} MB after the first){bound}"]],

@@ -113,7 +113,7 @@ def shapes_sandbox(sandbox, tmp_path_factory) -> Path:
 INSTALL = [
     "python3 -m venv .venv && . .venv/bin/activate",
     "pip install torch==2.14.1 torchvision==0.29.1 -e .",
-    "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 torchvision==0.29.1 -e '.[dev]' && python -m pytest",
+    "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 torchvision==0.29.1 -e '.[dev]' && python -m pytest -n 2 --dist loadfile",
 ]  # fmt: skip
 README_INSTALL = f"{INSTALL[0]} && {INSTALL[1]} && "
 # README's first command: its install is CI's (the test command installs the same plus
@@ -133,6 +133,10 @@ TEST = Doc(
 )
 EXPORT = Doc("hooktrain export work_dirs/quickstart/checkpoints/iter_960 shapes.safetensors")
 PREDICT = Doc("hooktrain predict shapes.safetensors data/some_images/ --out predictions/")
+# docs/analysis.md, on the quickstart's work dir.
+PLOT = Doc("hooktrain plot work_dirs/quickstart --keys train/loss val/loss val/mIoU train/lr --out curves.png")
+BROWSE = Doc("hooktrain browse recipes/quickstart.yaml --num 8 --out browse/")
+BENCHMARK = Doc("hooktrain benchmark recipes/quickstart.yaml", append="--iters 1 --warmup 0")
 TWO_CPU_PROCESSES = Doc(
     "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port "
     "29650 -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/quickstart-2proc "
@@ -175,6 +179,14 @@ def test_quickstart_page_commands_in_order(sandbox):
     run(PREDICT, sandbox)
     labels = cv2.imread(str(sandbox / "predictions" / "photo1_label.png"), cv2.IMREAD_UNCHANGED)
     assert labels.shape == (80, 90) and (sandbox / "predictions" / "photo0.png").is_file()
+
+    run(PLOT, sandbox)
+    assert cv2.imread(str(sandbox / "curves.png")).shape == (750, 1000, 3)  # 2 x 2 panels
+    run(BROWSE, sandbox)
+    assert len(list((sandbox / "browse").glob("train_*.png"))) == 8
+    report = json.loads(run(BENCHMARK, sandbox).stdout.splitlines()[-1])
+    assert report["params"]["total"] > 0 and len(report["measurements"]) == 3
+    assert len(list((sandbox / "work_dirs" / "quickstart" / "confusion").glob("confusion_iter_*.csv"))) == 2
 
     run(TWO_CPU_PROCESSES, sandbox)
     rows = history(sandbox / "work_dirs" / "quickstart-2proc")
@@ -485,7 +497,7 @@ def test_benchmark_page_commands(mmseg_env, tmp_path):
 
 
 RUN_HERE = [
-    README_QUICKSTART, QUICKSTART, CONFIG, RESUME, TEST, EXPORT, PREDICT, TWO_CPU_PROCESSES,
+    README_QUICKSTART, QUICKSTART, CONFIG, RESUME, TEST, EXPORT, PREDICT, PLOT, BROWSE, BENCHMARK, TWO_CPU_PROCESSES,
     CONVERT, ACCELERATE_CONFIG, ADE20K, ADE20K_FOLDER, ADE20K_8_GPUS, ADE20K_2_NODES,
     EXPORT_BEST, PREDICT_FILES, PLUGIN_INSTALL, PLUGIN_RUN,
     CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,

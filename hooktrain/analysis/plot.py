@@ -120,8 +120,9 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
 
 
 def grid_shape(num_panels: int) -> tuple[int, int]:
-    """(rows, columns) of the panel grid: up to ``MAX_COLUMNS`` panels a row."""
-    columns = min(num_panels, MAX_COLUMNS)
+    """(rows, columns) of the panel grid: up to ``MAX_COLUMNS`` panels a row, and 4 panels as
+    2 x 2 rather than 3 + 1."""
+    columns = 2 if num_panels == 4 else min(num_panels, MAX_COLUMNS)
     return math.ceil(num_panels / columns), columns
 
 
@@ -160,6 +161,9 @@ def _draw(keys: list[str], labels: list[str], histories: list[list[dict]], log_s
     figure = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)  # attaches the Agg canvas: no GUI backend
     styles = [{"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]} for i in range(len(labels))]
+    # Every panel spans the same iterations, so a validation curve lines up with the loss above it.
+    iterations = [r["iter"] for records in histories for r in records]
+    margin = max(1, (max(iterations) - min(iterations)) * 0.03)
     for index, key in enumerate(keys):
         axes = figure.add_subplot(rows, columns, index + 1)
         positive = False
@@ -175,6 +179,7 @@ def _draw(keys: list[str], labels: list[str], histories: list[list[dict]], log_s
             title += " (linear: no positive values)"
         axes.set_title(title)
         axes.set_xlabel("iter")
+        axes.set_xlim(min(iterations) - margin, max(iterations) + margin)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     handles = [Line2D([], [], **style) for style in styles]
