@@ -11,30 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICKSTART, assert_refused, run_cli, tree_digest
+from conftest import QUICKSTART, assert_refused, run_cli, tiny, tree_digest
 from safetensors.torch import save_file
 
 from hooktrain.recipe import apply_cfg_options
-
-TINY = [
-    "train.max_iters=2",
-    "data.train.batch_size=2",
-    "data.train.num_workers=0",
-    "data.train.shuffle_buffer=8",
-    "data.train.pipeline.crop_size=[32,32]",
-    "data.train.pipeline.scale=[64,32]",
-    "data.val.pipeline.scale=[64,32]",
-    "hooks[1].interval=2",
-]
-
-
-def tiny_options(data_root: Path) -> list[str]:
-    options = list(TINY)
-    for split in ("train", "val"):
-        options += [f"data.{split}.source.root={data_root}", f"data.{split}.source.num_train=24",
-                    f"data.{split}.source.num_val=4", f"data.{split}.source.image_size=32",
-                    f"data.{split}.source.train_shards=4"]  # fmt: skip
-    return options
 
 
 class Trained:
@@ -42,7 +22,7 @@ class Trained:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.options = tiny_options(root / "shapes")
+        self.options = tiny(root / "shapes", 2, "hooks[1].interval=2")
         self.work_dir = root / "run"
         self.result = self.cli("train", str(QUICKSTART), "--work-dir", str(self.work_dir))
         assert self.result.returncode == 0, self.result.stderr[-3000:]
