@@ -236,7 +236,8 @@ def count_handed_bytes(recipe, work_dir: Path) -> dict[str, int]:
     on the accelerator's collectives and on the evaluate module's ``add_batch``."""
     accelerator = make_accelerator(recipe.train)
     torch.manual_seed(0)
-    model = accelerator.prepare(build_segmentor(recipe.model, num_classes=NUM_CLASSES))
+    model = build_segmentor(recipe.model, num_classes=NUM_CLASSES, in_channels=recipe.data.in_channels)
+    model = accelerator.prepare(model)
     hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
     runner = IterRunner(recipe=recipe, accelerator=accelerator, model=model, optimizer=None, scheduler=None,
                         train_stream=None, hooks=hooks, work_dir=work_dir)  # fmt: skip

@@ -54,7 +54,11 @@ def sync(device: torch.device) -> None:
 def build(name: str, device: torch.device):
     recipe = load_recipe(ROOT / "recipes" / "mmseg" / f"{name}.yaml")
     encoder = recipe.model.encoder.model_copy(update={"pretrained": False})
-    model = build_segmentor(recipe.model.model_copy(update={"encoder": encoder}), num_classes=recipe.data.num_classes)
+    model = build_segmentor(
+        recipe.model.model_copy(update={"encoder": encoder}),
+        num_classes=recipe.data.num_classes,
+        in_channels=recipe.data.in_channels,
+    )
     return model.to(device), recipe
 
 

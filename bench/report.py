@@ -130,6 +130,16 @@ def quickstart(r: Result) -> tuple[str, str]:
     return summary, table(["", "measured", "target", "ratio"], rows) + f"\n\nCommand: `{r['command']}`."
 
 
+def quickstart_binary(r: Result) -> tuple[str, str]:
+    iou = r["foreground_iou"]
+    summary = f"{r['seconds']:.0f} s, foreground IoU {iou:.3f} at iteration {r['iters']}"
+    rows = [["wall time (data generation included)", f"{r['seconds']:.1f} s", f"{r['target_seconds']:.0f} s",
+             fmt(r["time_ratio"], 2)],
+            ["final foreground IoU", fmt(iou, 4), str(r["target_score"]), fmt(r["score_ratio"], 2)],
+            ["final val/mIoU (background and foreground)", fmt(r["miou"], 4), "", ""]]  # fmt: skip
+    return summary, table(["", "measured", "target", "ratio"], rows) + f"\n\nCommand: `{r['command']}`."
+
+
 def gpu_train(r: Result) -> tuple[str, str]:
     best = max(r["runs"], key=lambda run: run["images_per_s"])
     summary = f"best {best['images_per_s']} img/s (batch {best['batch']}, {best['workers']} workers)"
@@ -227,6 +237,18 @@ def metrics(r: Result) -> tuple[str, str]:
     return summary, f"{speed}\n\n{volume}\n\n{r['images']} images of 512x512, {r['rounds']} interleaved rounds."
 
 
+def onnx_inference(r: Result) -> tuple[str, str]:
+    names = {"quickstart": "quickstart", "segformer_b0": "SegFormer-B0"}
+    summary = ", ".join(f"**{x['ratio']:.2f}x** {names.get(x['model'], x['model'])}" for x in r["rows"])
+    rows = [[names.get(x["model"], x["model"]), f"`{x['recipe']}`", f"{x['size']}x{x['size']}",
+             f"{x['parameters']:,}", x["pytorch_images_per_s"], x["onnxruntime_images_per_s"], fmt(x["ratio"], 2)]
+            for x in r["rows"]]  # fmt: skip
+    setting = (f"Batch {r['batch']}, median of {r['rounds']} interleaved rounds, PyTorch with {r['torch_threads']} "
+               f"threads, onnxruntime {r['onnxruntime']} with its default CPU session")  # fmt: skip
+    header = ["model", "recipe", "size", "parameters", "PyTorch images/s", "ONNX Runtime images/s", "ratio"]
+    return summary, table(header, rows) + f"\n\n{setting}."
+
+
 # bench: (what is compared, target, renderer)
 BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "startup": ("time from the command to a one-line error, and to the first iteration, against importing "
@@ -246,9 +268,19 @@ BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
                 "faster; no masks gathered", metrics),
     "quickstart": ("the quickstart from a fresh directory: wall time and final mIoU", "<= 180 s, >= 0.70",
                    quickstart),
+    "quickstart_binary": ("the binary quickstart (`recipes/quickstart_binary.yaml`) from a fresh directory: wall "
+                          "time and the foreground's IoU", "<= 90 s, >= 0.85", quickstart_binary),
+    "onnx_inference": ("whole-image inference of the `hooktrain export` ONNX graph in ONNX Runtime vs the model "
+                       "in PyTorch on the CPU, quickstart (96 px) and SegFormer-B0 (512 px)", "ratio >= 1",
+                       onnx_inference),
     "gpu_train": ("`recipes/ade20k.yaml` end to end on one GPU, per batch size and DataLoader workers",
                   "data wait < 5%", gpu_train),
 }  # fmt: skip
+
+
+def _script(name: str) -> str:
+    """How the summary table names a bench: its script (and arguments, for a variant)."""
+    return "`quickstart.py --recipe quickstart_binary`" if name == "quickstart_binary" else f"`{name}.py`"
 
 
 def blocks() -> dict[str, str]:
@@ -258,12 +290,12 @@ def blocks() -> dict[str, str]:
         result = load(name)
         if result is None:
             device = " --device cuda" if name in GPU_ONLY else ""
-            rows.append([f"`{name}.py`", what, f"not measured yet: `python bench/run_all.py{device}`", target, ""])
+            rows.append([_script(name), what, f"not measured yet: `python bench/run_all.py{device}`", target, ""])
             out[name] = f"Not measured yet: run `python bench/run_all.py{device} --only {name}`."
             continue
         summary, detail = render(result)
         quick = " (quick mode)" if result.get("quick") else ""
-        rows.append([f"`{name}.py`", what, summary + quick, target, f"{machine(result)}, {result.get('date', '')}"])
+        rows.append([_script(name), what, summary + quick, target, f"{machine(result)}, {result.get('date', '')}"])
         out[name] = f"{detail}\n\n`bench/results/{name}.json`{quick}: {provenance(result)}."
     out["summary"] = table(["bench", "what is compared", "result", "target", "machine, date"], rows)
     out["quickstart_readme"] = quickstart_readme(load("quickstart"))

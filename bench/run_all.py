@@ -37,6 +37,7 @@ class Bench:
     quick: tuple[str, ...] = ("--quick",)
     cpu: tuple[str, ...] = field(default=())  # extra arguments of a full run on the CPU
     cuda: tuple[str, ...] = field(default=())  # extra arguments on a CUDA device
+    script: str | None = None  # bench/<script>.py when it is not bench/<name>.py
 
 
 BENCHES = (
@@ -51,6 +52,8 @@ BENCHES = (
                                                        "--precision", "fp32"), cuda=("--device", "cuda")),
     Bench("mmseg_parity", devices=("cpu", "cuda"), cuda=("--device", "cuda", "--bf16", "--size", "512")),
     Bench("quickstart"),
+    Bench("quickstart_binary", script="quickstart", args=("--recipe", "quickstart_binary")),
+    Bench("onnx_inference"),
     Bench("gpu_train", devices=("cuda",)),
 )
 
@@ -58,7 +61,7 @@ BENCHES = (
 def command(bench: Bench, device: str, quick: bool) -> list[str]:
     device_args = bench.cuda if device == "cuda" else () if quick else bench.cpu
     args = [*bench.args, *(bench.quick if quick else ()), *device_args]
-    return [sys.executable, str(BENCH / f"{bench.name}.py"), *args]
+    return [sys.executable, str(BENCH / f"{bench.script or bench.name}.py"), *args]
 
 
 def run(bench: Bench, device: str, quick: bool, env: dict[str, str]) -> dict:

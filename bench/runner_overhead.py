@@ -50,7 +50,7 @@ def make_batches(num_classes: int, batch_size: int, size: int, count: int = 4) -
 
 def build_parts(recipe, accelerator):
     torch.manual_seed(0)
-    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes)
+    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)
     optimizer = build_optimizer(model, recipe.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)

@@ -86,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reference", help="print the recipe reference (docs/recipes.md) as Markdown")
 
     export = sub.add_parser(
-        "export", help="write a checkpoint's weights and recipe into one .safetensors file"
+        "export",
+        help="write a checkpoint's model into one file: .safetensors (weights + recipe) or .onnx (verified graph)",
     )
     export.add_argument("checkpoint", help="a checkpoint directory (iter_N, best) or its latest file")
-    export.add_argument("out", help="the .safetensors file to write")
+    export.add_argument("out", help="the file to write; its suffix picks the format: .safetensors or .onnx")
 
     convert = sub.add_parser(
         "convert", help="convert an MMSegmentation or transformers checkpoint into one exported file"
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     predict = sub.add_parser("predict", help="segment images with an exported model")
-    predict.add_argument("model", help="a .safetensors file written by `hooktrain export`")
+    predict.add_argument("model", help="a .safetensors or .onnx file written by `hooktrain export`")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or directories")
     predict.add_argument("--out", required=True, help="directory for the colour and label PNGs")
 
@@ -310,7 +311,7 @@ def _data_check(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from hooktrain.export import export_checkpoint
 
-    print(f"exported {export_checkpoint(args.checkpoint, args.out)}")
+    print(f"exported {export_checkpoint(args.checkpoint, args.out, report=print)}")
     return 0
 
 
@@ -325,7 +326,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
 @command("predict")
 def predict_command(args: argparse.Namespace) -> int:
-    from hooktrain.export import predict_images
+    from hooktrain.predict import predict_images
 
     written = predict_images(args.model, args.inputs, args.out)
     print(f"wrote {len(written)} colour masks (and *_label.png) to {args.out}")

@@ -31,7 +31,12 @@ def model_shapes(recipe: Recipe) -> Shapes:
     model_cfg.encoder.pretrained_path = None
     model_cfg.compile = False
     with torch.device("meta"):
-        model = build_segmentor(model_cfg, num_classes=recipe.data.num_classes, ignore_index=recipe.data.ignore_index)
+        model = build_segmentor(
+            model_cfg,
+            num_classes=recipe.data.num_classes,
+            ignore_index=recipe.data.ignore_index,
+            in_channels=recipe.data.in_channels,
+        )
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 

@@ -23,7 +23,7 @@ from hooktrain.data import build_train_stream, prepare_data
 from hooktrain.errors import NonFiniteLoss, UserError
 from hooktrain.hooks import LoadedHook, call_hooks, hooks_info
 from hooktrain.logs import main_process_logs, process_age, setup_logging
-from hooktrain.models import build_segmentor
+from hooktrain.models import build_recipe_segmentor
 from hooktrain.optim import build_optimizer, build_scheduler
 from hooktrain.preflight import RESUME_FIX, TEST_FIX, preflight
 from hooktrain.recipe import Recipe, TrainConfig, dump_recipe
@@ -137,9 +137,7 @@ class IterRunner:
         with accelerator.main_process_first():
             prepare_data(recipe.data)
         data = recipe.data
-        model = build_segmentor(
-            recipe.model, num_classes=data.num_classes, ignore_index=data.ignore_index
-        )
+        model = build_recipe_segmentor(recipe)
         if recipe.load_from and checkpoint is None:
             load_weights(model, recipe.load_from, strict=False)
         model = _choose_batch_norm(model, recipe.train.sync_bn, accelerator)
@@ -184,9 +182,7 @@ class IterRunner:
         hooks = recipe.build_hooks()
         with accelerator.main_process_first():
             prepare_data(recipe.data)
-        model = build_segmentor(
-            recipe.model, num_classes=recipe.data.num_classes, ignore_index=recipe.data.ignore_index
-        )
+        model = build_recipe_segmentor(recipe)
         load_weights(model, checkpoint, strict=True)
         model = accelerator.prepare(model)
         runner = cls(

@@ -77,7 +77,7 @@ class EarlyStopHook(Hook):
                 f"early_stop hook: it watches the validation metric '{self.key}' but the recipe has "
                 "no eval hook; add one to hooks (e.g. {type: eval, interval: 1000}) or remove early_stop"
             )
-        tracked = list(dict.fromkeys(name for h in evaluators for name in h.hook.tracked_metrics()))
+        tracked = list(dict.fromkeys(name for h in evaluators for name in h.hook.tracked_metrics(recipe)))
         from_evaluate = "/" in self.key and any(getattr(h.hook, "evaluate_specs", None) for h in evaluators)
         if self.key not in tracked and not from_evaluate:
             hint = ""

@@ -98,17 +98,20 @@ class EvalHook(Hook):
         self.confusion_matrix: np.ndarray | None = None  # [C, C] of the last evaluation
         self._evaluate_modules: list = []
 
-    def tracked_metrics(self) -> list[str]:
+    def tracked_metrics(self, recipe=None) -> list[str]:
         """The scalar metrics every evaluation computes (the evaluate modules add theirs,
-        named ``<module>/<key>``, which are only known once computed)."""
+        named ``<module>/<key>``, which are only known once computed). A binary ``recipe``
+        adds the foreground's: ``fgIoU``, ``fgDice``, ... (see :func:`_foreground_scalars`)."""
         scalars = ["aAcc"] + [name for family in self.metrics for name in FAMILY_SCALARS[family]]
+        if recipe is not None and recipe.data.binary:
+            scalars += ["fg" + name[1:] for name in scalars if name.startswith("m")]
         return list(dict.fromkeys(scalars + (["loss"] if self.loss else [])))
 
     def check_recipe(self, recipe, hooks) -> None:
         """Refuse a recipe without validation data, or a ``best_key`` no evaluation computes."""
         if recipe.data.val is None:
             raise UserError("eval hook: the recipe has no data.val section; add one, or remove the eval hook")
-        tracked = self.tracked_metrics()
+        tracked = self.tracked_metrics(recipe)
         from_evaluate = bool(self.evaluate_specs) and "/" in self.best_key
         if self.best_key not in tracked and not from_evaluate:
             raise UserError(
@@ -140,13 +143,15 @@ class EvalHook(Hook):
         self._samples: list[dict[str, Any]] = []
         totals = self._predict_totals(runner)
         summary = summarize(totals.areas, self.metrics, beta=self.beta, nan_to_num=self.nan_to_num)
+        data = runner.recipe.data
         metrics: dict[str, Any] = dict(summary.scalars)
+        if data.binary:
+            metrics.update(_foreground_scalars(summary.per_class))
         metrics.update(totals.losses)
         for module in self._evaluate_modules:
             metrics.update(self._compute_evaluate(runner, module))
         self._update_best(runner, metrics)
         runner.state.metrics = metrics
-        data = runner.recipe.data
         logged: dict[str, Any] = {f"val/{k}": v for k, v in metrics.items()}
         notes = {}
         if totals.confusion is not None:
@@ -164,7 +169,7 @@ class EvalHook(Hook):
         if totals.num_out_of_range:
             logger.warning(
                 "validation: %d pixels had labels outside [0, %d) and were not scored",
-                totals.num_out_of_range, data.num_classes,
+                totals.num_out_of_range, data.num_labels,
             )  # fmt: skip
         runner.call_hooks("after_val", metrics)
         logged["val/per_class"] = {key: values.tolist() for key, values in summary.per_class.items()}
@@ -180,12 +185,13 @@ class EvalHook(Hook):
 
         from hooktrain.data import build_val_loader
         from hooktrain.metrics import Areas, confusion_counts, intersect_and_union
+        from hooktrain.models.inference import predicted_labels
 
         accelerator = runner.accelerator
         device = accelerator.device
         data = runner.recipe.data
         model = runner.unwrapped_model
-        num_classes = data.num_classes
+        num_classes = data.num_labels  # binary: background and foreground are both scored
         counts = (
             torch.zeros((num_classes + 2, num_classes + 1), dtype=torch.int64, device=device)
             if self.confusion
@@ -207,7 +213,7 @@ class EvalHook(Hook):
                     for i, image_logits in enumerate(logits):
                         height, width = batch["ori_shapes"][i]
                         label = batch["mask"][i, :height, :width].to(device)
-                        pred = image_logits.argmax(0)
+                        pred = predicted_labels(image_logits, model.inference)
                         if len(self._samples) < self.num_samples and accelerator.is_main_process:
                             self._samples.append(_sample(batch, i, pred, data))
                         if self.confusion:
@@ -259,7 +265,7 @@ class EvalHook(Hook):
                     module.metric.add_batch(predictions=preds, references=labels)
         if not runner.accelerator.is_main_process:
             return {}
-        kwargs = {"num_labels": runner.recipe.data.num_classes,
+        kwargs = {"num_labels": runner.recipe.data.num_labels,
                   "ignore_index": runner.recipe.data.ignore_index, **module.spec.kwargs}  # fmt: skip
         result = module.metric.compute(**kwargs) or {}
         name = module.metric.name
@@ -306,6 +312,12 @@ class _Totals:
         num_classes = extended.shape[1] - 1
         confusion = extended[:num_classes, :num_classes].cpu().numpy()
         return cls(areas_from_confusion(extended), confusion, num_images, losses)
+
+
+def _foreground_scalars(per_class: dict[str, Any]) -> dict[str, float]:
+    """Binary segmentation's foreground (label 1) metrics as scalars: ``fgIoU``, ``fgAcc``,
+    ``fgDice``, ``fgFscore``, ``fgPrecision``, ``fgRecall`` (those computed)."""
+    return {f"fg{key}": float(values[1]) for key, values in per_class.items()}
 
 
 def _image_loss(model, scores: torch.Tensor, label: torch.Tensor, terms: list[str]) -> torch.Tensor:
@@ -373,11 +385,12 @@ def _sample(batch: dict[str, Any], i: int, pred: torch.Tensor, data) -> dict[str
     import cv2
     import numpy as np
 
+    from hooktrain.data.preview import preview
+
     height, width = batch["img_shapes"][i]
     ori_h, ori_w = batch["ori_shapes"][i]
-    image = batch["image"][i, :, :height, :width].permute(1, 2, 0).float().cpu().numpy()
-    image = image * np.asarray(data.std, dtype=np.float32) + np.asarray(data.mean, dtype=np.float32)
-    image = cv2.resize(np.clip(image, 0, 255).astype(np.uint8), (ori_w, ori_h), interpolation=cv2.INTER_LINEAR)
+    image = preview(batch["image"][i, :, :height, :width].float().cpu().numpy(), data.mean, data.std)
+    image = cv2.resize(image, (ori_w, ori_h), interpolation=cv2.INTER_LINEAR)
     return {
         "image": image,
         "prediction": pred.cpu().numpy().astype(np.int64),

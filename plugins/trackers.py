@@ -76,7 +76,10 @@ class Dashboards:
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 
         data = runner.recipe.data
-        self._class_names = list(data.class_names or [str(i) for i in range(data.num_classes)])
+        if data.binary:  # background and foreground
+            self._class_names = data.names
+        else:
+            self._class_names = list(data.class_names or [str(i) for i in range(data.num_classes)])
         self._class_labels = dict(enumerate(self._class_names))
         self._class_labels.setdefault(data.ignore_index, "ignore")
         trackers = []

@@ -140,3 +140,27 @@ def shapes_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     generate_shapes(root, num_train=64, num_val=16, seed=0)
     return root
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch) -> Path:
+    """For the doc-command tests: a directory laid out like a checkout (recipes/, examples/) with its own Accelerate
+    config home, so a user's ~/.cache/huggingface/accelerate does not leak in."""
+    for name in ("recipes", "examples"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    return tmp_path
+
+
+@pytest.fixture
+def shapes_sandbox(sandbox, tmp_path_factory) -> Path:
+    """A sandbox whose data/shapes is the quickstart's dataset, generated once per session."""
+    from hooktrain.data.shapes import generate_shapes
+    from hooktrain.recipe import load_recipe
+
+    source = load_recipe(ROOT / "recipes" / "quickstart.yaml").data.train.source
+    params = source.model_dump(exclude={"type", "root", "split"})
+    shared = tmp_path_factory.getbasetemp() / "quickstart_shapes"
+    (sandbox / "data").mkdir()
+    (sandbox / "data" / "shapes").symlink_to(generate_shapes(shared, **params))
+    return sandbox

@@ -47,7 +47,8 @@ def main() -> None:
                 write_folder(data_root / str(length), length)
     accelerator.wait_for_everyone()
     torch.manual_seed(0)
-    model = accelerator.prepare(build_segmentor(recipe.model, num_classes=NUM_CLASSES))
+    model = build_segmentor(recipe.model, num_classes=NUM_CLASSES, in_channels=recipe.data.in_channels)
+    model = accelerator.prepare(model)
     results = {}
     for length in LENGTHS:
         for batch_size in BATCH_SIZES:

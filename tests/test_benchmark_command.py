@@ -70,7 +70,12 @@ def test_reports_every_figure_and_ends_with_a_json_line(bf16_run, checkpoint, un
     result, options = bf16_run
     report = last_json(result)
     recipe = load_recipe(QUICKSTART, options)
-    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes, ignore_index=recipe.data.ignore_index)
+    model = build_segmentor(
+        recipe.model,
+        num_classes=recipe.data.num_classes,
+        ignore_index=recipe.data.ignore_index,
+        in_channels=recipe.data.in_channels,
+    )
     total = sum(p.numel() for p in model.parameters())
     assert report["params"] == {"total": total, "trainable": total}
     assert report["device"] == "cpu" and report["torch"] == torch.__version__

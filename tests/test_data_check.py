@@ -151,9 +151,11 @@ def test_binary_0_255_masks_and_zero_based_masks_with_reduce_zero_label(tmp_path
     recipe = write_recipe(tmp_path / "bin.yaml", write_split(tmp_path / "b", binary), num_classes=2)
     code, out, err = cli(capsys, "data", "check", recipe)
     assert code == 2 and "255 is the ignore index" in one_line_error(err)
-    fix = printed_command(out, "--cfg-options 'data.label_map={255: 1}'")
+    fix = printed_command(out, "--cfg-options data.num_classes=1 data.mask_scale=255")
     code, out, err = cli(capsys, "data", "check", recipe, *fix)
     assert code == 0, err
+    assert "binary: background and foreground" in out
+    assert int(class_row(out, "foreground")[2]) == 3 * 11  # 255 is the foreground: 11 pixels per mask
 
     zero_based = [np.arange(32, dtype=np.uint8).reshape(4, 8) % 5] * 2
     recipe = write_recipe(tmp_path / "z.yaml", write_split(tmp_path / "z", zero_based),

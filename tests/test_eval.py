@@ -93,7 +93,7 @@ def test_test_command_evaluates_a_checkpoint_on_one_and_two_processes(tmp_path, 
 
     recipe = load_recipe(QUICKSTART)
     torch.manual_seed(1)
-    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes)
+    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)
     weights = tmp_path / "weights.safetensors"
     save_file(model.state_dict(), weights)
     options = [*tiny(data_root), "hooks=[{type: eval, num_samples: 0}]", "data.val.batch_size=3"]
@@ -138,7 +138,7 @@ def test_validation_loss_is_the_mean_of_each_images_loss_on_the_scored_predictio
     ])  # fmt: skip
     accelerator = make_accelerator(recipe.train)
     torch.manual_seed(0)
-    model = build_segmentor(recipe.model, num_classes=NUM_CLASSES).eval()
+    model = build_segmentor(recipe.model, num_classes=NUM_CLASSES, in_channels=recipe.data.in_channels).eval()
     hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
     runner = IterRunner(recipe=recipe, accelerator=accelerator, model=model, optimizer=None, scheduler=None,
                         train_stream=None, hooks=hooks, work_dir=tmp_path / "wd")  # fmt: skip

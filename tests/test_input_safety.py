@@ -299,7 +299,12 @@ def exported_model(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("exported")
     recipe = load_recipe(QUICKSTART, ["data.val.pipeline.scale=[64,32]"])
-    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes, ignore_index=recipe.data.ignore_index)
+    model = build_segmentor(
+        recipe.model,
+        num_classes=recipe.data.num_classes,
+        ignore_index=recipe.data.ignore_index,
+        in_channels=recipe.data.in_channels,
+    )
     checkpoint = root / "run" / "checkpoints" / "iter_1"
     checkpoint.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint / "model.safetensors"))

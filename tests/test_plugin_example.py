@@ -43,4 +43,4 @@ def quickstart_model() -> torch.nn.Module:
     from hooktrain.recipe import load_recipe
 
     recipe = load_recipe(QUICKSTART)
-    return build_segmentor(recipe.model, num_classes=recipe.data.num_classes)
+    return build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)

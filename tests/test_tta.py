@@ -300,7 +300,7 @@ def export_random_model(tmp_path: Path, *options: str) -> Path:
     recipe = load_recipe(QUICKSTART, list(options))
     torch.manual_seed(3)
     model = randomise(
-        build_segmentor(recipe.model, num_classes=recipe.data.num_classes)
+        build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)
     )
     checkpoint = tmp_path / "run" / "checkpoints" / "iter_4"
     checkpoint.mkdir(parents=True)

@@ -124,7 +124,7 @@ def run_benchmark(
     model.to(device)
     crop = tuple(recipe.data.train.pipeline.crop_size)
     total, trainable = count_parameters(model)
-    flops = count_flops(model, crop, device)
+    flops = count_flops(model, crop, device, recipe.data.in_channels)
     if recipe.model.compile:
         compile_model(model)  # after counting: FlopCounterMode runs the eager modules
     memory = PeakMemory(device)
@@ -189,7 +189,9 @@ def build_model(recipe: Recipe, checkpoint: str | os.PathLike | None) -> tuple[S
 
     model_cfg = recipe.model.model_copy(update={"compile": False})
     data = recipe.data
-    model = build_segmentor(model_cfg, num_classes=data.num_classes, ignore_index=data.ignore_index)
+    model = build_segmentor(
+        model_cfg, num_classes=data.num_classes, ignore_index=data.ignore_index, in_channels=data.in_channels
+    )
     if checkpoint is None:
         return model, "random init (encoder pretrained weights and load_from not loaded: speed does not depend on them)"
     load_weights(model, checkpoint, strict=True)
@@ -210,12 +212,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def count_flops(model: Segmentor, size: tuple[int, int], device: torch.device) -> int:
-    """FLOPs of one fp32 inference forward (logits) of a ``[1, 3, *size]`` image."""
+def count_flops(model: Segmentor, size: tuple[int, int], device: torch.device, channels: int = 3) -> int:
+    """FLOPs of one fp32 inference forward (logits) of a ``[1, channels, *size]`` image."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    image = torch.randn(1, 3, *size, device=device)
+    image = torch.randn(1, channels, *size, device=device)
     counter = FlopCounterMode(display=False)
     model.eval()
     with torch.no_grad(), counter:
@@ -407,7 +409,7 @@ def inference_measurements(
 
     crop = tuple(recipe.data.train.pipeline.crop_size)
     batch = recipe.data.val.batch_size
-    images = torch.randn(batch, 3, *size, device=accelerator.device)
+    images = torch.randn(batch, recipe.data.in_channels, *size, device=accelerator.device)
     shapes = [size] * batch  # ori_shapes = img_shapes: no resize back to an original size
     whole = recipe.model.inference.model_copy(update={"mode": "whole", "scales": None})
     slide = slide_config(recipe.model.inference, crop)
@@ -459,8 +461,8 @@ def train_measurements(
     prepared, optimizer = accelerator.prepare(model, build_optimizer(model, recipe.optimizer))
     prepared.train()
     device = accelerator.device
-    image = torch.randn(batch, 3, *crop, device=device)
-    mask = torch.randint(0, data.num_classes, (batch, *crop), device=device)
+    image = torch.randn(batch, data.in_channels, *crop, device=device)
+    mask = torch.randint(0, data.num_labels, (batch, *crop), device=device)
     clip = recipe.train.clip_grad_norm or math.inf  # inf: only measures the norm, as the runner
 
     def step() -> None:

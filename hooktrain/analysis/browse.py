@@ -18,7 +18,8 @@ What each PNG shows (``train_000.png``, ``train_001.png``, ... or ``val_000.png`
     A caption strip on top, then three panels side by side: ``image | label | overlay``.
 
     * image: the batch's float tensor de-normalised, ``x * std + mean`` with ``data.mean`` /
-      ``data.std``, rounded and clipped to 0..255, RGB. Train samples show the whole crop,
+      ``data.std``, rounded and clipped to 0..255, RGB (1 channel as grey, more than 3 by the
+      first three, 16-bit data stretched: :mod:`hooktrain.data.preview`). Train samples show the whole crop,
       padding included (padding is 0 in the tensor, so it shows as the mean colour); val
       samples are cut out of the batch's padding to the image's own size.
     * label: every class in its ``data.palette`` colour (:attr:`DataConfig.colours`); pixels
@@ -182,7 +183,7 @@ def _details(image: np.ndarray, mask: np.ndarray, data: DataConfig, original: tu
     size = f"{h}x{w}"
     if original is not None and tuple(original) != (h, w):
         size += f" (mask {original[0]}x{original[1]}, resized nearest)"
-    present = [int(v) for v in np.unique(mask) if 0 <= v < data.num_classes]
+    present = [int(v) for v in np.unique(mask) if 0 <= v < data.num_labels]
     names = ", ".join(data.names[v] for v in present) or "none"
     ignored = " + ignore" if (mask == data.ignore_index).any() else ""
     return f"{size}; classes: {names}{ignored}"
@@ -192,11 +193,12 @@ def _details(image: np.ndarray, mask: np.ndarray, data: DataConfig, original: tu
 
 
 def denormalise(image: np.ndarray, mean, std) -> np.ndarray:
-    """A normalised float ``[3, H, W]`` image back to ``H x W x 3`` uint8 RGB:
-    ``x * std + mean``, rounded to the nearest integer, clipped to 0..255."""
-    hwc = np.asarray(image, np.float32).transpose(1, 2, 0)
-    values = hwc * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    """A normalised float ``[C, H, W]`` image back to ``H x W x 3`` uint8 RGB: ``x * std + mean``,
+    rounded to the nearest integer, clipped to 0..255; 1 channel shown grey, more than 3 by
+    the first three, 16-bit data stretched to 0..255 (:func:`hooktrain.data.preview.preview`)."""
+    from hooktrain.data.preview import preview
+
+    return preview(image, mean, std)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -247,7 +249,7 @@ def render(sample: Sample, data: DataConfig) -> np.ndarray:
 
     palette = data.colours
     ignore = ignore_colour(palette)
-    valid = (sample.mask >= 0) & (sample.mask < data.num_classes)
+    valid = (sample.mask >= 0) & (sample.mask < data.num_labels)
     label = colour_mask(np.where(valid, sample.mask, -1), palette, ignore)
     panels = [sample.image, label, overlay(sample.image, label, ~valid, ignore)]
     k = zoom_for(*sample.image.shape[:2])

@@ -139,10 +139,10 @@ def scan(ds, image_column: str, annotation_column: str, data, limit: int,
     """
     from hooktrain.data.labels import LabelMapper
 
-    stats = DataStats(data.num_classes, data.ignore_index)
+    stats = DataStats(data.num_labels, data.ignore_index)
     stats.columns = {name: _describe_feature(f) for name, f in (ds.features or {}).items()}
     mapper = LabelMapper(data.num_classes, data.ignore_index, data.reduce_zero_label,
-                         data.label_map, out_of_range="ignore")  # fmt: skip
+                         data.label_map, out_of_range="ignore", mask_scale=data.mask_scale)  # fmt: skip
     palette = recipe_palette(data)
     rows = iter(ds)
     try:
@@ -151,7 +151,8 @@ def scan(ds, image_column: str, annotation_column: str, data, limit: int,
                 stats.columns = {k: type(v).__name__ for k, v in row.items()}
                 _check_columns(list(row), image_column, annotation_column, where)
             stats.read += 1
-            _scan_example(stats, row[image_column], row[annotation_column], i, mapper, palette)
+            _scan_example(stats, row[image_column], row[annotation_column], i, mapper, palette,
+                          data.in_channels)  # fmt: skip
     finally:
         close = getattr(rows, "close", None)
         if close is not None:
@@ -159,17 +160,25 @@ def scan(ds, image_column: str, annotation_column: str, data, limit: int,
     return stats
 
 
-def _scan_example(stats: DataStats, image_value, mask_value, row: int, mapper, palette) -> None:
+def _scan_example(stats: DataStats, image_value, mask_value, row: int, mapper, palette,
+                  channels: int = 3) -> None:  # fmt: skip
     """Decode one example and add it to ``stats``; what concerns the mask is listed under the
-    mask's file name, the rest under the image's."""
-    from hooktrain.data.labels import decode_image, decode_mask
+    mask's file name, the rest under the image's. ``channels`` is ``data.in_channels``."""
+    from hooktrain.data.labels import WrongImage, decode_image, decode_mask
 
     example_id, mask_id = _example_id(image_value, row), _example_id(mask_value, row)
     try:
-        image = decode_image(image_value, example_id)
+        image = decode_image(image_value, example_id, channels)
+    except WrongImage as exc:  # training stops at it; count it as it is stored
+        stats.wrong_images.append((example_id, first_line(exc)))
+        try:
+            image = decode_image(image_value, example_id, None)
+        except WrongImage:
+            return
     except Exception as exc:  # noqa: BLE001 - training skips it as corrupt, whatever the cause
         stats.corrupt.append((example_id, f"image: {first_line(exc)}"))
         return
+    stats.image_kinds[_image_kind(image)] += 1
     try:
         mask = decode_mask(mask_value, mask_id)
     except UserError as exc:
@@ -269,6 +278,12 @@ def _count_classes(stats: DataStats, classes: np.ndarray, counts: np.ndarray) ->
     stats.class_images[present] += 1
     stats.class_context[present] += int(per_class.sum())
     stats.total_pixels += int(per_class.sum())
+
+
+def _image_kind(image: np.ndarray) -> str:
+    """``4 channels, uint16``: a decoded image's channel count and dtype."""
+    channels = image.shape[2] if image.ndim == 3 else 1
+    return f"{channels} channel{'s' * (channels != 1)}, {image.dtype}"
 
 
 def _example_id(value, row: int) -> str:

@@ -63,6 +63,8 @@ class DataStats:
     mask_sizes: Counter = field(default_factory=Counter)
     image_formats: Counter = field(default_factory=Counter)  # "JPEG RGB (3 channels, uint8)"
     mask_formats: Counter = field(default_factory=Counter)
+    image_kinds: Counter = field(default_factory=Counter)  # "4 channels, uint16" -> examples
+    wrong_images: list = field(default_factory=list)  # (example id, message): decodable, not data.in_channels
     raw_pixels: Counter = field(default_factory=Counter)  # raw mask value -> pixels
     raw_images: Counter = field(default_factory=Counter)  # raw mask value -> images
     class_pixels: np.ndarray = None  # [C] pixels per class after label handling
@@ -99,8 +101,8 @@ def diagnose(stats: DataStats, recipe, source=None, recipe_arg: str = "RECIPE") 
     """Findings about ``stats`` for ``recipe`` (its ``data`` and ``model`` sections), problems
     first. ``source`` (the checked source) and ``recipe_arg`` fill in the suggested commands."""
     findings: list[Finding] = []
-    for check in (_nothing_read, _corrupt, _bad_masks, _size_mismatch, _colour_masks,
-                  _grey_rgb_masks, _label_values, _label_map_overlap, _ignored_pixels,
+    for check in (_nothing_read, _corrupt, _wrong_images, _photometric_depth, _bad_masks,
+                  _size_mismatch, _colour_masks, _grey_rgb_masks, _label_values, _label_map_overlap, _ignored_pixels,
                   _class_weight_lengths, _absent_classes, _image_formats):  # fmt: skip
         findings.extend(check(stats, recipe, source, recipe_arg))
     return sorted(findings, key=lambda f: not f.problem)
@@ -137,6 +139,34 @@ def _corrupt(stats, recipe, source, recipe_arg) -> list[Finding]:
         False, f"{n} corrupt examples",
         f"{n} of {stats.read} examples cannot be decoded ({listed}{more}). Training skips them "
         f"(at most data.max_corrupt={cap} per process); fix or remove them.",
+    )]  # fmt: skip
+
+
+def _wrong_images(stats, recipe, source, recipe_arg) -> list[Finding]:
+    """Images that decode but not as ``data.in_channels`` channels of uint8 / uint16."""
+    if not stats.wrong_images:
+        return []
+    n = len(stats.wrong_images)
+    example, message = stats.wrong_images[0]
+    fix = message.split("; ", 1)[1] if "; " in message else "fix the images or the recipe"
+    return [Finding(
+        True, f"{n} images do not fit data.in_channels={recipe.data.in_channels} (e.g. {example}): {fix}",
+        f"{n} images decode but do not fit the recipe ({_ids([i for i, _ in stats.wrong_images])}); "
+        f"training stops at the first one. The first says: {message}",
+    )]  # fmt: skip
+
+
+def _photometric_depth(stats, recipe, source, recipe_arg) -> list[Finding]:
+    """16-bit training images with PhotoMetricDistortion on (8-bit RGB only)."""
+    data = recipe.data
+    wide = sum(n for kind, n in stats.image_kinds.items() if not kind.endswith("uint8"))
+    if not wide or not data.train.pipeline.photometric or source is not data.train.source:
+        return []
+    return [Finding(
+        True, f"{wide} images are 16-bit but data.train.pipeline.photometric is on: set photometric: false",
+        f"{wide} of the images are 16-bit. mmseg's PhotoMetricDistortion works on 8-bit RGB, so "
+        "training stops at the first one; set data.train.pipeline.photometric: false.",
+        "--cfg-options data.train.pipeline.photometric=false",
     )]  # fmt: skip
 
 
@@ -271,11 +301,12 @@ def _label_values(stats, recipe, source, recipe_arg) -> list[Finding]:
             and 255 not in data.label_map:  # fmt: skip
         findings.append(Finding(
             True, "the masks hold only 0 and 255 and 255 is the ignore index, so the foreground "
-            "is never learnt: set data.label_map={255: 1} (num_classes 2)",
+            "is never learnt: train them as binary masks (num_classes 1, mask_scale 255, ignore_index 254)",
             "The masks hold only the values 0 and 255: a binary mask whose foreground is 255. "
             "255 is data.ignore_index, so those pixels are ignored and the foreground is never "
-            "learnt. Map 255 to class 1 (and use data.num_classes: 2):",
-            "--cfg-options 'data.label_map={255: 1}' data.num_classes=2",
+            "learnt. Train binary segmentation with 255 as the foreground value (and an ignore "
+            "index the masks never hold):",
+            "--cfg-options data.num_classes=1 data.mask_scale=255 data.ignore_index=254",
             changes_classes=True,
         ))  # fmt: skip
     elif not data.reduce_zero_label and not data.label_map and 0 in values \
@@ -333,13 +364,13 @@ def _out_of_range(stats: DataStats, data) -> Finding:
     steps = label_steps(data)
     after = f" after {' and '.join(steps)}" if steps else ""
     seen = (f"Raw values [{shown}] ({pixels} pixels in {len(stats.out_of_range_ids)} examples, "
-            f"e.g. {stats.out_of_range_ids[0]}) fall outside [0, {data.num_classes}){after} and "
+            f"e.g. {stats.out_of_range_ids[0]}) fall outside [0, {data.num_labels}){after} and "
             f"are not the ignore index {data.ignore_index}.")  # fmt: skip
     fix = (f"If they are classes, raise data.num_classes (to {max(bad) + 1}?); otherwise map them "
            "with data.label_map (e.g. to the ignore index)")  # fmt: skip
     if data.out_of_range == "error":
         return Finding(
-            True, f"mask values [{shown}] are out of range [0, {data.num_classes}){after}: fix "
+            True, f"mask values [{shown}] are out of range [0, {data.num_labels}){after}: fix "
             "num_classes or label_map, or set data.out_of_range=ignore",
             f"{seen} With data.out_of_range: error training stops at the first such mask. "
             f"{fix}, or set data.out_of_range: ignore.",
@@ -361,7 +392,7 @@ def _label_map_overlap(stats, recipe, source, recipe_arg) -> list[Finding]:
     if not data.label_map or not stats.raw_pixels:
         return []
     raw = np.array(sorted(stats.raw_pixels))
-    shift = LabelMapper(data.num_classes, data.ignore_index, data.reduce_zero_label)
+    shift = LabelMapper(data.num_classes, data.ignore_index, data.reduce_zero_label, mask_scale=data.mask_scale)
     shifted, _ = shift.map_values(raw)  # what label_map's keys are compared with
     targets = set(data.label_map.values()) - {data.ignore_index}
     through = [int(r) for r, s in zip(raw, shifted, strict=True)
@@ -432,14 +463,19 @@ def _absent_classes(stats, recipe, source, recipe_arg) -> list[Finding]:
 
 
 def _image_formats(stats, recipe, source, recipe_arg) -> list[Finding]:
-    other = {f: n for f, n in stats.image_formats.items() if "(3 channels, uint8)" not in f}
+    """With ``data.in_channels: 3``, 8-bit images stored grey or with alpha (made RGB)."""
+    if recipe.data.in_channels != 3:
+        return []
+    other = {f: n for f, n in stats.image_formats.items()
+             if "(3 channels, uint8)" not in f and ("channel, uint8" in f or "4 channels, uint8" in f)}  # fmt: skip
     if not other:
         return []
     listed = ", ".join(f"{n} {f}" for f, n in other.items())
     return [Finding(
-        False, "some images are not 8-bit RGB",
-        f"Images not stored as 8-bit RGB: {listed}. Training decodes every image to 8-bit RGB "
-        "(grey is repeated, alpha dropped, 16 bits scaled down).",
+        False, "some images are not stored as RGB",
+        f"Images not stored as 8-bit RGB: {listed}. With data.in_channels: 3 training makes them "
+        "RGB (grey is repeated, a fourth channel such as alpha dropped); to train on the channels "
+        "as stored, set data.in_channels to their number (with one mean / std value each).",
     )]  # fmt: skip
 
 

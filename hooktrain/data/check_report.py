@@ -34,7 +34,8 @@ def format_report(stats: DataStats, recipe, findings: list[Finding], *, where: s
     lines = [f"data check of {where} ({source_type}) in {recipe_arg}: {stats.read} examples read, "
              f"{stats.decoded} decoded, {len(stats.corrupt)} corrupt", ""]  # fmt: skip
     lines += ["Columns"] + [f"  {name:<20} {kind}" for name, kind in stats.columns.items()]
-    lines += ["", "Images", *_format_lines(stats.image_formats), _size_line(stats.image_sizes)]
+    lines += ["", "Images", *_format_lines(stats.image_formats), *_kind_lines(stats.image_kinds),
+              _size_line(stats.image_sizes)]  # fmt: skip
     lines += ["", "Masks", *_format_lines(stats.mask_formats), _size_line(stats.mask_sizes)]
     if stats.colour_masks:
         lines.append(f"  colour masks  {len(stats.colour_masks)} ({len(stats.colours)} colours)")
@@ -42,9 +43,12 @@ def format_report(stats: DataStats, recipe, findings: list[Finding], *, where: s
         lines += ["", *_raw_histogram(stats)]
     if stats.class_pixels.sum():
         # Weights from class counts that a problem below will change would mislead.
-        weights = None if any(f.changes_classes for f in findings) else class_weights(stats)
+        weights = None if data.binary or any(f.changes_classes for f in findings) else class_weights(stats)
         lines += ["", *_class_table(stats, data, weights), ""]
-        if weights is None:
+        if data.binary:
+            lines.append("Class weights: binary masks take one foreground weight (BCE pos_weight), "
+                         "not per-class weights")  # fmt: skip
+        elif weights is None:
             lines.append("Class weights: not computed; fix the problems that change the class "
                          "counts first, then check again")  # fmt: skip
         else:
@@ -71,6 +75,11 @@ def format_report(stats: DataStats, recipe, findings: list[Finding], *, where: s
 
 def _format_lines(formats: Counter) -> list[str]:
     return [f"  stored as     {fmt}: {n}" for fmt, n in formats.most_common()]
+
+
+def _kind_lines(kinds: Counter) -> list[str]:
+    """The images' channels and dtype as decoded, e.g. ``4 channels, uint16: 200``."""
+    return [f"  decoded as    {kind}: {n}" for kind, n in kinds.most_common()]
 
 
 def _size_line(sizes: Counter) -> str:
@@ -101,7 +110,8 @@ def _class_table(stats: DataStats, data, weights: np.ndarray | None) -> list[str
     names = data.names
     width = max(12, *(len(n) for n in names))
     labelled = stats.class_pixels.sum()
-    lines = [f"Classes ({how}; {data.num_classes} classes, ignore_index {data.ignore_index})",
+    count = "binary: background and foreground" if data.binary else f"{data.num_classes} classes"
+    lines = [f"Classes ({how}; {count}, ignore_index {data.ignore_index})",
              f"  {'class':>5}  {'name':<{width}}  {'pixels':>13}  {'share':>7}  {'images':>6}"
              + ("  weight" if weights is not None else "")]  # fmt: skip
     for c, name in enumerate(names):

@@ -177,7 +177,7 @@ class FolderSource(Section):
     img_suffix: str | None = Field(
         None,
         description="End of every image file name, e.g. '_leftImg8bit.png' or '.jpg'; null = "
-        "any of .jpg .jpeg .png .bmp .tif .tiff .webp.",
+        "any of .jpg .jpeg .png .bmp .tif .tiff .webp .npy.",
     )
     seg_map_suffix: str = Field(
         ".png",
@@ -230,6 +230,15 @@ class ShapesSource(Section):
     train_shards: int = Field(8, ge=1, description="Parquet files of the training split.")
     val_shards: int = Field(2, ge=1, description="Parquet files of the validation split.")
     seed: int = Field(0, description="Seed of the generator (the dataset is a function of it).")
+    bands: int = Field(
+        3,
+        ge=1,
+        description="Channels of the images: 3 RGB; 1 grey; 2 grey + NIR; 4 or more RGB + NIR bands in "
+        "which the shapes are bright (set data.in_channels to match).",
+    )
+    bit_depth: Literal[8, 16] = Field(
+        8, description="Bits per value: 8, or 16 (values 0..65535, stored as 16-bit PNG or TIFF)."
+    )
 
 
 Source = Annotated[
@@ -272,9 +281,14 @@ def default_palette(num_classes: int) -> list[list[int]]:
 class DataConfig(Section):
     """The recipe's ``data:`` section."""
 
-    num_classes: int = Field(description="Number of scored classes (mask values 0..num_classes-1).")
+    num_classes: int = Field(
+        description="Number of scored classes (mask values 0..num_classes-1); 1 = binary "
+        "segmentation: masks of 0 (background) and 1 (foreground), one sigmoid output channel."
+    )
     class_names: list[str] | None = Field(
-        None, description="One name per class; defaults to class_0, class_1, ..."
+        None,
+        description="One name per class; defaults to class_0, class_1, ... Binary: the "
+        "foreground's name, or [background, foreground].",
     )
     palette: list[list[int]] | None = Field(
         None, description="One [r, g, b] per class for visualisation; default generated."
@@ -294,11 +308,21 @@ class DataConfig(Section):
     max_corrupt: int = Field(
         10, ge=0, description="Undecodable images skipped per process before the run stops."
     )
-    mean: tuple[float, float, float] = Field(
-        (123.675, 116.28, 103.53), description="Per-channel RGB mean (0-255 scale)."
+    mask_scale: int = Field(
+        1,
+        ge=1,
+        description="Binary only: the mask value that means foreground (1, or 255 for 0/255 masks).",
     )
-    std: tuple[float, float, float] = Field(
-        (58.395, 57.12, 57.375), description="Per-channel RGB std (0-255 scale)."
+    in_channels: int = Field(
+        3, ge=1, description="Channels of every image: 3 (RGB), 1 (grayscale), 4 or more (multispectral)."
+    )
+    mean: tuple[float, ...] = Field(
+        (123.675, 116.28, 103.53),
+        description="Per-channel mean, one per in_channels, in the data's units (0-255 for 8-bit, "
+        "0-65535 for 16-bit images).",
+    )
+    std: tuple[float, ...] = Field(
+        (58.395, 57.12, 57.375), description="Per-channel std, one per in_channels, in the data's units."
     )
     train: TrainDataConfig = Field(description="The training stream.")
     val: ValDataConfig | None = Field(None, description="The validation loader (optional).")
@@ -307,28 +331,91 @@ class DataConfig(Section):
     def _check_classes(self) -> DataConfig:
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
-        if self.class_names is not None and len(self.class_names) != self.num_classes:
+        if self.class_names is not None and len(self.class_names) not in {self.num_classes, self.num_labels}:
             raise ValueError(
                 f"class_names has {len(self.class_names)} names but num_classes is "
                 f"{self.num_classes}; give one name per class"
+                + (" (binary: the foreground's name, or [background, foreground])" if self.binary else "")
             )
         if self.palette is not None:
-            if len(self.palette) != self.num_classes:
+            if len(self.palette) != self.num_labels:
                 raise ValueError(
                     f"palette has {len(self.palette)} colours but num_classes is "
-                    f"{self.num_classes}; give one [r, g, b] per class or drop palette"
+                    f"{self.num_classes}; give one [r, g, b] per "
+                    + ("label (binary: background, foreground)" if self.binary else "class")
+                    + " or drop palette"
                 )
             bad = [c for c in self.palette if len(c) != 3 or not all(0 <= v <= 255 for v in c)]
             if bad:
                 raise ValueError(f"palette colours must be [r, g, b] in 0..255, got {bad[0]}")
+        if self.mask_scale != 1 and not self.binary:
+            raise ValueError(
+                f"mask_scale is {self.mask_scale} but num_classes is {self.num_classes}; mask_scale is for "
+                "binary masks (num_classes: 1): drop it, or set num_classes: 1"
+            )
+        if self.binary and self.mask_scale == self.ignore_index:
+            raise ValueError(
+                f"mask_scale {self.mask_scale} is also ignore_index, so foreground and ignored pixels "
+                "cannot be told apart; set ignore_index to a value the masks never hold, e.g. 254"
+            )
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != self.in_channels:
+                raise ValueError(
+                    f"{key} has {len(values)} values but in_channels is {self.in_channels}; give one "
+                    f"{key} per channel, in the data's units (0-255 for 8-bit, 0-65535 for 16-bit images)"
+                )
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be > 0 for every channel, got {list(self.std)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_shapes_bands(self) -> DataConfig:
+        for split in ("train", "val"):
+            section = getattr(self, split)
+            source = section.source if section is not None else None
+            if isinstance(source, ShapesSource) and source.bands != self.in_channels:
+                raise ValueError(
+                    f"data.{split}.source.bands is {source.bands} but in_channels is {self.in_channels}; "
+                    f"set data.in_channels: {source.bands} (with one mean / std value per band) or bands: "
+                    f"{self.in_channels}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _check_photometric(self) -> DataConfig:
+        if self.train.pipeline.photometric and self.in_channels < 3:
+            raise ValueError(
+                "data.train.pipeline.photometric: mmseg's PhotoMetricDistortion works on 8-bit RGB, but "
+                f"in_channels is {self.in_channels}; set photometric: false"
+            )
         return self
 
     @property
+    def binary(self) -> bool:
+        """Binary segmentation: ``num_classes`` 1, one sigmoid channel, masks of 0 and 1."""
+        return self.num_classes == 1
+
+    @property
+    def num_labels(self) -> int:
+        """Mask values that are scored: ``num_classes``, or 2 (background, foreground) when binary.
+
+        Metrics, confusion matrices, palettes and class names count these; the model's output
+        channels count ``num_classes``.
+        """
+        return 2 if self.binary else self.num_classes
+
+    @property
     def names(self) -> list[str]:
-        """The class names (generated when the recipe gives none)."""
+        """One name per label (generated when the recipe gives none; binary: background first)."""
+        if self.binary:
+            names = self.class_names or ["foreground"]
+            return ["background", *names] if len(names) == 1 else list(names)
         return self.class_names or [f"class_{i}" for i in range(self.num_classes)]
 
     @property
     def colours(self) -> list[list[int]]:
-        """The palette (generated when the recipe gives none)."""
+        """One colour per label (generated when the recipe gives none; binary: black, white)."""
+        if self.palette is None and self.binary:
+            return [[0, 0, 0], [255, 255, 255]]
         return self.palette or default_palette(self.num_classes)

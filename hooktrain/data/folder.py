@@ -17,7 +17,7 @@ from pathlib import Path
 from hooktrain.data.config import FolderSource
 from hooktrain.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".npy")
 
 
 def _check_dir(directory: Path, key: str, where: str) -> None:

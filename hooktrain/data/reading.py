@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hooktrain.data.config import DataConfig
-from hooktrain.data.labels import example_name
+from hooktrain.data.labels import WrongImage, example_name
 from hooktrain.data.sources import read_bytes
 from hooktrain.data.transforms import LabelMapper, decode_image, decode_mask
 from hooktrain.errors import UserError, first_line
@@ -120,10 +120,11 @@ class CorruptExample(Exception):
 
 
 class ExampleDecoder:
-    """Bytes to ``(image HxWx3 uint8 RGB, mask HxW label-mapped)``.
+    """Bytes to ``(image HxWxC uint8/uint16, mask HxW label-mapped)``, C = ``data.in_channels``.
 
-    Undecodable images or annotations raise :class:`CorruptExample`; annotations that decode
-    but are wrong (colour masks, labels out of range) raise ``UserError``.
+    Undecodable images or annotations raise :class:`CorruptExample`; images and annotations
+    that decode but are wrong (another channel count or pixel type, colour masks, labels out
+    of range) raise ``UserError``.
     """
 
     def __init__(self, cfg: DataConfig) -> None:
@@ -133,12 +134,16 @@ class ExampleDecoder:
             reduce_zero_label=cfg.reduce_zero_label,
             label_map=cfg.label_map,
             out_of_range=cfg.out_of_range,
+            mask_scale=cfg.mask_scale,
         )
+        self.in_channels = cfg.in_channels
 
     def __call__(self, row: RawRow) -> tuple[np.ndarray, np.ndarray]:
         example_id = row.example_id
         try:
-            image = decode_image(row.image, example_id)
+            image = decode_image(row.image, example_id, self.in_channels)
+        except WrongImage:
+            raise  # decodes, but does not fit the recipe: the user must fix one or the other
         except Exception as exc:  # noqa: BLE001 - any failure to decode means corrupt
             raise _corrupt(example_id, exc) from exc
         try:

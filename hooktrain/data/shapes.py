@@ -9,11 +9,22 @@ The dataset is written once as parquet shards with ``image`` (PNG, RGB) and ``an
 (PNG, mode L) columns typed as ``datasets.Image()``: the same schema as ADE20K on the Hub, laid
 out like a Hub repo (``root/data/{train,validation}-0000i-of-0000n.parquet``), so it streams
 through exactly the code path of the real datasets.
+
+Other channel counts and bit depths (``bands``, ``bit_depth``; the defaults 3 and 8 give the
+RGB dataset above, byte for byte): ``bands: 1`` is the grey version of the RGB image;
+``bands: 2`` grey plus one "NIR" band; ``bands: 4`` and more RGB plus ``bands - 3`` "NIR"
+bands, in which the shapes are bright on a darker background (each band with its own levels
+and noise), so a multispectral model has a cue that RGB lacks. ``bit_depth: 16`` scales every
+value to 0..65535 (``v * 257`` plus noise in the low byte, so 8 bits cannot hold it). Images
+with 1, 3 or 4 bands are stored as PNG (RGB/RGBA order for 3/4), others as TIFF (tifffile,
+channels last). The extra bands and the noise come from their own random stream, so the RGB
+content of an example is the same whatever the options.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -39,6 +50,7 @@ _RADIUS_RANGE = (0.2, 0.34)  # shape "radius" as a fraction of the image size
 _MAX_SHAPES = 2
 _MIN_COLOUR_GAP = 90  # summed |RGB| distance of a shape's colour from the background's base
 _GRAIN = 3  # +- per-pixel noise
+_RGB_DEFAULTS = {"bands": 3, "bit_depth": 8}  # not written to (nor read from) an RGB dataset's manifest
 _ROWS_PER_ROW_GROUP = 50  # row groups are the units the train stream shuffles and resumes in
 
 
@@ -126,17 +138,56 @@ def render_example(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
     return image.astype(np.uint8), mask
 
 
-def _write_split(out: Path, split: str, count: int, shards: int, size: int, seed: int) -> None:
+def with_bands(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, bands: int, bit_depth: int) -> np.ndarray:
+    """The RGB ``image`` as ``bands`` channels of ``bit_depth`` bits (see the module docstring):
+    ``HxWxbands`` ``uint8`` or ``uint16``; extra bands and 16-bit noise are drawn from ``rng``."""
+    size = mask.shape[0]
+    base = image if bands >= 3 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+    extra = []
+    for _ in range(bands - base.shape[2]):
+        inside, outside = rng.uniform(150, 230), rng.uniform(20, 110)
+        noise = rng.normal(0, 25, size=(size, size)).astype(np.float32)
+        band = np.where(mask > 0, inside, outside).astype(np.float32) + noise
+        extra.append(np.clip(np.rint(band), 0, 255).astype(np.uint8)[:, :, None])
+    out = np.concatenate([base, *extra], axis=2) if extra else base
+    if bit_depth == 16:
+        low = rng.integers(0, 257, size=out.shape, dtype=np.int32)
+        out = np.minimum(out.astype(np.int32) * 257 + low, 65535).astype(np.uint16)
+    return np.ascontiguousarray(out)
+
+
+def encode_image(image: np.ndarray) -> tuple[bytes, str]:
+    """``(bytes, suffix)`` of an ``HxWxC`` image: PNG for 1, 3 (RGB) and 4 (RGBA order)
+    channels, TIFF otherwise; 8 or 16 bits as the array's dtype."""
+    channels = image.shape[2]
+    if channels == 3:
+        return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes(), ".png"
+    if channels == 4:
+        return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA))[1].tobytes(), ".png"
+    if channels == 1:
+        return cv2.imencode(".png", image[:, :, 0])[1].tobytes(), ".png"
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, image, photometric="minisblack", planarconfig="contig")
+    return buf.getvalue(), ".tiff"
+
+
+def _write_split(
+    out: Path, split: str, count: int, shards: int, size: int, seed: int, bands: int = 3, bit_depth: int = 8
+) -> None:
     split_key = 0 if split == "train" else 1
     bounds = np.linspace(0, count, shards + 1).astype(int)
     for shard in range(shards):
         images, masks = [], []
         for i in range(bounds[shard], bounds[shard + 1]):
             image, mask = render_example(np.random.default_rng([seed, split_key, i]), size)
+            if (bands, bit_depth) != (3, 8):
+                image = with_bands(image, mask, np.random.default_rng([seed, split_key, i, 1]), bands, bit_depth)
             # PNG, not JPEG: JPEG's 8x8 blocks blur the fine background texture that tells
             # shapes from background, and measurably slowed learning in the short schedule.
-            png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1]
-            images.append({"bytes": png.tobytes(), "path": f"{split}_{i:06d}.png"})
+            encoded, suffix = encode_image(image)
+            images.append({"bytes": encoded, "path": f"{split}_{i:06d}{suffix}"})
             masks.append({"bytes": cv2.imencode(".png", mask)[1].tobytes(),
                           "path": f"{split}_{i:06d}.png"})  # fmt: skip
         name = f"{split}-{shard:05d}-of-{shards:05d}.parquet"
@@ -158,6 +209,8 @@ def generate_shapes(
     train_shards: int = 8,
     val_shards: int = 2,
     seed: int = 0,
+    bands: int = 3,
+    bit_depth: int = 8,
 ) -> Path:
     """Generate the shapes dataset into ``root`` unless it is already there; return its path.
 
@@ -169,8 +222,10 @@ def generate_shapes(
     params = {
         "version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val,
         "image_size": image_size, "train_shards": train_shards, "val_shards": val_shards,
-        "seed": seed,
+        "seed": seed, "bands": bands, "bit_depth": bit_depth,
     }  # fmt: skip
+    if bands < 1 or bit_depth not in (8, 16):
+        raise UserError(f"shapes: bands is {bands} and bit_depth {bit_depth}; use bands >= 1 and bit_depth 8 or 16")
     if num_train < train_shards or num_val < val_shards:
         raise UserError(
             f"shapes: cannot cut {num_train} train / {num_val} val images into "
@@ -182,9 +237,12 @@ def generate_shapes(
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
             (tmp / "data").mkdir()
-            _write_split(tmp, "train", num_train, train_shards, image_size, seed)
-            _write_split(tmp, "validation", num_val, val_shards, image_size, seed)
+            _write_split(tmp, "train", num_train, train_shards, image_size, seed, bands, bit_depth)
+            _write_split(tmp, "validation", num_val, val_shards, image_size, seed, bands, bit_depth)
             meta = {**params, "classes": SHAPES_CLASSES, "palette": SHAPES_PALETTE}
+            for key, default in _RGB_DEFAULTS.items():  # the RGB dataset's manifest as before
+                if meta[key] == default:
+                    del meta[key]
             (tmp / _MANIFEST).write_text(json.dumps(meta, indent=1))
             try:
                 os.rename(tmp, root)
@@ -206,7 +264,8 @@ def _is_complete(root: Path, params: dict) -> bool:
             f"{root} exists but is not a generated shapes dataset (no {_MANIFEST}); "
             "remove it or point data.*.source.root at another directory"
         )
-    found = {k: v for k, v in json.loads(manifest.read_text()).items() if k in params}
+    stored = {**_RGB_DEFAULTS, **json.loads(manifest.read_text())}
+    found = {k: v for k, v in stored.items() if k in params}
     if found != params:
         diff = ", ".join(f"{k}={found.get(k)} (recipe: {v})" for k, v in params.items()
                          if found.get(k) != v)  # fmt: skip

@@ -48,6 +48,8 @@ def _generate(source: ShapesSource) -> Path:
         train_shards=source.train_shards,
         val_shards=source.val_shards,
         seed=source.seed,
+        bands=source.bands,
+        bit_depth=source.bit_depth,
     )
 
 

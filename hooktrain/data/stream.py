@@ -94,7 +94,11 @@ class TrainExamples(torch.utils.data.IterableDataset):
         self.window = cfg.train.shuffle_buffer
         self.decode = ExampleDecoder(cfg)
         self.transform = TrainTransform(
-            cfg.train.pipeline, mean=cfg.mean, std=cfg.std, ignore_index=cfg.ignore_index
+            cfg.train.pipeline,
+            mean=cfg.mean,
+            std=cfg.std,
+            ignore_index=cfg.ignore_index,
+            in_channels=cfg.in_channels,
         )
         self._position = _fresh_position()
         self._seen: dict[int, bytearray] = {}  # rows handed out in this pass (elastic resume)

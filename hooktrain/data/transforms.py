@@ -8,7 +8,8 @@ the ground-truth mask left at its original size. Decoding and label mapping live
 Conventions
     ``scale`` is mmseg's ``(long, short)`` edge pair: an image is rescaled by
     ``min(long / long_edge, short / short_edge)`` (mmcv ``rescale_size``, sizes rounded
-    half up). ``crop_size`` is ``(h, w)``. Images are ``HxWx3`` ``uint8`` RGB; masks ``HxW``
+    half up). ``crop_size`` is ``(h, w)``. Images are ``HxWx3`` ``uint8`` RGB (other channel
+    counts and ``uint16``: see below); masks ``HxW``
     integer class indices with ``ignore_index`` (255) for "not scored".
 
 Randomness
@@ -41,6 +42,16 @@ Why OpenCV rather than torchvision.transforms.v2
       into one would save ~0.2 ms per image on average but change pixels, and this module is
       bit-exact with MMSegmentation 1.2.2's own transforms and data preprocessor
       (tests/test_transforms.py runs them in their own environment with the same draws).
+
+Other channel counts and 16-bit images
+    The above is the path of ``uint8`` RGB images (``data.in_channels: 3``). Images of another
+    channel count (``HxWxC``, any C) or of ``uint16`` take a general path with the same steps
+    and the same draws: ``uint16`` images become ``float32`` before resizing (exact for every
+    16-bit value), so no precision is lost before ``Normalize``, which is then
+    ``(x - mean_c) / std_c`` in float32; ``uint8`` images keep OpenCV's 8-bit resize and the
+    per-channel normalisation tables. PhotoMetricDistortion is defined on 8-bit RGB: it
+    applies to the first three channels of a ``uint8`` image (taken as RGB; the others pass
+    unchanged) and refuses ``uint16`` images and fewer than three channels.
 
 Threads
     OpenCV's own thread pool fights with DataLoader workers, so the first transform call in
@@ -129,27 +140,61 @@ def _convert_table(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
 
 
 def _normalise_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """``[3, 256]`` float32: ``(v - mean_c) / std_c`` for every uint8 value, per RGB channel."""
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise UserError(f"data.mean and data.std need three values each with std > 0, got {list(mean)} and {list(std)}")
+    """``[C, 256]`` float32: ``(v - mean_c) / std_c`` for every uint8 value, per channel."""
+    if len(mean) != len(std) or min(std) <= 0:
+        raise UserError(
+            f"data.mean and data.std need one value per channel each, with std > 0; got {list(mean)} and {list(std)}"
+        )
     values = np.arange(256, dtype=np.float32)
     mean32 = np.asarray(mean, np.float32)[:, None]
     std32 = np.asarray(std, np.float32)[:, None]
     return np.ascontiguousarray((values[None, :] - mean32) / std32)
 
 
-def _check_image(image: np.ndarray, example_id: Any) -> None:
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+def _check_image(image: np.ndarray, example_id: Any, channels: int = 3) -> None:
+    if not (
+        isinstance(image, np.ndarray)
+        and image.dtype in (np.uint8, np.uint16)
+        and image.ndim == 3
+        and image.shape[2] == channels
+    ):
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise UserError(
-            f"example {example_id!r}: the transform got an image of {desc}; "
-            "decode it with hooktrain.data.transforms.decode_image (HxWx3 uint8 RGB)"
+            f"example {example_id!r}: the transform got an image of {desc}; decode it with "
+            f"hooktrain.data.transforms.decode_image (HxWx{channels} uint8 or uint16, data.in_channels: {channels})"
         )
 
 
-def _check_pair(image: np.ndarray, mask: np.ndarray, example_id: Any) -> np.ndarray:
+def _fast(image: np.ndarray) -> bool:
+    """Whether ``image`` takes the mmseg-exact 8-bit RGB path."""
+    return image.dtype == np.uint8 and image.shape[2] == 3
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize to ``(h, w)`` of an ``HxWxC`` image, kept ``HxWxC`` (OpenCV drops a
+    trailing axis of 1); ``uint16`` is resized in float32, so no value is rounded."""
+    if image.dtype == np.uint16:
+        image = image.astype(np.float32)
+    out = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(size[0], size[1], image.shape[2])
+
+
+def _normalise_any_into(image: np.ndarray, table: np.ndarray, mean: np.ndarray, std: np.ndarray, out: np.ndarray):
+    """Write the normalised ``HxWxC`` image into ``out[:, :h, :w]``: per-channel tables for
+    ``uint8``, ``(x - mean_c) / std_c`` in float32 otherwise."""
+    h, w = image.shape[:2]
+    if image.dtype == np.uint8:
+        for c in range(image.shape[2]):
+            cv2.LUT(np.ascontiguousarray(image[:, :, c]), table[c], dst=out[c, :h, :w])
+        return
+    values = np.subtract(image, mean, dtype=np.float32)
+    np.divide(values, std, out=values)
+    out[:, :h, :w] = values.transpose(2, 0, 1)
+
+
+def _check_pair(image: np.ndarray, mask: np.ndarray, example_id: Any, channels: int = 3) -> np.ndarray:
     """Validate the pair; return the mask in a dtype OpenCV resizes (int64 becomes int32)."""
-    _check_image(image, example_id)
+    _check_image(image, example_id, channels)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
         raise UserError(
             f"example {example_id!r}: the transform got a mask of {mask.dtype} {mask.shape}; "
@@ -175,11 +220,12 @@ def _normalise_into(image: np.ndarray, table: np.ndarray, out: np.ndarray) -> No
 class TrainTransform:
     """RandomResize, RandomCrop with cat_max_ratio, flip, PhotoMetricDistortion, Normalize, Pad.
 
-    ``__call__(image, mask, rng)`` takes an ``HxWx3`` uint8 RGB image, its ``HxW`` integer
-    mask (already label-mapped) and a ``numpy.random.Generator``, and returns
-    ``(float32 tensor [3, crop_h, crop_w], int64 tensor [crop_h, crop_w])``: the image
+    ``__call__(image, mask, rng)`` takes an ``HxWxC`` uint8 or uint16 image (C =
+    ``in_channels``, default: one per ``mean`` value), its ``HxW`` integer mask (already
+    label-mapped) and a ``numpy.random.Generator``, and returns
+    ``(float32 tensor [C, crop_h, crop_w], int64 tensor [crop_h, crop_w])``: the image
     normalised with ``mean``/``std`` and padded with 0 at the bottom/right, the mask padded
-    with ``ignore_index``. Bit-exact with mmseg's pipeline given the same draws.
+    with ``ignore_index``. For uint8 RGB, bit-exact with mmseg's pipeline given the same draws.
     """
 
     def __init__(
@@ -188,29 +234,54 @@ class TrainTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         ignore_index: int = 255,
+        in_channels: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.ignore_index = int(ignore_index)
+        self.channels = len(mean) if in_channels is None else int(in_channels)
+        if len(mean) != self.channels:
+            raise UserError(
+                f"data.mean has {len(mean)} values but in_channels is {self.channels}; give one per channel"
+            )
+        if cfg.photometric and self.channels < 3:
+            raise UserError(_photometric_refusal(f"the images have {self.channels} channel(s), not RGB"))
         self._norm = _normalise_table(mean, std)
+        self._mean32 = np.asarray(mean, np.float32)
+        self._std32 = np.asarray(std, np.float32)
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, example_id: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         limit_opencv_threads()
-        mask = _check_pair(image, mask, example_id)
+        mask = _check_pair(image, mask, example_id, self.channels)
+        if self.cfg.photometric and image.dtype != np.uint8:
+            raise UserError(_photometric_refusal(f"example {example_id!r} is {image.dtype}, not 8-bit"))
         image, mask = self._random_resize(image, mask, rng)
         y, x = self._crop_origin(mask, rng)
         crop_h, crop_w = self.cfg.crop_size
         image = image[y : y + crop_h, x : x + crop_w]
         mask = mask[y : y + crop_h, x : x + crop_w]
         if rng.random() < self.cfg.flip_prob:
-            image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
+            image, mask = cv2.flip(image, 1).reshape(image.shape), cv2.flip(mask, 1)
         table = self._norm
         if self.cfg.photometric:
-            image, pending = self._photometric(image, rng)
-            if pending is not None:
-                table = np.ascontiguousarray(table[:, pending])
+            if _fast(image):
+                image, pending = self._photometric(image, rng)
+                if pending is not None:
+                    table = np.ascontiguousarray(table[:, pending])
+            else:
+                image, table = self._photometric_rgb_bands(image, table, rng)
         return self._normalise_and_pad(image, mask, table)
+
+    def _photometric_rgb_bands(self, image: np.ndarray, table: np.ndarray, rng: np.random.Generator):
+        """PhotoMetricDistortion of a uint8 image of more than 3 channels: on the first three,
+        taken as RGB; the others pass unchanged. Returns the image and its normalisation table."""
+        rgb, pending = self._photometric(np.ascontiguousarray(image[:, :, :3]), rng)
+        image = np.concatenate([rgb, image[:, :, 3:]], axis=2)
+        if pending is not None:
+            table = table.copy()
+            table[:3] = table[:3][:, pending]
+        return image, table
 
     def _random_resize(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         lo, hi = self.cfg.ratio_range
@@ -219,7 +290,10 @@ class TrainTransform:
         new_h, new_w = rescaled_size(image.shape[0], image.shape[1], scale)
         if (new_h, new_w) == image.shape[:2]:
             return image, mask
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        if _fast(image):
+            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        else:
+            image = _resize(image, (new_h, new_w))
         mask = cv2.resize(mask, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
         return image, mask
 
@@ -294,8 +368,11 @@ class TrainTransform:
         crop_h, crop_w = self.cfg.crop_size
         h, w = image.shape[:2]
         padded = (h, w) != (crop_h, crop_w)
-        out = (np.zeros if padded else np.empty)((3, crop_h, crop_w), np.float32)
-        _normalise_into(image, table, out)
+        out = (np.zeros if padded else np.empty)((self.channels, crop_h, crop_w), np.float32)
+        if _fast(image):
+            _normalise_into(image, table, out)
+        else:
+            _normalise_any_into(image, table, self._mean32, self._std32, out)
         if padded:
             out_mask = np.full((crop_h, crop_w), self.ignore_index, np.int64)
             out_mask[:h, :w] = mask
@@ -304,14 +381,24 @@ class TrainTransform:
         return torch.from_numpy(out), torch.from_numpy(out_mask)
 
 
+def _photometric_refusal(why: str) -> str:
+    """The one-line refusal of PhotoMetricDistortion on images that are not 8-bit RGB."""
+    return (
+        f"data.train.pipeline.photometric: mmseg's PhotoMetricDistortion works on 8-bit RGB, but {why}; "
+        "set photometric: false"
+    )
+
+
 class ValTransform:
     """Val/test: resize the image keeping ratio to ``cfg.scale``, normalise; mask untouched.
 
-    ``__call__(image, mask)`` returns ``(float32 tensor [3, h, w], int64 tensor [H, W])``
-    where ``(h, w) = rescaled_size(H, W, cfg.scale)`` and the mask keeps the original
-    ``H x W`` (metrics are computed at the original size, as in mmseg). ``mask`` may be
-    None (prediction without ground truth); then the second element is None. ``rescaled``
-    gives the multi-scale test's images (``model.inference.scales``).
+    ``__call__(image, mask)`` takes an ``HxWxC`` uint8 or uint16 image (C = ``in_channels``,
+    default: one per ``mean`` value; see :class:`TrainTransform` for C != 3 and uint16) and
+    returns ``(float32 tensor [C, h, w], int64 tensor [H, W])`` where
+    ``(h, w) = rescaled_size(H, W, cfg.scale)`` and the mask keeps the original ``H x W``
+    (metrics are computed at the original size, as in mmseg). ``mask`` may be None
+    (prediction without ground truth); then the second element is None. ``rescaled`` gives
+    the multi-scale test's images (``model.inference.scales``).
     """
 
     def __init__(
@@ -319,33 +406,48 @@ class ValTransform:
         cfg: ValPipelineConfig,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        in_channels: int | None = None,
     ) -> None:
         self.cfg = cfg
+        self.channels = len(mean) if in_channels is None else int(in_channels)
+        if len(mean) != self.channels:
+            raise UserError(
+                f"data.mean has {len(mean)} values but in_channels is {self.channels}; give one per channel"
+            )
         self._norm = _normalise_table(mean, std)
+        self._mean32 = np.asarray(mean, np.float32)
+        self._std32 = np.asarray(std, np.float32)
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray | None = None, *, example_id: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         limit_opencv_threads()
         if mask is None:
-            _check_image(image, example_id)
+            _check_image(image, example_id, self.channels)
         else:
-            mask = _check_pair(image, mask, example_id)
+            mask = _check_pair(image, mask, example_id, self.channels)
         size = rescaled_size(image.shape[0], image.shape[1], self.cfg.scale)
         out = self._resize_normalise(image, size)
         return out, None if mask is None else torch.from_numpy(mask.astype(np.int64))
 
     def rescaled(self, image: np.ndarray, factor: float, *, example_id: Any = None) -> torch.Tensor:
         """The image resized by ``factor`` as mmcv ``Resize(scale_factor=factor, keep_ratio=True)``
-        (see :func:`scaled_size`) instead of to ``cfg.scale``, normalised: float32 [3, h, w]."""
+        (see :func:`scaled_size`) instead of to ``cfg.scale``, normalised: float32 [C, h, w]."""
         limit_opencv_threads()
-        _check_image(image, example_id)
+        _check_image(image, example_id, self.channels)
         return self._resize_normalise(image, scaled_size(image.shape[0], image.shape[1], factor))
 
     def _resize_normalise(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         new_h, new_w = size
+        fast = _fast(image)
         if (new_h, new_w) != image.shape[:2]:
-            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        out = np.empty((3, new_h, new_w), np.float32)
-        _normalise_into(image, self._norm, out)
+            if fast:
+                image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            else:
+                image = _resize(image, size)
+        out = np.empty((self.channels, new_h, new_w), np.float32)
+        if fast:
+            _normalise_into(image, self._norm, out)
+        else:
+            _normalise_any_into(image, self._norm, self._mean32, self._std32, out)
         return torch.from_numpy(out)

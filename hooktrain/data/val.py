@@ -64,7 +64,7 @@ class ValExamples(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.scales = None if scales is None else list(scales)
         self.decode = ExampleDecoder(cfg)
-        self.transform = ValTransform(cfg.val.pipeline, mean=cfg.mean, std=cfg.std)
+        self.transform = ValTransform(cfg.val.pipeline, mean=cfg.mean, std=cfg.std, in_channels=cfg.in_channels)
 
     def __iter__(self):
         worker, num_workers = worker_position()

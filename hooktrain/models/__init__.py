@@ -6,7 +6,12 @@ The names below are imported on first use, so reading the recipe schema
 
 import importlib
 
-_EXPORTS = {"ModelConfig": "config", "Segmentor": "segmentor", "build_segmentor": "segmentor"}
+_EXPORTS = {
+    "ModelConfig": "config",
+    "Segmentor": "segmentor",
+    "build_segmentor": "segmentor",
+    "build_recipe_segmentor": "segmentor",
+}
 __all__ = list(_EXPORTS)
 
 

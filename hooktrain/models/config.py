@@ -209,7 +209,7 @@ class AuxHeadConfig(FCNHeadConfig):
 
 
 class InferenceConfig(Section):
-    """How ``Segmentor.predict`` turns an image into class scores.
+    """How ``Segmentor.predict`` turns an image into class scores (and binary scores into labels).
 
     With neither ``scales`` nor ``flip`` the prediction is the logits of the val pipeline's
     image. Otherwise it is test-time augmentation as MMSegmentation 1.x's ``SegTTAModel``:
@@ -233,6 +233,13 @@ class InferenceConfig(Section):
         description="Multi-scale test: resize the original image by each factor (mmcv "
         "Resize(scale_factor, keep_ratio=True)) instead of to data.val.pipeline.scale, and average "
         "the probabilities, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]; null = one scale.",
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Binary segmentation (one output channel): a pixel is foreground where its "
+        "sigmoid probability exceeds this (mmseg's decode_head.threshold).",
     )
 
     @field_validator("scales")

@@ -19,13 +19,18 @@ from hooktrain.zoo.hub import HubUnavailable, download_weights, offline_if_unrea
 logger = logging.getLogger(__name__)
 
 
-def build_encoder(cfg: EncoderConfig) -> nn.Module:
+def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
     """Create ``timm.create_model(cfg.name, features_only=True, ...)`` with the configured weights.
 
     The returned module maps an image batch to a list of feature maps; its ``feature_info``
     gives ``channels()`` and ``reduction()`` (stride) of each returned level. ``mit_b0`` ..
     ``mit_b5`` are SegFormer's encoders (:mod:`hooktrain.models.mit`); their ``pretrained``
     weights are NVIDIA's ``nvidia/mit-bX`` from the Hub.
+
+    ``in_channels`` other than 3 goes to timm as ``in_chans``. Pretrained RGB weights then get
+    their first convolution adapted by ``timm.models.adapt_input_conv`` (1 channel: the sum
+    over RGB; more: RGB repeated, scaled by 3 / in_channels): timm does it when it loads the
+    weights itself, :func:`adapt_first_conv` when hooktrain loads them from a file or the Hub.
     """
     if not is_mit(cfg.name) and not cfg.name.startswith("hf-hub:") and not timm.is_model(cfg.name):
         names = [*timm.list_models(), *MIT_TO_TIMM]
@@ -37,6 +42,8 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     kwargs["out_indices"] = tuple(cfg.out_indices) if cfg.out_indices is not None else (-4, -3, -2, -1)
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if in_channels != 3:
+        kwargs["in_chans"] = in_channels
     if cfg.pretrained_path is not None:
         return _create_from_file(cfg.name, Path(cfg.pretrained_path), kwargs)
     if cfg.pretrained:
@@ -53,6 +60,12 @@ def _create(name: str, **kwargs) -> nn.Module:
             return create_mit(name, **kwargs)
         return timm.create_model(name, features_only=True, **kwargs)
     except (TypeError, ValueError, AssertionError) as err:
+        if "in_chans" in kwargs and "in_chans" in str(err):
+            raise UserError(
+                f"model.encoder.name: timm model '{name}' does not take in_chans, so it cannot read "
+                f"{kwargs['in_chans']}-channel images (data.in_channels: {kwargs['in_chans']}); choose an "
+                "encoder that does (resnet*, convnext*, efficientnet*, mit_b0 .. mit_b5, ...)"
+            ) from err
         raise UserError(
             f"model.encoder: timm could not build '{name}' as a feature extractor with {kwargs} ({err}); "
             "check model.encoder.out_indices / kwargs, or choose an encoder that supports features_only"
@@ -121,6 +134,7 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
     missing, unexpected, matched = _compare_with_full_model(name, state_dict, kwargs)
     if len(feature_keys & state_dict.keys()) > matched:  # the feature extractor's own state_dict
         encoder = _create(name, pretrained=False, **kwargs)
+        state_dict = adapt_first_conv(state_dict, encoder.state_dict(), kwargs.get("in_chans", 3))
         result = encoder.load_state_dict(state_dict, strict=False)
         _report(path, result.missing_keys, result.unexpected_keys)
         return encoder
@@ -161,7 +175,7 @@ def _create_converted(name: str, kwargs: dict, state: dict, source: str, key: st
         ) from None
     encoder = _create(name, pretrained=False, **kwargs)
     expected = encoder.state_dict()
-    state = to_encoder_keys(state, set(expected))
+    state = adapt_first_conv(to_encoder_keys(state, set(expected)), expected, kwargs.get("in_chans", 3))
     missing = sorted(expected.keys() - state.keys())
     wrong = [k for k in sorted(expected.keys() & state.keys()) if expected[k].shape != state[k].shape]
     if missing or wrong:
@@ -178,6 +192,26 @@ def _create_converted(name: str, kwargs: dict, state: dict, source: str, key: st
     encoder.load_state_dict({k: state[k] for k in expected})
     _report(source, [], unused)
     return encoder
+
+
+def adapt_first_conv(state: dict, expected: dict, in_channels: int) -> dict:
+    """``state`` with every RGB convolution weight that the model wants with ``in_channels``
+    input channels (the first convolution / patch embedding) adapted by timm's
+    ``adapt_input_conv``; unchanged when ``in_channels`` is 3."""
+    if in_channels == 3:
+        return state
+    adapted = dict(state)
+    for key, weight in state.items():
+        want = expected.get(key)
+        if (
+            want is not None
+            and weight.ndim == 4
+            and weight.shape[1] == 3
+            and tuple(want.shape) == (weight.shape[0], in_channels, *weight.shape[2:])
+        ):
+            adapted[key] = timm.models.adapt_input_conv(in_channels, weight)
+            logger.info("encoder weights: %s adapted from 3 to %d input channels", key, in_channels)
+    return adapted
 
 
 def _compare_with_full_model(name: str, state_dict: dict, kwargs: dict) -> tuple[list[str], list[str], int]:

@@ -78,13 +78,30 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return logits.sigmoid() if logits.shape[0] == 1 else logits.softmax(dim=0)
 
 
+def averages_probabilities(cfg: InferenceConfig) -> bool:
+    """Whether :func:`predict_logits` / :func:`predict_scales` return mean probabilities for
+    ``cfg`` (``flip`` or ``scales``) rather than logits."""
+    return cfg.flip or cfg.scales is not None
+
+
+def predicted_labels(scores: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """The label map ``[H, W]`` (int64) of one image's scores ``[C, H, W]`` as predicted for
+    ``cfg``: the argmax over classes; for one sigmoid channel (binary segmentation), 1 where the
+    foreground probability exceeds ``cfg.threshold``, else 0 (mmseg: ``sigmoid(logits) >
+    threshold``; with TTA, the mean probability against the threshold)."""
+    if scores.shape[0] != 1:
+        return scores.argmax(0)
+    probs = scores[0].float() if averages_probabilities(cfg) else scores[0].float().sigmoid()
+    return (probs > cfg.threshold).long()
+
+
 def as_logits(scores: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
     """Logits equivalent to what :func:`predict_logits` / :func:`predict_scales` returned for
     ``cfg``: the scores themselves, or for averaged probabilities (``flip`` or ``scales``) their
     log (softmax of it gives them back) or, for one sigmoid channel, their log-odds. Lets a
     loss be computed on exactly the prediction that is scored."""
     scores = scores.float()
-    if not cfg.flip and cfg.scales is None:
+    if not averages_probabilities(cfg):
         return scores
     if scores.shape[0] == 1:  # one sigmoid channel
         p = scores.clamp(1e-7, 1 - 1e-7)

@@ -27,8 +27,21 @@ def cross_entropy(
 
     Unlike ``F.cross_entropy(weight=...)``, the divisor is a pixel count, not the sum of the class
     weights. A batch whose pixels are all ignored gives 0.
+
+    One channel (binary segmentation) is mmseg's ``CrossEntropyLoss(use_sigmoid=True)``: binary
+    cross-entropy of the sigmoid of the logit against the 0/1 mask, ``class_weight`` (one value)
+    weighting the foreground pixels (``pos_weight``), the same divisors.
     """
-    loss = F.cross_entropy(logits.float(), target, weight=class_weight, reduction="none", ignore_index=ignore_index)
+    if logits.shape[1] == 1:
+        valid = target != ignore_index
+        loss = F.binary_cross_entropy_with_logits(
+            logits[:, 0].float(), (target * valid).float(), pos_weight=class_weight, reduction="none"
+        )
+        loss = loss * valid
+    else:
+        loss = F.cross_entropy(
+            logits.float(), target, weight=class_weight, reduction="none", ignore_index=ignore_index
+        )
     if pixel_weight is not None:
         loss = loss * pixel_weight
     count = (target != ignore_index).sum() if avg_non_ignore else target.numel()
@@ -49,11 +62,21 @@ def dice(
 
     Only non-ignored pixels count, in both numerator and denominator (mmseg 0.x left ignored
     pixels in its denominator).
+
+    One channel (binary segmentation): the same formula for the foreground alone, on the sigmoid
+    probability against the 0/1 mask. (mmseg 1.x's ``DiceLoss`` with one output channel one-hot
+    encodes label 0, so its single term scores the *background* against the foreground logit.)
     """
     num_classes = logits.shape[1]
-    probs = logits.float().softmax(dim=1).flatten(2)  # [B, C, N]
-    valid = (target != ignore_index).flatten(1).unsqueeze(1).to(probs.dtype)  # [B, 1, N]
-    one_hot = F.one_hot(target.clamp(0, num_classes - 1).flatten(1), num_classes).transpose(1, 2).to(probs.dtype)
+    valid = (target != ignore_index).flatten(1).unsqueeze(1)  # [B, 1, N]
+    if num_classes == 1:
+        probs = logits.float().sigmoid().flatten(2)
+        one_hot = ((target.flatten(1) == 1).unsqueeze(1) & valid).to(probs.dtype)
+    else:
+        probs = logits.float().softmax(dim=1).flatten(2)  # [B, C, N]
+        one_hot = F.one_hot(target.clamp(0, num_classes - 1).flatten(1), num_classes).transpose(1, 2)
+    valid = valid.to(probs.dtype)
+    one_hot = one_hot.to(probs.dtype)
     probs, one_hot = probs * valid, one_hot * valid
     numerator = 2 * (probs * one_hot).sum(-1) + smooth
     denominator = (probs.pow(exponent) + one_hot.pow(exponent)).sum(-1) + smooth
@@ -120,6 +143,11 @@ class HeadLoss(nn.Module):
         self.sampler = sampler
         self.ignore_index = ignore_index
         self.align_corners = align_corners
+        if sampler is not None and num_classes == 1:
+            raise UserError(
+                f"{where}.sampler: OHEM ranks pixels by their softmax class probability, which one "
+                "sigmoid channel (num_classes: 1) does not have; drop the sampler"
+            )
         for i, loss in enumerate(self.losses):
             weight = None
             if loss.class_weight is not None:

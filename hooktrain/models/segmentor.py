@@ -80,11 +80,14 @@ class Segmentor(nn.Module):
         return predict_logits(self.logits, image, img_shapes, ori_shapes, self.inference, self.align_corners)
 
 
-def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 255) -> Segmentor:
-    """Build the segmentor described by the recipe's ``model:`` section."""
+def build_segmentor(
+    cfg: ModelConfig, *, num_classes: int, ignore_index: int = 255, in_channels: int = 3
+) -> Segmentor:
+    """Build the segmentor described by the recipe's ``model:`` section, for images of
+    ``in_channels`` channels (``data.in_channels``)."""
     if num_classes < 1:
         raise UserError(f"num_classes is {num_classes}; the dataset must declare at least one class")
-    encoder = build_encoder(cfg.encoder)
+    encoder = build_encoder(cfg.encoder, in_channels=in_channels)
     channels = list(encoder.feature_info.channels())
     strides = list(encoder.feature_info.reduction())
     head_cfg = cfg.decode_head
@@ -126,6 +129,15 @@ def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 2
             if module is not None:
                 module.compile()
     return model
+
+
+def build_recipe_segmentor(recipe) -> Segmentor:
+    """:func:`build_segmentor` for a whole recipe: its ``model`` section with its data's
+    classes, ignore index and input channels."""
+    data = recipe.data
+    return build_segmentor(
+        recipe.model, num_classes=data.num_classes, ignore_index=data.ignore_index, in_channels=data.in_channels
+    )
 
 
 def _contiguous_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:

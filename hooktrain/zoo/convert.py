@@ -139,6 +139,7 @@ def convert(
             recipe.model.model_copy(update={"encoder": encoder_cfg}),
             num_classes=recipe.data.num_classes,
             ignore_index=recipe.data.ignore_index,
+            in_channels=recipe.data.in_channels,
         )
     weights = fit_to_model(converted, model, source)
     metadata = {
