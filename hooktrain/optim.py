@@ -14,7 +14,15 @@ from torch import nn
 
 from hooktrain.optim_config import OptimizerConfig, ParamRule, ScheduleConfig
 
-__all__ = ["OptimizerConfig", "ParamRule", "ScheduleConfig", "build_optimizer", "build_scheduler", "param_groups"]
+__all__ = [
+    "OptimizerConfig",
+    "ParamRule",
+    "ScheduleConfig",
+    "build_optimizer",
+    "build_scheduler",
+    "param_groups",
+    "use_fused_adamw",
+]
 
 NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,
@@ -64,12 +72,29 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over ``param_groups(model, cfg)``."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, device: torch.device | str | None = None
+) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``param_groups(model, cfg)``.
+
+    AdamW is fused (``fused=True``: one kernel for the whole update) when the parameters train
+    on CUDA: ``device``, the device the model will be moved to (the runner builds the optimizer
+    before ``accelerator.prepare`` moves the model), or else the parameters' own device.
+    Elsewhere torch's default implementation is kept.
+    """
     groups = param_groups(model, cfg)
     if cfg.type == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        fused = True if use_fused_adamw(groups, device) else None
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def use_fused_adamw(groups: list[dict], device: torch.device | str | None = None) -> bool:
+    """Whether AdamW over ``groups`` runs fused: on CUDA (``device``, else the parameters')."""
+    if device is not None:
+        return torch.device(device).type == "cuda"
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.device.type == "cuda" for p in params)
 
 
 def scheduled_lr(base_lr: float, step: int, max_iters: int, cfg: ScheduleConfig) -> float:

@@ -20,6 +20,7 @@ from hooktrain.agreement import Verdict, agree, describe_nonfinite
 from hooktrain.checkpoint_check import choose_resume
 from hooktrain.checkpoints import load_state, save_plain_weights
 from hooktrain.data import build_train_stream, prepare_data
+from hooktrain.data.device_augment import batch_inputs
 from hooktrain.errors import NonFiniteLoss, UserError
 from hooktrain.hooks import LoadedHook, call_hooks, hooks_info
 from hooktrain.logs import main_process_logs, process_age, setup_logging
@@ -141,7 +142,7 @@ class IterRunner:
         if recipe.load_from and checkpoint is None:
             load_weights(model, recipe.load_from, strict=False)
         model = _choose_batch_norm(model, recipe.train.sync_bn, accelerator)
-        optimizer = build_optimizer(model, recipe.optimizer)
+        optimizer = build_optimizer(model, recipe.optimizer, device=accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
         save_plain_weights(accelerator)  # no DDP `module.` prefix in model.safetensors
         scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
@@ -294,8 +295,8 @@ class IterRunner:
             fetch = time.perf_counter()
             batch = next(self._train_iter)
             data_time += time.perf_counter() - fetch
-            device = self.accelerator.device
-            image, mask = (batch[k].to(device, non_blocking=True) for k in ("image", "mask"))
+            # gpu_augment batches are uint8: distorted and normalised on the device here
+            image, mask = batch_inputs(batch, self.accelerator.device, self.recipe.data)
             with self.accelerator.accumulate(self.model):
                 terms = self.model(image, mask)
                 loss = sum(v for k, v in terms.items() if "loss" in k)

@@ -458,7 +458,8 @@ def train_measurements(
     rows = []
     if unavailable:
         rows.append(Measurement("train step", mixed, batch, crop, detail, skipped=unavailable))
-    prepared, optimizer = accelerator.prepare(model, build_optimizer(model, recipe.optimizer))
+    optimizer = build_optimizer(model, recipe.optimizer, device=accelerator.device)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     prepared.train()
     device = accelerator.device
     image = torch.randn(batch, data.in_channels, *crop, device=device)

@@ -6,10 +6,13 @@ what the augmentation does to your data before spending a run on it.
 Where the samples come from
     ``--split train``: the real training stream (:func:`hooktrain.data.build_train_stream` with
     ``train.seed``, rank 0 of 1), with ``data.train.num_workers`` set to 0 so browsing starts at
-    once. Each example's augmentation is drawn from ``(seed, pass, shard, row)`` only, so a
-    sample shows exactly the crop, flip and colour changes training gives that row in that
-    pass; the *order* is the one of a single-reader stream (with workers, each reader owns
-    other rows), so the first samples need not be a run's first batch.
+    once (with ``data.train.gpu_augment`` the uint8 batches get their photometric distortion
+    and normalisation from :func:`hooktrain.data.device_augment.batch_inputs` on the CPU, the
+    function training applies on the device). Each example's augmentation is drawn from
+    ``(seed, pass, shard, row)`` only, so a sample shows exactly the crop, flip and colour
+    changes training gives that row in that pass; the *order* is the one of a single-reader
+    stream (with workers, each reader owns other rows), so the first samples need not be a
+    run's first batch.
     ``--split val``: the validation loader (:func:`hooktrain.data.build_val_loader`, one
     process, ``data.val.num_workers`` set to 0), examples in their global index order.
     Browsing stops after ``--num`` samples (fewer when the validation split is smaller).
@@ -135,12 +138,15 @@ def _without_workers(data: DataConfig) -> DataConfig:
 def train_samples(data: DataConfig, seed: int) -> Generator[Sample, None, None]:
     """The training stream's examples, one by one: the whole padded crop each."""
     from hooktrain.data import build_train_stream, prepare_data
+    from hooktrain.data.device_augment import batch_inputs
 
     prepare_data(data)
     stream = build_train_stream(data, seed=seed, rank=0, world_size=1)
     number = 0
     try:
         for batch in stream:
+            # gpu_augment: the same distortion and normalisation as training, here on the CPU
+            batch["image"], _ = batch_inputs(batch, "cpu", data)
             for i in range(batch["image"].shape[0]):
                 image = denormalise(batch["image"][i].numpy(), data.mean, data.std)
                 mask = batch["mask"][i].numpy()

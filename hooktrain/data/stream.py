@@ -8,7 +8,9 @@ Design (why it resumes exactly)
     Pass ``e`` visits the reader's shards in an order drawn from ``rng(seed, e, rank,
     worker)``, cuts the concatenated rows into consecutive windows of ``shuffle_buffer`` rows
     and yields each window in a permutation drawn from ``rng(seed, e, window start, rank,
-    worker)``. Augmentation draws from ``rng(seed, e, shard, row)`` of each example.
+    worker)``. Augmentation draws from ``rng(seed, e, shard, row)`` of each example (with
+    ``data.train.gpu_augment`` too: the workers then draw the PhotoMetricDistortion parameters
+    and hand them over with the uint8 crop, see :mod:`hooktrain.data.device_augment`).
 
     Everything is a function of the position, so the position is the whole state:
     ``(epoch, window start = (shard cursor, row), offset in the window, corrupt count)``.
@@ -72,6 +74,8 @@ class TrainExamples(torch.utils.data.IterableDataset):
     pass))`` forever: ``example_id`` is :attr:`RawRow.example_id` (``"shard 3 row 5"``, with
     the file name first when the source has one) and ``pass`` the reader's pass number.
     ``state_dict``/``load_state_dict`` hold the reader's position (see the module doc).
+    With ``data.train.gpu_augment`` the image is the uint8 crop and a last element
+    ``(photometric draws [9], (h, w))`` follows (:meth:`TrainTransform.uint8_crop`).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class TrainExamples(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
         self.window = cfg.train.shuffle_buffer
+        self.gpu_augment = cfg.train.gpu_augment
         self.decode = ExampleDecoder(cfg)
         self.transform = TrainTransform(
             cfg.train.pipeline,
@@ -170,7 +175,7 @@ class TrainExamples(torch.utils.data.IterableDataset):
                     mark(self._seen, raw.shard, raw.row)
                     example = self._example(raw, epoch, worker, pos)
                     if example is not None:
-                        yield (*example, (raw.example_id, epoch))
+                        yield (*example[:4], (raw.example_id, epoch), *example[4:])
             if at_pass_start and seen == 0 and self._skip is None:
                 raise UserError(
                     f"data.train.source: rank {self.rank} worker {worker} got no training "
@@ -192,6 +197,9 @@ class TrainExamples(torch.utils.data.IterableDataset):
             warn_corrupt(str(exc), count, self.cfg)  # raises past data.max_corrupt
             return None
         rng = np.random.default_rng([self.seed, _EXAMPLE, epoch, raw.shard, raw.row])
+        if self.gpu_augment:
+            image_t, mask_t, draws, size = self.transform.uint8_crop(image, mask, rng, example_id=raw.example_id)
+            return image_t, mask_t, worker, pos["corrupt"], (draws, size)
         image_t, mask_t = self.transform(image, mask, rng, example_id=raw.example_id)
         return image_t, mask_t, worker, pos["corrupt"]
 
@@ -201,7 +209,9 @@ def collate_train(examples: list[tuple]) -> dict[str, Any]:
 
     Examples that carry their ``(example_id, pass)`` (those of :class:`TrainExamples`) also
     give ``"example_ids": [str]`` and ``"passes": [int]``, for tools such as ``hooktrain
-    browse``; training uses only ``image`` and ``mask``.
+    browse``; training uses only ``image`` and ``mask``. ``gpu_augment`` examples also give
+    ``"photometric"``: float32 ``[B, 9]`` and ``"image_sizes"``: int64 ``[B, 2]`` (their image
+    is uint8; :func:`hooktrain.data.device_augment.batch_inputs` finishes it on the device).
     """
     columns = list(zip(*examples, strict=True))
     images, masks, workers, corrupt = columns[:4]
@@ -214,6 +224,10 @@ def collate_train(examples: list[tuple]) -> dict[str, Any]:
     if len(columns) > 4:
         batch["example_ids"] = [example_id for example_id, _ in columns[4]]
         batch["passes"] = [epoch for _, epoch in columns[4]]
+    if len(columns) > 5:
+        draws, sizes = zip(*columns[5], strict=True)
+        batch["photometric"] = torch.stack(draws)
+        batch["image_sizes"] = torch.tensor(sizes, dtype=torch.int64)
     return batch
 
 
@@ -221,7 +235,9 @@ class TrainStream:
     """Endless iterator of training batches ``{"image": float32 [B,3,H,W], "mask": int64
     [B,H,W], "example_ids": [str], "passes": [int]}`` on the CPU, with
     ``state_dict``/``load_state_dict`` for exact resume. ``example_ids`` and ``passes`` name
-    where each example came from (see :class:`TrainExamples`); training ignores them.
+    where each example came from (see :class:`TrainExamples`); training ignores them. With
+    ``data.train.gpu_augment`` the image is uint8 and ``"photometric"`` and ``"image_sizes"``
+    come with it (see :func:`collate_train`).
 
     The state belongs to this rank: ``load_state_dict`` restores it exactly with the same
     ``world_size``, ``num_workers``, ``batch_size``, ``shuffle_buffer``, seed and data;

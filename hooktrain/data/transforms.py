@@ -53,6 +53,13 @@ Other channel counts and 16-bit images
     applies to the first three channels of a ``uint8`` image (taken as RGB; the others pass
     unchanged) and refuses ``uint16`` images and fewer than three channels.
 
+On the device (``data.train.gpu_augment``)
+    :meth:`TrainTransform.uint8_crop` stops after the flip: it returns the padded ``uint8``
+    crop and the PhotoMetricDistortion draws (:func:`draw_photometric`, the same calls in the
+    same order as the CPU path, so both paths draw the same values for an example), and
+    :mod:`hooktrain.data.device_augment` applies them and the normalisation batched on the
+    training device. 8-bit images only.
+
 Threads
     OpenCV's own thread pool fights with DataLoader workers, so the first transform call in
     each process (main process or worker) calls ``cv2.setNumThreads(1)``; see
@@ -63,6 +70,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -70,6 +78,7 @@ import numpy as np
 import torch
 
 from hooktrain.data.config import TrainPipelineConfig, ValPipelineConfig
+from hooktrain.data.device_augment import PHOTOMETRIC_FIELDS
 from hooktrain.data.labels import LabelMapper, decode_image, decode_mask
 from hooktrain.errors import UserError
 
@@ -78,6 +87,8 @@ __all__ = [
     "ValPipelineConfig",
     "TrainTransform",
     "ValTransform",
+    "PhotometricDraws",
+    "draw_photometric",
     "LabelMapper",
     "decode_image",
     "decode_mask",
@@ -149,6 +160,53 @@ def _normalise_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     mean32 = np.asarray(mean, np.float32)[:, None]
     std32 = np.asarray(std, np.float32)[:, None]
     return np.ascontiguousarray((values[None, :] - mean32) / std32)
+
+
+@dataclass(frozen=True)
+class PhotometricDraws:
+    """One image's PhotoMetricDistortion parameters; None: the step is not applied."""
+
+    brightness: float | None  # delta added
+    contrast_first: bool  # mmseg's mode 1: contrast before saturation and hue
+    contrast: float | None  # alpha
+    saturation: float | None  # alpha on HSV S
+    hue: int | None  # shift of HSV H, OpenCV units (0..179)
+
+    def as_row(self) -> np.ndarray:
+        """float32 ``[len(PHOTOMETRIC_FIELDS)]``: flags 1/0, neutral values where not applied."""
+
+        def step(value, neutral):
+            return (0.0, neutral) if value is None else (1.0, value)
+
+        row = (
+            *step(self.brightness, 0.0),
+            float(self.contrast_first),
+            *step(self.contrast, 1.0),
+            *step(self.saturation, 1.0),
+            *step(self.hue, 0),
+        )
+        assert len(row) == len(PHOTOMETRIC_FIELDS)
+        return np.asarray(row, np.float32)
+
+
+NO_PHOTOMETRIC = PhotometricDraws(None, False, None, None, None)
+
+
+def draw_photometric(rng: np.random.Generator, cfg: TrainPipelineConfig) -> PhotometricDraws:
+    """PhotoMetricDistortion's draws in mmseg's order (see the module docstring): brightness
+    coin + uniform, mode coin, [contrast], saturation coin + uniform, hue coin + integer,
+    [contrast]. Both the CPU path and ``gpu_augment`` take them from here."""
+    brightness = rng.uniform(-cfg.brightness_delta, cfg.brightness_delta) if rng.integers(2) else None
+    contrast_first = rng.integers(2) == 1
+    contrast = rng.uniform(*cfg.contrast_range) if contrast_first and rng.integers(2) else None
+    saturation = rng.uniform(*cfg.saturation_range) if rng.integers(2) else None
+    hue = None
+    if rng.integers(2):
+        # mmseg's randint(-0, 0) would raise; hue_delta=0 simply means no shift
+        hue = int(rng.integers(-cfg.hue_delta, cfg.hue_delta)) if cfg.hue_delta else 0
+    if not contrast_first and rng.integers(2):
+        contrast = rng.uniform(*cfg.contrast_range)
+    return PhotometricDraws(brightness, bool(contrast_first), contrast, saturation, hue)
 
 
 def _check_image(image: np.ndarray, example_id: Any, channels: int = 3) -> None:
@@ -252,17 +310,7 @@ class TrainTransform:
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, example_id: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        limit_opencv_threads()
-        mask = _check_pair(image, mask, example_id, self.channels)
-        if self.cfg.photometric and image.dtype != np.uint8:
-            raise UserError(_photometric_refusal(f"example {example_id!r} is {image.dtype}, not 8-bit"))
-        image, mask = self._random_resize(image, mask, rng)
-        y, x = self._crop_origin(mask, rng)
-        crop_h, crop_w = self.cfg.crop_size
-        image = image[y : y + crop_h, x : x + crop_w]
-        mask = mask[y : y + crop_h, x : x + crop_w]
-        if rng.random() < self.cfg.flip_prob:
-            image, mask = cv2.flip(image, 1).reshape(image.shape), cv2.flip(mask, 1)
+        image, mask = self._geometry(image, mask, rng, example_id)
         table = self._norm
         if self.cfg.photometric:
             if _fast(image):
@@ -272,6 +320,44 @@ class TrainTransform:
             else:
                 image, table = self._photometric_rgb_bands(image, table, rng)
         return self._normalise_and_pad(image, mask, table)
+
+    def uint8_crop(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, example_id: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """The ``data.train.gpu_augment`` half of ``__call__``: the same draws, but the image
+        stops after the flip. Returns ``(uint8 tensor [C, crop_h, crop_w] padded with 0, int64
+        mask [crop_h, crop_w] padded with ignore_index, float32 [9] photometric draws
+        (:meth:`PhotometricDraws.as_row`; all flags 0 without ``photometric``), (h, w) of the
+        crop before padding)``. 8-bit images only."""
+        image, mask = self._geometry(image, mask, rng, example_id, gpu_augment=True)
+        draws = draw_photometric(rng, self.cfg) if self.cfg.photometric else NO_PHOTOMETRIC
+        crop_h, crop_w = self.cfg.crop_size
+        h, w = image.shape[:2]
+        out = np.zeros((self.channels, crop_h, crop_w), np.uint8)
+        out[:, :h, :w] = image.transpose(2, 0, 1)
+        return torch.from_numpy(out), self._pad_mask(mask), torch.from_numpy(draws.as_row()), (h, w)
+
+    def _geometry(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, example_id: Any, gpu_augment: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Checks, RandomResize, RandomCrop and RandomFlip (their draws, in mmseg's order)."""
+        limit_opencv_threads()
+        mask = _check_pair(image, mask, example_id, self.channels)
+        if gpu_augment and image.dtype != np.uint8:
+            raise UserError(
+                f"data.train.gpu_augment works on 8-bit images, but example {example_id!r} is {image.dtype}; "
+                "set gpu_augment: false"
+            )
+        if self.cfg.photometric and image.dtype != np.uint8:
+            raise UserError(_photometric_refusal(f"example {example_id!r} is {image.dtype}, not 8-bit"))
+        image, mask = self._random_resize(image, mask, rng)
+        y, x = self._crop_origin(mask, rng)
+        crop_h, crop_w = self.cfg.crop_size
+        image = image[y : y + crop_h, x : x + crop_w]
+        mask = mask[y : y + crop_h, x : x + crop_w]
+        if rng.random() < self.cfg.flip_prob:
+            image, mask = cv2.flip(image, 1).reshape(image.shape), cv2.flip(mask, 1)
+        return image, mask
 
     def _photometric_rgb_bands(self, image: np.ndarray, table: np.ndarray, rng: np.random.Generator):
         """PhotoMetricDistortion of a uint8 image of more than 3 channels: on the first three,
@@ -328,7 +414,6 @@ class TrainTransform:
     def _photometric(self, image: np.ndarray, rng: np.random.Generator):
         """mmseg PhotoMetricDistortion. Returns the uint8 image and the per-value table still
         to apply (or None); the caller folds that table into the normalisation."""
-        cfg = self.cfg
         pending: np.ndarray | None = None
 
         def then(table: np.ndarray) -> None:
@@ -341,21 +426,18 @@ class TrainTransform:
                 img, pending = cv2.LUT(img, pending), None
             return img
 
-        if rng.integers(2):
-            then(_convert_table(beta=rng.uniform(-cfg.brightness_delta, cfg.brightness_delta)))
-        contrast_first = rng.integers(2) == 1
-        if contrast_first and rng.integers(2):
-            then(_convert_table(alpha=rng.uniform(*cfg.contrast_range)))
-        if rng.integers(2):
-            saturation = _convert_table(alpha=rng.uniform(*cfg.saturation_range))
-            image = self._hsv_channel_lut(flush(image), 1, saturation)
-        if rng.integers(2):
-            # mmseg's randint(-0, 0) would raise; hue_delta=0 simply means no shift
-            shift = int(rng.integers(-cfg.hue_delta, cfg.hue_delta)) if cfg.hue_delta else 0
-            hue = ((np.arange(256) + shift) % 180).astype(np.uint8)
+        draws = draw_photometric(rng, self.cfg)
+        if draws.brightness is not None:
+            then(_convert_table(beta=draws.brightness))
+        if draws.contrast_first and draws.contrast is not None:
+            then(_convert_table(alpha=draws.contrast))
+        if draws.saturation is not None:
+            image = self._hsv_channel_lut(flush(image), 1, _convert_table(alpha=draws.saturation))
+        if draws.hue is not None:
+            hue = ((np.arange(256) + draws.hue) % 180).astype(np.uint8)
             image = self._hsv_channel_lut(flush(image), 0, hue)
-        if not contrast_first and rng.integers(2):
-            then(_convert_table(alpha=rng.uniform(*cfg.contrast_range)))
+        if not draws.contrast_first and draws.contrast is not None:
+            then(_convert_table(alpha=draws.contrast))
         return image, pending
 
     @staticmethod
@@ -373,12 +455,17 @@ class TrainTransform:
             _normalise_into(image, table, out)
         else:
             _normalise_any_into(image, table, self._mean32, self._std32, out)
-        if padded:
-            out_mask = np.full((crop_h, crop_w), self.ignore_index, np.int64)
-            out_mask[:h, :w] = mask
-        else:
-            out_mask = mask.astype(np.int64)
-        return torch.from_numpy(out), torch.from_numpy(out_mask)
+        return torch.from_numpy(out), self._pad_mask(mask)
+
+    def _pad_mask(self, mask: np.ndarray) -> torch.Tensor:
+        """int64 ``[crop_h, crop_w]``: the mask, padded with ``ignore_index`` at the bottom/right."""
+        crop_h, crop_w = self.cfg.crop_size
+        h, w = mask.shape[:2]
+        if (h, w) == (crop_h, crop_w):
+            return torch.from_numpy(mask.astype(np.int64))
+        out_mask = np.full((crop_h, crop_w), self.ignore_index, np.int64)
+        out_mask[:h, :w] = mask
+        return torch.from_numpy(out_mask)
 
 
 def _photometric_refusal(why: str) -> str:
