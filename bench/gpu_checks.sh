@@ -2,11 +2,14 @@
 # Every check that needs a CUDA GPU, in one run (about 5 minutes on an H100):
 #   - the GPU tests (metrics on CUDA, fp16/bf16 training steps, the logger's peak memory);
 #   - bench/run_all.py --device cuda: model_step (SegFormer-B0 512x512 step, images/s, peak
-#     memory), mmseg_parity (bf16 512x512 against MMSegmentation), gpu_train (the ADE20K recipe
-#     end to end, images/s and data wait per worker count), startup; results in $OUT/results/
-#     as <bench>-cuda.json, to commit into bench/results/;
+#     memory), mmseg_parity (bf16 512x512 against MMSegmentation), gpu_train (SegFormer-B0 end
+#     to end per speed switch, model-only, and MMSegmentation 1.2.2's own runner on the same
+#     card), startup; results in $OUT/results/ as <bench>-cuda.json, to commit into bench/results/;
 #   - the quickstart in fp16 and in bf16 on the GPU, to its final validation mIoU.
 # Results go to $OUT (default gpu-out/). Each step runs even if an earlier one failed.
+# The GPU machine has no package index: first run `bash bench/device_wheels.sh` here, which
+# fills .whl/ (hooktrain's missing dependencies) and .whl/mmseg/ (MMSegmentation's
+# environment), and name .whl in the device run's carry.
 #
 #   bash bench/gpu_checks.sh
 set -uo pipefail

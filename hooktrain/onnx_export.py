@@ -103,8 +103,9 @@ def onnx_friendly(model: nn.Module) -> nn.Module:
     copied = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
     if hasattr(copied, "channels_last"):
         copied.channels_last = False
+    if hasattr(copied, "compile_mode"):
+        copied.compile_mode = None
     for module in copied.modules():
-        module._compiled_call_impl = None
         for name, child in list(module.named_children()):
             if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1)):
                 setattr(module, name, OnnxAdaptiveAvgPool2d(child.output_size))

@@ -29,6 +29,7 @@ def model_shapes(recipe: Recipe) -> Shapes:
     model_cfg = recipe.model.model_copy(deep=True)
     model_cfg.encoder.pretrained = False
     model_cfg.encoder.pretrained_path = None
+    model_cfg.compile_mode = "default"  # first: a mode other than the default needs compile: true
     model_cfg.compile = False
     with torch.device("meta"):
         model = build_segmentor(

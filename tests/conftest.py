@@ -91,6 +91,25 @@ def tiny(data_root: Path, iters: int = 6, *extra: str) -> list[str]:
     return options
 
 
+def randomise(model):
+    """``model`` in eval mode with weights and BN statistics that give logits of order 1 (a fresh
+    head's are ~1e-3, which would make softmax almost linear and tests blind to, say, the order
+    of averaging)."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim > 1:
+                param.normal_(0, param[0].numel() ** -0.5)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 def launch_command(*args: str, port: int, processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``processes`` CPU processes (gloo) running ARGS, for example
     ``"-m", "hooktrain", recipe, ...``; each test passes its own ``port``."""

@@ -249,7 +249,8 @@ def test_stream_batches_with_gpu_augment_are_the_cpu_batches(data_root):
     worst = padded = 0
     for _ in range(6):
         want, batch = next(cpu), next(gpu)
-        assert batch["example_ids"] == want["example_ids"] and torch.equal(batch["mask"], want["mask"])
+        assert batch["example_ids"] == want["example_ids"] and batch["mask"].dtype == torch.uint8
+        assert torch.equal(batch["mask"].long(), want["mask"])
         assert batch["image"].dtype == torch.uint8 and batch["photometric"].shape == (2, len(PHOTOMETRIC_FIELDS))
         assert batch["image_sizes"].dtype == torch.int64 and batch["image_sizes"].shape == (2, 2)
         image, mask = batch_inputs(batch, "cpu", gpu_data)

@@ -254,6 +254,11 @@ def test_ohem_keeps_at_least_min_kept_and_every_pixel_below_thresh():
     assert weights.sum() == 60
     pixel_loss = F.cross_entropy(logits, target, reduction="none", ignore_index=255)
     assert pixel_loss[weights == 1].min() >= pixel_loss[(weights == 0) & (target != 255)].max()
+    # Fewer labelled pixels than min_kept * B: every one of them, and no ignored pixel.
+    target[:, 2:] = 255
+    for thresh in (None, 0.05):
+        weights = ohem_pixel_weights(logits, target, min_kept=30, thresh=thresh)
+        assert torch.equal(weights, (target != 255).float())
 
 
 def test_ohem_weights_the_decode_cross_entropy():
@@ -363,25 +368,64 @@ def test_channels_last_model_saves_contiguous_checkpoints(tmp_path):
     torch.testing.assert_close(plain.encoder.conv1.weight, model.encoder.conv1.weight)
 
 
-def test_compile_runs_a_compiled_forward_and_backward_matching_eager():
-    """``compile: true`` compiles encoder and head in place (same parameter names) and the
-    compiled forward and backward (inductor, on CPU) give eager's loss and gradients."""
-    head = {"type": "fcn", "channels": 8, "num_convs": 1, "concat_input": False, "dropout": 0.0}
-    # A small graph: inductor compiles C++ kernels for every op, slowly on 2 cores.
-    cfg = {"encoder": {"name": "test_resnet", "out_indices": [0, 1]}, "aux_head": None, "decode_head": head}
-    eager = build_segmentor(ModelConfig.model_validate(cfg), num_classes=NUM_CLASSES)
-    compiled = build_segmentor(ModelConfig.model_validate({**cfg, "compile": True}), num_classes=NUM_CLASSES)
-    assert compiled.encoder._compiled_call_impl is not None and compiled.decode_head._compiled_call_impl is not None
-    compiled.load_state_dict(eager.state_dict())  # same names: checkpoints are interchangeable
+SMALL_COMPILE_MODEL = {  # inductor compiles C++ kernels for every op, slowly on 2 cores
+    "encoder": {"name": "test_resnet", "out_indices": [0, 1]},
+    "aux_head": None,
+    "decode_head": {"type": "fcn", "channels": 8, "num_convs": 1, "concat_input": False, "dropout": 0.0},
+}
+
+
+@pytest.mark.parametrize("sampler", [None, {"type": "ohem", "thresh": 0.7, "min_kept": 100}])
+def test_training_forward_compiles_to_one_graph_with_the_upsample_and_the_loss(sampler):
+    """What ``compile: true`` hands to torch.compile: encoder, head, the logits' upsampling to
+    the mask size and the loss (OHEM's pixel selection included), in one graph without breaks."""
+    head = {**SMALL_COMPILE_MODEL["decode_head"], "sampler": sampler}
+    cfg = ModelConfig.model_validate({**SMALL_COMPILE_MODEL, "decode_head": head, "compile": True})
+    model = build_segmentor(cfg, num_classes=4)
+    assert model.compile_mode == "default" and all(m._compiled_call_impl is None for m in model.modules())
     image, mask = batch(2, 32, 32)
-    losses = []
-    for model in (eager, compiled):
-        loss = sum(v for k, v in model(image, mask).items() if "loss" in k)
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    grads = [torch.cat([p.grad.flatten() for p in model.parameters()]) for model in (eager, compiled)]
-    assert grads[0].norm() > 0 and ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-4
+    mask = mask.clamp(max=3)
+    mask[:, :4] = 255
+    explained = torch._dynamo.explain(Segmentor._loss_terms)(model, image, mask)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    ops = {getattr(op, "__name__", str(op)) for graph in explained.ops_per_graph for op in graph}
+    assert {"conv2d", "batch_norm", "interpolate", "cross_entropy"} <= ops
+
+
+def test_compiled_model_routes_training_and_inference_through_torch_compile(monkeypatch):
+    """Training calls the compiled loss function in the recipe's mode (marking a new CUDA-graph
+    step in reduce-overhead); inference calls the compiled logits without CUDA graphs."""
+    from hooktrain.models import segmentor
+
+    calls, steps = [], []
+
+    def fake_compiled(method, mode):
+        def run(*args):
+            calls.append((method.__name__, mode))
+            return method(*args)
+
+        return run
+
+    monkeypatch.setattr(segmentor, "compiled", fake_compiled)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(len(calls)))
+    cfg = ModelConfig.model_validate({**SMALL_COMPILE_MODEL, "compile": True, "compile_mode": "reduce-overhead"})
+    model = build_segmentor(cfg, num_classes=4)
+    image, mask = batch(2, 32, 32)
+    terms = model(image, mask.clamp(max=3))
+    model.eval()
+    logits = model(image)
+    predicted = model.predict(image, [(32, 32)] * 2, [(32, 32)] * 2)
+    assert set(terms) == {"decode.loss_ce"} and logits.shape == (2, 4, 32, 32) and len(predicted) == 2
+    assert calls == [("_loss_terms", "reduce-overhead"), ("_logits", "default"), ("_logits", "default")]
+    assert steps == [0]
+    eager = build_segmentor(ModelConfig.model_validate(SMALL_COMPILE_MODEL), num_classes=4)
+    eager(image, mask.clamp(max=3))
+    assert len(calls) == 3
+
+
+def test_compile_mode_without_compile_is_refused():
+    with pytest.raises(ValidationError, match="set model.compile: true as well"):
+        ModelConfig.model_validate({"compile_mode": "reduce-overhead"})
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))

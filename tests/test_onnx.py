@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_cli
+from conftest import ROOT, randomise, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -49,21 +49,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights and BN statistics that give logits of order 1 (a fresh head's are ~1e-3)."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim > 1:
-                param.normal_(0, param[0].numel() ** -0.5)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.1)
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model
-
-
 def random_image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
     noise = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
     return cv2.GaussianBlur(noise, (5, 5), 1.5).reshape(height, width, channels)
@@ -86,7 +71,7 @@ def make_checkpoint(root: Path, recipe_file: str, *options: str) -> Path:
 def head_model(head: str) -> torch.nn.Module:
     cfg = {"encoder": {"name": "test_resnet"}, "decode_head": {"type": head, **HEADS[head]}, "aux_head": None}
     torch.manual_seed(0)
-    return randomise(build_segmentor(ModelConfig.model_validate(cfg), num_classes=4)).eval()
+    return randomise(build_segmentor(ModelConfig.model_validate(cfg), num_classes=4))
 
 
 # -- the graph ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUICKSTART, run_cli, run_launch
+from conftest import QUICKSTART, randomise, run_cli, run_launch
 from hooktrain_plugins.evaluation import _predict
 from safetensors.torch import save_file
 from test_train import tiny
@@ -32,22 +32,6 @@ from hooktrain.recipe import dump_recipe, load_recipe
 
 NUM_CLASSES = 5
 MMSEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-
-
-def randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights and BN statistics that give logits of order 1 (a fresh head's are ~1e-3, which
-    would make softmax almost linear and the tests blind to the averaging order)."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim > 1:
-                param.normal_(0, param[0].numel() ** -0.5)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.1)
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def tiny_model(inference: dict, align_corners: bool = False):

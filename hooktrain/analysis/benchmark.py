@@ -125,8 +125,8 @@ def run_benchmark(
     crop = tuple(recipe.data.train.pipeline.crop_size)
     total, trainable = count_parameters(model)
     flops = count_flops(model, crop, device, recipe.data.in_channels)
-    if recipe.model.compile:
-        compile_model(model)  # after counting: FlopCounterMode runs the eager modules
+    if recipe.model.compile:  # after counting: FlopCounterMode runs the eager model
+        model.compile_mode = recipe.model.compile_mode
     memory = PeakMemory(device)
     timer = Timer(device, memory, iters=iters, warmup=warmup)
     mixed = recipe.train.mixed_precision
@@ -182,7 +182,7 @@ def build_accelerator(recipe: Recipe) -> tuple[Accelerator, str | None]:
 
 
 def build_model(recipe: Recipe, checkpoint: str | os.PathLike | None) -> tuple[Segmentor, str]:
-    """The recipe's segmentor, not compiled yet (see :func:`compile_model`), with the
+    """The recipe's segmentor, not compiled yet (``Segmentor.compile_mode``), with the
     checkpoint's weights (strict) or random ones, and a description of the weights."""
     from hooktrain.models import build_segmentor
     from hooktrain.weights import load_weights, recorded_iteration, weights_file
@@ -197,13 +197,6 @@ def build_model(recipe: Recipe, checkpoint: str | os.PathLike | None) -> tuple[S
     load_weights(model, checkpoint, strict=True)
     iteration = recorded_iteration(checkpoint)
     return model, f"{weights_file(checkpoint)}" + (f" (iteration {iteration})" if iteration is not None else "")
-
-
-def compile_model(model: Segmentor) -> None:
-    """``model.compile: true``, as ``build_segmentor`` does it: each part compiled in place."""
-    for module in (model.encoder, model.decode_head, model.aux_head):
-        if module is not None:
-            module.compile()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

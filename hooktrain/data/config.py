@@ -256,6 +256,11 @@ class TrainDataConfig(Section):
         512, ge=1, description="Examples per shuffle window (each window is fully permuted)."
     )
     prefetch_factor: int = Field(2, ge=1, description="Batches each worker prepares ahead.")
+    pin_memory: bool = Field(
+        True,
+        description="On CUDA, batches wait in page-locked memory, so their copy to the GPU runs asynchronously "
+        "(DataLoader pin_memory). No effect on other devices.",
+    )
     pipeline: TrainPipelineConfig = Field(
         default_factory=TrainPipelineConfig, description="Training augmentation pipeline."
     )

@@ -272,10 +272,11 @@ def batch_inputs(batch: dict[str, Any], device: torch.device | str, data) -> tup
 
     A ``gpu_augment`` batch (one with ``"photometric"``) is moved as uint8 and distorted and
     normalised there with ``data.mean`` / ``data.std`` (``data``: the recipe's ``DataConfig``);
-    any other batch is already normalised and only moves.
+    any other batch is already normalised and only moves. A ``gpu_augment`` mask may come as
+    uint8 and becomes int64 on ``device``.
     """
     image = batch["image"].to(device, non_blocking=True)
-    mask = batch["mask"].to(device, non_blocking=True)
+    mask = batch["mask"].to(device, non_blocking=True).long()
     if "photometric" in batch:
         sizes = batch["image_sizes"].to(device, non_blocking=True)
         image = photometric_normalise(image, batch["photometric"], data.mean, data.std, sizes)

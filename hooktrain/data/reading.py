@@ -220,17 +220,19 @@ def _kill_workers_at_exit() -> None:
     atexit.register(kill_daemonic_children)
 
 
-def loader_options(num_workers: int, prefetch_factor: int) -> dict[str, Any]:
-    """DataLoader keyword arguments shared by the train stream and the val loader."""
+def loader_options(num_workers: int, prefetch_factor: int, pin_memory: bool = True) -> dict[str, Any]:
+    """DataLoader keyword arguments shared by the train stream and the val loader. Pinning
+    happens on CUDA machines only."""
+    pin_memory = pin_memory and torch.cuda.is_available()
     if num_workers == 0:
-        return {"num_workers": 0, "pin_memory": torch.cuda.is_available()}
+        return {"num_workers": 0, "pin_memory": pin_memory}
     _kill_workers_at_exit()
     return {
         "num_workers": num_workers,
         "worker_init_fn": worker_init,
         "persistent_workers": True,
         "prefetch_factor": prefetch_factor,
-        "pin_memory": torch.cuda.is_available(),
+        "pin_memory": pin_memory,
     }
 
 

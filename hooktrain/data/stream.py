@@ -271,7 +271,7 @@ class TrainStream:
                 self.dataset,
                 batch_size=train.batch_size,
                 collate_fn=collate_train,
-                **loader_options(train.num_workers, train.prefetch_factor),
+                **loader_options(train.num_workers, train.prefetch_factor, train.pin_memory),
             )
 
     def __iter__(self) -> TrainStream:

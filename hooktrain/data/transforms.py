@@ -325,8 +325,9 @@ class TrainTransform:
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, example_id: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """The ``data.train.gpu_augment`` half of ``__call__``: the same draws, but the image
-        stops after the flip. Returns ``(uint8 tensor [C, crop_h, crop_w] padded with 0, int64
-        mask [crop_h, crop_w] padded with ignore_index, float32 [9] photometric draws
+        stops after the flip. Returns ``(uint8 tensor [C, crop_h, crop_w] padded with 0, mask
+        [crop_h, crop_w] padded with ignore_index (uint8 when labels and ignore_index fit, an
+        eighth of int64's bytes to hand over; else int64), float32 [9] photometric draws
         (:meth:`PhotometricDraws.as_row`; all flags 0 without ``photometric``), (h, w) of the
         crop before padding)``. 8-bit images only."""
         image, mask = self._geometry(image, mask, rng, example_id, gpu_augment=True)
@@ -335,7 +336,9 @@ class TrainTransform:
         h, w = image.shape[:2]
         out = np.zeros((self.channels, crop_h, crop_w), np.uint8)
         out[:, :h, :w] = image.transpose(2, 0, 1)
-        return torch.from_numpy(out), self._pad_mask(mask), torch.from_numpy(draws.as_row()), (h, w)
+        small = mask.dtype == np.uint8 and 0 <= self.ignore_index <= 255
+        mask = self._pad_mask(mask, np.uint8 if small else np.int64)
+        return torch.from_numpy(out), mask, torch.from_numpy(draws.as_row()), (h, w)
 
     def _geometry(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, example_id: Any, gpu_augment: bool = False
@@ -457,13 +460,13 @@ class TrainTransform:
             _normalise_any_into(image, table, self._mean32, self._std32, out)
         return torch.from_numpy(out), self._pad_mask(mask)
 
-    def _pad_mask(self, mask: np.ndarray) -> torch.Tensor:
-        """int64 ``[crop_h, crop_w]``: the mask, padded with ``ignore_index`` at the bottom/right."""
+    def _pad_mask(self, mask: np.ndarray, dtype: type = np.int64) -> torch.Tensor:
+        """``[crop_h, crop_w]`` of ``dtype``: the mask, padded with ``ignore_index`` at the bottom/right."""
         crop_h, crop_w = self.cfg.crop_size
         h, w = mask.shape[:2]
         if (h, w) == (crop_h, crop_w):
-            return torch.from_numpy(mask.astype(np.int64))
-        out_mask = np.full((crop_h, crop_w), self.ignore_index, np.int64)
+            return torch.from_numpy(mask.astype(dtype, copy=False))
+        out_mask = np.full((crop_h, crop_w), self.ignore_index, dtype)
         out_mask[:h, :w] = mask
         return torch.from_numpy(out_mask)
 

@@ -272,4 +272,23 @@ class ModelConfig(Section):
     aux_head: AuxHeadConfig | None = Field(None, description="Auxiliary FCN head (training only); null = none.")
     inference: InferenceConfig = Field(default_factory=InferenceConfig, description="Prediction mode.")
     channels_last: bool = Field(False, description="Use channels_last memory format for model and inputs.")
-    compile: bool = Field(False, description="torch.compile the encoder and heads (nn.Module.compile).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the training step's forward (encoder, heads, logits upsampling, losses) and "
+        "the inference logits, each as one function. Parameter names and checkpoints stay the eager model's.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile mode with model.compile: true. reduce-overhead (and max-autotune) replay the "
+        "training step as CUDA graphs, which needs static shapes (a fixed crop and batch, as the train stream "
+        "gives) and CUDA; inference then compiles without CUDA graphs, since image sizes vary.",
+    )
+
+    @model_validator(mode="after")
+    def _mode_needs_compile(self) -> ModelConfig:
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(
+                f"compile_mode {self.compile_mode!r} only applies to a compiled model; set model.compile: true "
+                "as well, or drop model.compile_mode"
+            )
+        return self

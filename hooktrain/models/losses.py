@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,9 +41,7 @@ def cross_entropy(
         )
         loss = loss * valid
     else:
-        loss = F.cross_entropy(
-            logits.float(), target, weight=class_weight, reduction="none", ignore_index=ignore_index
-        )
+        loss = F.cross_entropy(logits.float(), target, weight=class_weight, reduction="none", ignore_index=ignore_index)
     if pixel_weight is not None:
         loss = loss * pixel_weight
     count = (target != ignore_index).sum() if avg_non_ignore else target.numel()
@@ -103,21 +103,19 @@ def ohem_pixel_weights(
     are kept; unlike mmseg, ties at the cut-off cannot drop the count below that.
     """
     valid = target != ignore_index
-    batch_kept = min_kept * target.shape[0]
-    weights = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
     safe_target = target.masked_fill(~valid, 0)
     if thresh is not None:
-        prob = logits.float().softmax(dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)[valid]
-        order = prob.argsort()
-        kept = prob < thresh
-        kept[order[:batch_kept]] = True
+        prob = logits.float().softmax(dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
+        kept, hardness = prob < thresh, -prob
     else:
-        loss = F.cross_entropy(logits.float(), safe_target, reduction="none")[valid]
-        order = loss.argsort(descending=True)
-        kept = torch.zeros_like(loss, dtype=torch.bool)
-        kept[order[:batch_kept]] = True
-    weights[valid] = kept.float()
-    return weights
+        hardness = F.cross_entropy(logits.float(), safe_target, reduction="none")
+        kept = torch.zeros_like(valid)
+    # topk over every pixel, ignored ones last, rather than over the valid pixels: static
+    # shapes, so the step compiles as one graph and needs no device-to-host sync.
+    batch_kept = min(min_kept * target.shape[0], target.numel())
+    hardest = hardness.masked_fill(~valid, -math.inf).flatten().topk(batch_kept).indices
+    kept = kept.flatten().index_fill(0, hardest, True).view_as(valid)
+    return (kept & valid).float()
 
 
 class HeadLoss(nn.Module):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +23,13 @@ class Segmentor(nn.Module):
     logits at the input size; ``predict`` runs the configured whole/slide/flip inference. The
     auxiliary head only takes part when a mask is given. Mode (train/eval) and gradient context
     are the caller's; ``predict`` runs without gradients.
+
+    With ``compile_mode`` set (``model.compile``), the training forward (encoder, heads, the
+    logits' upsampling inside the losses, the losses) and :meth:`logits` each run as one
+    ``torch.compile``d function (:func:`compiled`).
     """
+
+    compile_mode: str | None = None
 
     def __init__(
         self,
@@ -50,15 +57,28 @@ class Segmentor(nn.Module):
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Decode-head logits resized (bilinear) to the input size."""
-        image = self._prepare(image)
-        out = self.decode_head(self.encoder(image))
-        return resize(out, image.shape[-2:], self.align_corners)
+        if self.compile_mode is None or torch.compiler.is_compiling():
+            return self._logits(image)
+        return compiled(Segmentor._logits, INFERENCE_COMPILE_MODES[self.compile_mode])(self, image)
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None):
         """With ``mask`` [B,H,W] (255 = ignore): ``{"decode.loss_ce": ..., "aux.loss_ce": ...}``,
         each term already multiplied by its weight. Without: logits [B,C,H,W] at the input size."""
         if mask is None:
             return self.logits(image)
+        if self.compile_mode is None or torch.compiler.is_compiling():
+            return self._loss_terms(image, mask)
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            # Each call is a new step: the previous step's graph outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(Segmentor._loss_terms, self.compile_mode)(self, image, mask)
+
+    def _logits(self, image: torch.Tensor) -> torch.Tensor:
+        image = self._prepare(image)
+        out = self.decode_head(self.encoder(image))
+        return resize(out, image.shape[-2:], self.align_corners)
+
+    def _loss_terms(self, image: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(self._prepare(image))
         terms = {f"decode.{k}": v for k, v in self.decode_loss(self.decode_head(features), mask).items()}
         if self.aux_head is not None:
@@ -80,9 +100,27 @@ class Segmentor(nn.Module):
         return predict_logits(self.logits, image, img_shapes, ori_shapes, self.inference, self.align_corners)
 
 
-def build_segmentor(
-    cfg: ModelConfig, *, num_classes: int, ignore_index: int = 255, in_channels: int = 3
-) -> Segmentor:
+# torch.compile modes (``model.compile_mode``). CUDA graphs need the static shapes of training
+# (fixed crop and batch); inference sees every image size, so it compiles without them.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+INFERENCE_COMPILE_MODES = {
+    "default": "default",
+    "reduce-overhead": "default",
+    "max-autotune": "max-autotune-no-cudagraphs",
+    "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
+}
+
+
+@functools.cache
+def compiled(method: Callable, mode: str) -> Callable:
+    """``torch.compile(method, mode=mode)``, once per process, for an unbound ``Segmentor``
+    method. The module is an argument rather than a bound ``self``, so a copy of a model (an
+    EMA average, say) runs its own parameters, and the parameter names, hence checkpoints, are
+    the eager model's."""
+    return torch.compile(method, mode=mode)
+
+
+def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 255, in_channels: int = 3) -> Segmentor:
     """Build the segmentor described by the recipe's ``model:`` section, for images of
     ``in_channels`` channels (``data.in_channels``)."""
     if num_classes < 1:
@@ -124,10 +162,7 @@ def build_segmentor(
         model = model.to(memory_format=torch.channels_last)
         model.register_state_dict_post_hook(_contiguous_state_dict)
     if cfg.compile:
-        # nn.Module.compile compiles in place, so parameter names (and checkpoints) are unchanged.
-        for module in (model.encoder, model.decode_head, model.aux_head):
-            if module is not None:
-                module.compile()
+        model.compile_mode = cfg.compile_mode
     return model
 
 

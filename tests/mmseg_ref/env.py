@@ -10,6 +10,11 @@ time; none of the models used here calls one). The launcher also makes ``timm`` 
 set it empty to allow them): mmseg and mmengine import them only optionally, and they cost ~4 s
 of start-up per run on 2 cores.
 
+On a machine without an index (the GPU machine), ``HOOKTRAIN_MMSEG_WHEELS=DIR`` (or
+``install(wheels=DIR)``) installs the same pins from the wheels in DIR (``pip --no-index
+--find-links DIR``; ``bench/device_wheels.sh`` downloads them), leaving scipy out when the running
+interpreter already imports one.
+
     env = MmsegEnv.install()                      # ~15 s the first time, then instant
     env.run("tests/mmseg_ref/reference.py", "build", "segformer_mit-b0_8xb2-160k_ade20k-512x512",
             "--out", "/tmp/ref", "--seed", "0", "--sizes", "97x131")
@@ -18,6 +23,7 @@ of start-up per run on 2 cores.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
@@ -48,6 +54,7 @@ PACKAGES = [
     "scipy==1.17.1; python_version >= '3.11'",
     "scipy==1.15.3; python_version < '3.11'",
 ]
+WHEELS_ENV = "HOOKTRAIN_MMSEG_WHEELS"  # a directory of wheels: install from it, with no index
 MARKER = ".hooktrain-complete"  # written last: its presence (with these pins) means "installed"
 LAUNCHER = "hooktrain_mmseg_launch"
 
@@ -117,6 +124,21 @@ def default_cache() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "hooktrain" / "mmseg-1.2.2"
 
 
+def _pip_source(wheels: Path | str | None) -> tuple[list[str], list[str]]:
+    """(pip's index options, the packages to install): PyPI and all of :data:`PACKAGES`, or with
+    a wheel directory ``--no-index --find-links DIR`` and scipy left out when the running
+    interpreter has one (the scripts run on this interpreter; scipy is the one large wheel)."""
+    if not wheels:
+        return [], list(PACKAGES)
+    directory = Path(wheels).expanduser().resolve()
+    if not directory.is_dir():
+        raise RuntimeError(f"{WHEELS_ENV}: no wheel directory {directory}")
+    packages = list(PACKAGES)
+    if importlib.util.find_spec("scipy") is not None:
+        packages = [package for package in packages if not package.startswith("scipy")]
+    return ["--no-index", "--find-links", str(directory)], packages
+
+
 def _expected_marker() -> dict:
     return {"packages": PACKAGES, "python": list(sys.version_info[:2])}
 
@@ -154,13 +176,15 @@ class MmsegEnv:
         return f"MmsegEnv({str(self.site)!r}, install_seconds={self.install_seconds}, reused={self.reused})"
 
     @classmethod
-    def install(cls, cache_dir: Path | str | None = None) -> MmsegEnv:
+    def install(cls, cache_dir: Path | str | None = None, wheels: Path | str | None = None) -> MmsegEnv:
         """Install once into ``cache_dir`` (default :func:`default_cache`), then reuse it.
 
         Idempotent and safe for concurrent callers (a file lock next to ``cache_dir``). An
         install is complete when its marker (written last) records the same pins and Python;
         otherwise the directory is rebuilt from scratch in a staging directory and moved into
-        place. Raises RuntimeError with pip's output when pip fails (no network, ...)."""
+        place. ``wheels`` (default ``$HOOKTRAIN_MMSEG_WHEELS``): a directory of wheels to install
+        from with no index (scipy left out when this interpreter has one). Raises RuntimeError
+        with pip's output when pip fails (no network, a missing wheel, ...)."""
         site = Path(cache_dir) if cache_dir is not None else default_cache()
         site = site.expanduser().resolve()
         expected = _expected_marker()
@@ -178,9 +202,11 @@ class MmsegEnv:
             started = time.monotonic()
             staging = site.parent / f".{site.name}.staging-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
+            wheels = wheels if wheels is not None else os.environ.get(WHEELS_ENV) or None
+            index, packages = _pip_source(wheels)
             command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--only-binary", ":all:",
-                       "--disable-pip-version-check", "--no-warn-script-location", "--quiet", "--target",
-                       str(staging), *PACKAGES]  # fmt: skip
+                       "--disable-pip-version-check", "--no-warn-script-location", "--quiet", *index, "--target",
+                       str(staging), *packages]  # fmt: skip
             result = subprocess.run(command, check=False, capture_output=True, text=True)
             if result.returncode != 0:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -192,7 +218,9 @@ class MmsegEnv:
                 shutil.rmtree(staging / junk, ignore_errors=True)
             _write_launcher(staging)
             seconds = round(time.monotonic() - started, 1)
-            (staging / MARKER).write_text(json.dumps({**expected, "install_seconds": seconds}, indent=1))
+            skipped = [package for package in PACKAGES if package not in packages]
+            extra = {"wheels": index[-1], "taken_from_interpreter": skipped} if index else {}
+            (staging / MARKER).write_text(json.dumps({**expected, "install_seconds": seconds, **extra}, indent=1))
             if site.exists():
                 shutil.rmtree(site)
             os.replace(staging, site)
