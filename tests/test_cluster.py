@@ -98,14 +98,25 @@ def test_nonfinite_weights_stop_at_their_iteration_without_saving_them(tmp_path,
     )
 
 
-def test_skip_drops_nonfinite_steps_on_any_rank_then_stops_after_too_many(tmp_path, data_root):
+SKIP = ["train.on_nonfinite=skip", "train.max_nonfinite_skips=2"]
+
+
+@pytest.fixture(scope="module")
+def skipped_twice(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-process run (train.sync_bn left at auto) whose rank 1 loss is NaN at iterations 3
+    and 4, one fewer than train.max_nonfinite_skips allows: its work dir and result."""
+    nan_loss = "{type: 'probe_hooks:PoisonHook', at_iter: 3, what: loss, rank: 1, times: 2}"
+    work_dir = tmp_path_factory.mktemp("skip") / "run"
+    args = options(data_root, *SKIP, base=f"{LOGGER}, {CHECKPOINT_EVERY_ITER}", hooks=nan_loss)
+    return work_dir, run(train_command(work_dir, "--cfg-options", *args, processes=2, port=29841))
+
+
+def test_skip_drops_nonfinite_steps_on_any_rank_then_stops_after_too_many(
+    tmp_path, data_root, skipped_twice
+):
     """Two processes; only rank 1's loss is NaN. Its NaN gradients reach every rank through
     the all-reduce, and the ranks agree to skip the step, then to stop."""
-    skip = ["train.on_nonfinite=skip", "train.max_nonfinite_skips=2"]
-    nan_loss = "{type: 'probe_hooks:PoisonHook', at_iter: 3, what: loss, rank: 1, times: 2}"
-    work_dir = tmp_path / "skip"
-    args = options(data_root, *skip, base=f"{LOGGER}, {CHECKPOINT_EVERY_ITER}", hooks=nan_loss)
-    result = run(train_command(work_dir, "--cfg-options", *args, processes=2, port=29841))
+    work_dir, result = skipped_twice
     assert result.returncode == 0, result.output[-4000:]
     for iteration, count in ((3, 1), (4, 2)):
         assert (f"iteration {iteration}: grad_norm on rank 0; decode.loss_ce, decode.loss_dice, "
@@ -115,7 +126,7 @@ def test_skip_drops_nonfinite_steps_on_any_rank_then_stops_after_too_many(tmp_pa
 
     three = "{type: 'probe_hooks:PoisonHook', at_iter: 3, what: loss, rank: 1, times: 3}"
     work_dir = tmp_path / "stop"
-    args = options(data_root, *skip, base=f"{LOGGER}, {CHECKPOINT_EVERY_ITER}", hooks=three)
+    args = options(data_root, *SKIP, base=f"{LOGGER}, {CHECKPOINT_EVERY_ITER}", hooks=three)
     result = run(train_command(work_dir, "--cfg-options", *args, processes=2, port=29842))
     # accelerate launch (torchrun) itself exits with 1 when a rank failed; it names the codes
     assert result.returncode == 1 and "(exitcode: 3)" in result.output, result.output[-4000:]
@@ -165,15 +176,15 @@ def test_a_rank_out_of_step_ends_every_rank_naming_the_stage(tmp_path, data_root
 
 
 def test_sync_bn_auto_keeps_batch_norm_on_cpu_processes_and_true_is_refused_there(
-    tmp_path, data_root
+    tmp_path, data_root, skipped_twice
 ):
-    args = options(data_root, "train.max_iters=1", base=LOGGER)
-    result = run(train_command(tmp_path / "auto", "--cfg-options", *args, processes=2, port=29846))
+    result = skipped_twice[1]  # a 2-process run with train.sync_bn at its default, auto
     assert result.returncode == 0, result.output[-4000:]
     assert (
         "batch norm: BatchNorm per process (train.sync_bn: auto, 2 cpu processes)" in result.stdout
     )
 
+    args = options(data_root, "train.max_iters=1", base=LOGGER)
     forced = [*args, "train.sync_bn=true"]
     result = run(
         train_command(tmp_path / "true2", "--cfg-options", *forced, processes=2, port=29847)
