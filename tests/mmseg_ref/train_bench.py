@@ -61,6 +61,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
+from reference import config_path, plain_batch_norm  # the launcher puts this directory on sys.path
 
 try:  # mmengine's collect_env (the Runner logs it) imports distutils, which Python 3.12 has only from setuptools
     import distutils  # noqa: F401
@@ -73,31 +74,8 @@ except ImportError:
         sys.modules["distutils"] = types.SimpleNamespace(errors=_errors)
         sys.modules["distutils.errors"] = _errors
 
-CONFIGS = Path(mmseg.__file__).parent / ".mim" / "configs"
 DEFAULT_CONFIG = "segformer_mit-b0_8xb2-160k_ade20k-512x512"
 STARTED = time.perf_counter()
-
-
-def config_path(name: str) -> Path:
-    """CONFIG's file: a path, or a config name looked up in the wheel's configs."""
-    if name.endswith(".py") and Path(name).is_file():
-        return Path(name)
-    found = sorted(CONFIGS.glob(f"*/{name}.py"))
-    if not found:
-        raise SystemExit(f"no config {name!r} under {CONFIGS}/*/")
-    return found[0]
-
-
-def plain_batch_norm(node) -> None:
-    """SyncBN (and MMSyncBN) -> BN, everywhere in a (Config)dict, in place."""
-    if isinstance(node, dict):
-        if node.get("type") in ("SyncBN", "MMSyncBN"):
-            node["type"] = "BN"
-        for value in node.values():
-            plain_batch_norm(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            plain_batch_norm(value)
 
 
 @HOOKS.register_module()
