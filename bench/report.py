@@ -267,6 +267,26 @@ def onnx_inference(r: Result) -> tuple[str, str]:
     return summary, table(header, rows) + f"\n\n{setting}."
 
 
+def augment_exactness(r: Result) -> tuple[str, str]:
+    paths = {p["path"]: p for p in r["paths"]}
+    worst = max(row["max_steps"] for p in r["paths"] for row in p["whole_draws"])
+    hsv = max(row["max_steps"] for p in r["paths"] for row in p["hsv_to_rgb"].values())
+    summary = (f"HSV->RGB within {hsv} step of OpenCV's optimised and baseline kernels; whole draws within "
+               f"{worst} steps (bound: 11, 17 after contrast)")  # fmt: skip
+    conversions = [[name, f"{p['rgb_to_hsv_values_off']:,}",
+                    *(f"{p['hsv_to_rgb'][k]['values_off']:,} / {p['hsv_to_rgb'][k]['max_steps']}"
+                      for k in ("rows_256", "rows_250"))] for name, p in paths.items()]  # fmt: skip
+    draws = [[name, row["width"], row["draws"], row["max_steps"], row["max_steps_saturation_then_hue"],
+              f"{row['share_off']:.2%}", f"{row['share_over_one_step']:.4%}"]
+             for name, p in paths.items() for row in p["whole_draws"]]  # fmt: skip
+    text = (table(["OpenCV path", "RGB->HSV values off (of 2^24)", "HSV->RGB, rows of 256: off / max steps",
+                   "rows of 250: off / max steps"], conversions)
+            + "\n\n" + table(["OpenCV path", "width", "draws", "max steps", "max steps, saturation then hue",
+                               "values off", "values > 1 step off"], draws)
+            + f"\n\nOpenCV {r['opencv']} ({r['opencv_cpu_features']}), one thread.")  # fmt: skip
+    return summary, text
+
+
 # bench: (what is compared, target, renderer)
 BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "startup": ("time from the command to a one-line error, and to the first iteration, against importing "
@@ -291,6 +311,8 @@ BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "onnx_inference": ("whole-image inference of the `hooktrain export` ONNX graph in ONNX Runtime vs the model "
                        "in PyTorch on the CPU, quickstart (96 px) and SegFormer-B0 (512 px)", "ratio >= 1",
                        onnx_inference),
+    "augment_exactness": ("`data.train.gpu_augment`'s device PhotoMetricDistortion vs the OpenCV path, against "
+                          "OpenCV's optimised and baseline kernels", "<= 1 step per HSV step", augment_exactness),
     "gpu_train": ("SegFormer-B0 (`recipes/ade20k.yaml`) on one GPU: end to end per speed switch, model-only, "
                   "and MMSegmentation 1.2.2 on the same card", ">= 500 img/s, data-bound gap < 5%", gpu_train),
 }  # fmt: skip

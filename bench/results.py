@@ -53,6 +53,8 @@ def describe_machine() -> str:
     parts = [info["model"], "AVX-512" if "avx512f" in info["flags"] else "no AVX-512"]
     if "avx512_bf16" in info["flags"]:
         parts.append("bf16")
+    if "amx_tile" in info["flags"]:
+        parts.append("AMX")
     parts.append(f"{info['cores']} cores")
     if gpu():
         parts.append(gpu())

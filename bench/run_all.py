@@ -45,6 +45,7 @@ BENCHES = (
     Bench("checkpoint"),
     Bench("metrics"),
     Bench("data_pipeline"),
+    Bench("augment_exactness"),
     Bench("runner_overhead"),
     # fp32 at 256x256 on the CPU: 512x512 steps take ~20 s each there, and bf16 is emulated
     # without AVX512-BF16.

@@ -94,50 +94,244 @@ def class_row(out: str, name: str) -> list[str]:
     return next(line.split() for line in out.splitlines() if f"  {name}  " in line)
 
 
-def ade_like_masks(n: int = 6) -> list[np.ndarray]:
-    """Masks with ADE20K's raw values: 0 (unlabelled) and 1..150, 0 and 150 among them."""
-    masks = []
-    for i in range(n):
-        blocks = np.random.default_rng(i).integers(0, 151, (3, 4), dtype=np.uint8)
-        masks.append(cv2.resize(blocks, (16, 12), interpolation=cv2.INTER_NEAREST))
-    masks[0][:6, :4] = np.arange(24).reshape(6, 4)  # 0 and ...
-    masks[1][:6, :4] = np.arange(127, 151).reshape(6, 4)  # ... 150 appear for sure
-    return masks
+def write_folder(root: Path, masks: list[np.ndarray], save=png) -> tuple[Path, Path]:
+    """images/ and masks/: a random RGB PNG per mask, and the mask as ``save`` encodes it."""
+    images, annotations = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    annotations.mkdir()
+    for i, mask in enumerate(masks):
+        rgb = np.random.default_rng(i).integers(0, 256, (*mask.shape[:2], 3), dtype=np.uint8)
+        (images / f"{i:03d}.png").write_bytes(png(rgb))
+        (annotations / f"{i:03d}.png").write_bytes(save(mask))
+    return images, annotations
 
 
-def test_ade20k_raw_labels_need_reduce_zero_label(tmp_path, capsys):
-    """Raw 0..150 with num_classes 150: the diagnosis, exit 2; with reduce_zero_label, exit 0."""
-    masks = ade_like_masks()
-    recipe = write_recipe(tmp_path / "ade.yaml", write_split(tmp_path, masks), num_classes=150)
-    result = run_cli("data", "check", str(recipe))  # the console command, as a user runs it
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "0 appears and 150 is the maximum: reduce_zero_label is probably wanted" in (
-        one_line_error(result.stderr)
+def scene(seed: int, classes, *, void: int | None = None, sky: int | None = None,
+          shape=(48, 64)) -> np.ndarray:  # fmt: skip
+    """A scene-like index mask: 3 x 4 blocks of ``classes``, ``sky`` (a class) over the top
+    third, and ``void`` in 2-pixel bands along every boundary, as annotators leave outlines."""
+    blocks = np.random.default_rng(seed).choice(list(classes), (3, 4)).astype(np.uint8)
+    mask = cv2.resize(blocks, shape[::-1], interpolation=cv2.INTER_NEAREST)
+    if sky is not None:
+        mask[: shape[0] // 3] = sky
+    if void is not None:
+        edge = np.zeros(shape, np.uint8)
+        edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+        edge[1:] |= mask[1:] != mask[:-1]
+        mask[cv2.dilate(edge, np.ones((2, 2), np.uint8)) > 0] = void
+    return mask
+
+
+def folder_recipe(path: Path, images: Path, masks: Path, **data) -> Path:
+    """A recipe: the quickstart's FPN model and a folder train source."""
+    path.write_text(yaml.safe_dump({
+        "_base_": [str(RECIPES / "_base_" / "models" / "fpn_resnet18.yaml")],
+        "data": {**data, "train": {"source": {"type": "folder", "images_dir": str(images),
+                                              "annotations_dir": str(masks)}}},
+    }))  # fmt: skip
+    return path
+
+
+def pixels(out: str, name: str) -> int:
+    """The pixels of class ``name`` in the report's class table."""
+    return int(class_row(out, name)[2].replace(",", ""))
+
+
+def ignored(out: str) -> int:
+    """The ignored pixels in the report's class table."""
+    row = next(line for line in out.splitlines() if "ignored (255)" in line)
+    return int(row.split()[2].replace(",", ""))
+
+
+@pytest.mark.parametrize("first", ["wall", "background"])
+def test_ade20k_like_zero_other_needs_reduce_zero_label(tmp_path, capsys, first):
+    """0..12 for 12 classes, 0 in thin bands along every boundary ("other", as in ADE20K): the
+    evidence settles it whether the first class is a plain class or VOC-style "background"
+    (which fits either reading); the other reading is still named; the fix trains right."""
+    masks = [scene(i, range(1, 13), void=0) for i in range(12)]
+    names = [first, *(f"thing{i}" for i in range(1, 12))]
+    recipe = folder_recipe(tmp_path / "ade.yaml", *write_folder(tmp_path / "d", masks),
+                           num_classes=12, class_names=names)  # fmt: skip
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 2
+    assert "0 appears and 12 is the maximum: reduce_zero_label is probably wanted" in (
+        one_line_error(err)
     )
-    assert "Raw mask values: 0..150," in result.stdout
-    assert "PROBLEM  0 appears and 150 is the maximum" in result.stdout
-    assert "Class weights: not computed" in result.stdout  # they would be for the wrong classes
+    assert "label_map" not in err  # one fix recommended ...
+    report = flat(out)
+    assert "The evidence points to 0: 0 gathers along boundaries" in report and "(strong)" in report
+    assert "The other reading, 12 void and 0 a class" in report  # ... the other one named
+    assert "data.label_map={12: 255}" in report
+    assert "Class weights: not computed" in out  # they would be for the wrong classes
 
-    fix = printed_command(result.stdout, "--cfg-options data.reduce_zero_label")
+    fix = printed_command(out, "--cfg-options data.reduce_zero_label")
     code, out, err = cli(capsys, "data", "check", recipe, *fix)
     assert code == 0 and err == "", err
-    assert "Classes (after reduce_zero_label; 150 classes" in out
-    assert "Class weights by median frequency balancing" in out
+    assert "Classes (after reduce_zero_label; 12 classes" in out
     raw = np.concatenate([m.ravel() for m in masks])
-    row = class_row(out, "class_0")  # raw 1 after the shift; raw 0 is ignored
-    assert int(row[2].replace(",", "")) == (raw == 1).sum()
-    assert int(row[4]) == sum(bool((m == 1).any()) for m in masks)
-    ignored = next(line for line in out.splitlines() if "ignored (255)" in line)
-    assert f"{(raw == 0).sum():,}" in ignored
+    assert pixels(out, first) == (raw == 1).sum()  # raw 1 is class 0; raw 0 is ignored
+    assert ignored(out) == (raw == 0).sum()
+    assert "Class weights by median frequency balancing" in out
+
+
+def test_camvid_like_void_last_is_not_reduce_zero_label(tmp_path, capsys):
+    """Issue 30: 0..10 classes with 0 = sky over a third of every image and 11 = void along the
+    boundaries (as CamVid). The old advice, reduce_zero_label, would ignore the sky and shift
+    every class: the check maps 11 to the ignore index instead, through the console command."""
+    masks = [scene(i, range(1, 11), void=11, sky=0) for i in range(12)]
+    names = ["sky", "road", "car", "tree", "sidewalk", "fence", "person", "bike", "sign", "pole",
+             "house"]  # fmt: skip
+    recipe = folder_recipe(tmp_path / "camvid.yaml", *write_folder(tmp_path / "d", masks),
+                           num_classes=11, class_names=names)  # fmt: skip
+    result = run_cli("data", "check", str(recipe))  # the console command, as a user runs it
+    assert result.returncode == 2, result.stdout + result.stderr
+    err = one_line_error(result.stderr)
+    assert "11 is probably a void label, map it to the ignore index" in err
+    assert "reduce_zero_label" not in err
+    report = flat(result.stdout)
+    assert "The evidence points to 11: 11 gathers along boundaries" in report
+    assert "The other reading, 0 'other' (reduce_zero_label), would ignore class 0 (sky)" in report
+    assert not any(line.strip().startswith("--cfg-options data.reduce_zero_label")
+                   for line in result.stdout.splitlines())  # fmt: skip
+
+    fix = printed_command(result.stdout, "--cfg-options 'data.label_map=")
+    assert fix == ["--cfg-options", "data.label_map={11: 255}"]
+    code, out, err = cli(capsys, "data", "check", recipe, *fix)
+    assert code == 0, err
+    raw = np.concatenate([m.ravel() for m in masks])
+    assert pixels(out, "sky") == (raw == 0).sum()  # the sky stays class 0
+    assert pixels(out, "house") == (raw == 10).sum()
+    assert ignored(out) == (raw == 11).sum()
+
+
+def test_balanced_evidence_prints_both_readings(tmp_path, capsys):
+    """0 and 12 both solid blocks in every mask: nothing tells them apart, so the problem names
+    both readings and how to choose, and both printed fixes work; a known dataset's class names
+    (SegNet's CamVid) settle it."""
+    masks = []
+    for i in range(8):
+        mask = scene(i, range(13))
+        mask[:16, :16], mask[:16, 16:32] = 0, 12
+        masks.append(mask)
+    images, annotations = write_folder(tmp_path / "d", masks)
+    recipe = folder_recipe(tmp_path / "r.yaml", images, annotations, num_classes=12)
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 2
+    err = one_line_error(err)
+    assert "do not tell which is not a class: if 0 is 'other' (as in ADE20K) set " \
+           "data.reduce_zero_label=true, if 12 is void set data.label_map={12: 255}" in err  # fmt: skip
+    assert "the evidence does not settle it: nothing in these examples tells them apart" in flat(out)
+    lines = [line.strip() for line in out.splitlines()]
+    assert lines[lines.index("if 0 is 'other' (as in ADE20K):") + 1] == (
+        "--cfg-options data.reduce_zero_label=true")
+    assert lines[lines.index("if 12 is void:") + 1] == "--cfg-options 'data.label_map={12: 255}'"
+    for start in ("--cfg-options data.reduce_zero_label", "--cfg-options 'data.label_map="):
+        code, _, err = cli(capsys, "data", "check", recipe, *printed_command(out, start))
+        assert code == 0, err
+
+    camvid = ["Sky", "Building", "Pole", "Road", *(f"c{i}" for i in range(8))]
+    recipe = folder_recipe(tmp_path / "camvid.yaml", images, annotations, num_classes=12,
+                           class_names=camvid)  # fmt: skip
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 2 and "12 is probably a void label" in one_line_error(err)
+    assert "data.class_names are CamVid's, whose masks hold 12 = void (strong)" in flat(out)
+
+
+def test_one_based_masks_without_0(tmp_path, capsys):
+    """1..12 and no 0 for 12 classes: 1-based masks (or 'other' that these examples lack), or
+    12 void with class 0 missing. Twenty masks without a 0 and 12 in regions settle it for
+    reduce_zero_label; eight only lean, so both readings are printed. (The old advice, raise
+    num_classes or map 12 to the ignore index, was wrong for 1-based masks.)"""
+    masks = [scene(i, range(1, 13)) for i in range(20)]
+    masks[0][:16, :16] = 12
+    images, annotations = write_folder(tmp_path / "d", masks)
+    recipe = folder_recipe(tmp_path / "r.yaml", images, annotations, num_classes=12)
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 2
+    assert "no 0 appears and 12 is the maximum: reduce_zero_label is probably wanted (the masks " \
+           "look 1-based" in one_line_error(err)  # fmt: skip
+    assert "none of the 20 masks holds a 0 (strong)" in flat(out)
+    code, out, err = cli(capsys, "data", "check", recipe,
+                         *printed_command(out, "--cfg-options data.reduce_zero_label"))  # fmt: skip
+    assert code == 0, err
+    raw = np.concatenate([m.ravel() for m in masks])
+    assert pixels(out, "class_0") == (raw == 1).sum() and pixels(out, "class_11") == (raw == 12).sum()
+
+    code, out, err = cli(capsys, "data", "check", recipe, "--limit", "8")
+    assert code == 2
+    assert "the masks hold 1..12 (no 0), one value more than num_classes=12, and these examples " \
+           "do not tell which is not a class: if the masks are 1-based" in one_line_error(err)  # fmt: skip
+    assert "none of the 8 masks holds a 0 (weak)" in flat(out)
+    assert printed_command(out, "--cfg-options 'data.label_map=") == [
+        "--cfg-options", "data.label_map={12: 255}"]  # fmt: skip
+
+
+def voc_palette_png(index: np.ndarray) -> bytes:
+    """A palette PNG (mode P) with VOC's colour map, as VOC's SegmentationClass files."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    colours = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c = i
+        for bit in range(8):
+            for channel in range(3):
+                colours[i, channel] |= ((c >> channel) & 1) << (7 - bit)
+            c >>= 3
+    image = Image.fromarray(index, mode="P")
+    image.putpalette(colours.ravel().tolist())
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_voc_like_palette_masks_keep_background_as_a_class(tmp_path, capsys):
+    """VOC: palette PNGs holding 0..20 (0 = background, a class) and 255 outlines. They are
+    index masks, not colour masks; reduce_zero_label is never recommended, and turned on it is
+    a problem; with num_classes 20 (background forgotten) all three readings are offered."""
+    masks = [scene(i, [0, 0, 0, 0, *range(1, 21)], void=255) for i in range(12)]
+    masks[0][-8:, -8:] = 20
+    images, annotations = write_folder(tmp_path / "voc", masks, save=voc_palette_png)
+    recipe = folder_recipe(tmp_path / "voc.yaml", images, annotations, num_classes=21)
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 0, err
+    assert "stored as     PNG P (palette indices, uint8): 12" in out
+    assert "colour" not in out and "reduce_zero_label" not in out
+
+    code, out, err = cli(capsys, "data", "check", recipe, "--cfg-options",
+                         "data.reduce_zero_label=true")  # fmt: skip
+    assert code == 2
+    assert "reduce_zero_label is on but 0 looks like a class" in one_line_error(err)
+    assert "the ignore index 255 lies along the boundaries" in flat(out)
+    fix = printed_command(out, "--cfg-options data.reduce_zero_label")
+    code, out, err = cli(capsys, "data", "check", recipe, "--cfg-options",
+                         "data.reduce_zero_label=true", *fix[1:])  # fmt: skip
+    assert code == 0, err
+
+    code, out, err = cli(capsys, "data", "check", recipe, "--cfg-options", "data.num_classes=20")
+    assert code == 2
+    err = one_line_error(err)
+    assert "data.reduce_zero_label=true, if 20 is void set data.label_map={20: 255}, if all are " \
+           "classes set data.num_classes=21" in err  # fmt: skip
+    assert "The masks also hold the ignore index 255" in flat(out)
+    fix = printed_command(out, "--cfg-options data.num_classes=21")
+    code, out, err = cli(capsys, "data", "check", recipe, "--cfg-options", "data.num_classes=20",
+                         *fix[1:])  # fmt: skip
+    assert code == 0, err
 
 
 def test_cityscapes_label_ids_without_label_map(tmp_path, capsys):
+    """labelIds settle it when the 19 evaluated ids hold most pixels; values spread evenly over
+    0..33 could as well be a 34-class dataset: both readings, and both fixes work."""
     ids = np.array([0, 7, 8, 11, 21, 23, 26, 33], np.uint8)  # unlabeled, road, ..., bicycle
     masks = [np.repeat(np.roll(ids, i), 4).reshape(4, 8) for i in range(4)]
     recipe = write_recipe(tmp_path / "city.yaml", write_split(tmp_path, masks), num_classes=19)
     code, out, err = cli(capsys, "data", "check", recipe)
     assert code == 2
     assert "values up to 33: Cityscapes labelIds, use the label_map" in one_line_error(err)
+    assert "the 19 evaluated labelIds hold 88% of the pixels" in flat(out)
+    assert "The other reading, the class indices of a dataset with 34" in flat(out)
 
     fix = printed_command(out, "--cfg-options 'data.label_map=")
     code, out, err = cli(capsys, "data", "check", recipe, *fix)
@@ -145,17 +339,59 @@ def test_cityscapes_label_ids_without_label_map(tmp_path, capsys):
     assert int(class_row(out, "class_0")[2]) == 4 * 4  # road: labelId 7 becomes trainId 0
     assert int(class_row(out, "class_18")[2]) == 4 * 4  # bicycle: 33 becomes 18
 
+    spread = [(np.arange(34 * 4, dtype=np.uint8).reshape(8, 17) + i) % 34 for i in range(4)]
+    recipe = write_recipe(tmp_path / "ids.yaml", write_split(tmp_path / "spread", spread),
+                          num_classes=19, class_names=[f"c{i}" for i in range(19)])  # fmt: skip
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 2
+    assert "Cityscapes labelIds (use the label_map the report prints) or the classes of a " \
+           "dataset with 34 (set data.num_classes=34)" in one_line_error(err)  # fmt: skip
+    assert "only 56% of the pixels" in flat(out)
+    for start in ("--cfg-options 'data.label_map=", "--cfg-options data.num_classes=34"):
+        fix = printed_command(out, start)
+        code, _, err = cli(capsys, "data", "check", recipe, *fix)
+        assert code == 0, err  # the 34-class fix pads class_names to 34
+    assert fix[2].startswith("data.class_names=[c0, c1,") and fix[2].endswith("class_33]")
+
 
 def test_binary_0_255_masks_and_zero_based_masks_with_reduce_zero_label(tmp_path, capsys):
-    binary = [np.where(np.arange(32).reshape(4, 8) % 3, 0, 255).astype(np.uint8)] * 3
+    binary = []
+    for i in range(12):  # a solid foreground in each of 12 masks: binary, settled
+        mask = np.zeros((24, 24), np.uint8)
+        mask[i : i + 12, 6:18] = 255
+        binary.append(mask)
     recipe = write_recipe(tmp_path / "bin.yaml", write_split(tmp_path / "b", binary), num_classes=2)
     code, out, err = cli(capsys, "data", "check", recipe)
-    assert code == 2 and "255 is the ignore index" in one_line_error(err)
+    assert code == 2 and "255 is the ignore index, so the foreground is never learnt" in (
+        one_line_error(err)
+    )
+    assert "none of the 12 masks holds a class but 0" in flat(out)
+    assert "The other reading: 255 is void" in flat(out)
     fix = printed_command(out, "--cfg-options data.num_classes=1 data.mask_scale=255")
     code, out, err = cli(capsys, "data", "check", recipe, *fix)
     assert code == 0, err
     assert "binary: background and foreground" in out
-    assert int(class_row(out, "foreground")[2]) == 3 * 11  # 255 is the foreground: 11 pixels per mask
+    assert pixels(out, "foreground") == 12 * 144  # 255 is the foreground
+
+    outlines = []
+    for i in range(3):  # thin 255 outlines in 3 masks: void around unseen objects, or not
+        mask = np.zeros((24, 32), np.uint8)
+        cv2.rectangle(mask, (4 + i, 4), (20, 18), 255, 2)
+        outlines.append(mask)
+    recipe = write_recipe(tmp_path / "o.yaml", write_split(tmp_path / "o", outlines),
+                          num_classes=21, class_names=[f"c{i}" for i in range(21)])  # fmt: skip
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 2
+    assert "if 255 is the foreground, train binary masks (num_classes 1, mask_scale 255, " \
+           "ignore_index 254); if it is void, these examples hold only class 0" in (
+        one_line_error(err))  # fmt: skip
+    assert "thin bands, as void outlines are" in flat(out)
+    assert printed_command(out, "hooktrain data check") == [
+        "hooktrain", "data", "check", str(recipe), "--limit", "1000"]  # fmt: skip
+    fix = printed_command(out, "--cfg-options data.num_classes=1")
+    assert fix[2] == "data.class_names=null"  # 21 names do not fit a binary recipe
+    code, _, err = cli(capsys, "data", "check", recipe, *fix)
+    assert code == 0, err
 
     zero_based = [np.arange(32, dtype=np.uint8).reshape(4, 8) % 5] * 2
     recipe = write_recipe(tmp_path / "z.yaml", write_split(tmp_path / "z", zero_based),
@@ -171,6 +407,36 @@ def test_binary_0_255_masks_and_zero_based_masks_with_reduce_zero_label(tmp_path
     assert "If the masks are 0-based class indices" in flat(out)
 
 
+def test_16_bit_masks_plain_scaled_and_instance_coded(tmp_path, capsys):
+    """uint16 class indices are read as they are; classes times 256 get the label_map that
+    divides them; class x 1000 + instance is named as such, not 'raise num_classes to 26002'."""
+    plain = [np.arange(48, dtype=np.uint16).reshape(6, 8) % 4 for _ in range(2)]
+    recipe = write_recipe(tmp_path / "p.yaml", write_split(tmp_path / "p", plain), num_classes=4)
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 0, err
+    assert "PNG I;16 (1 channel, uint16)" in out
+
+    scaled = [m * 256 for m in plain]
+    scaled[0][0, :3] = 255 * 256  # void, scaled the same way
+    recipe = write_recipe(tmp_path / "s.yaml", write_split(tmp_path / "s", scaled), num_classes=4)
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 2 and "are class indices times 256" in one_line_error(err)
+    fix = printed_command(out, "--cfg-options 'data.label_map=")
+    assert fix[1] == "data.label_map={256: 1, 512: 2, 768: 3, 65280: 255}"
+    code, out, err = cli(capsys, "data", "check", recipe, *fix)
+    assert code == 0, err
+    assert pixels(out, "class_1") == sum((m == 1).sum() for m in plain) - 1  # one became void
+    assert ignored(out) == 3
+
+    instances = np.full((6, 8), 7, np.uint16)  # road (a labelId), three instances of two classes
+    instances[:3, :3], instances[:3, 4:], instances[4:, :4] = 26000, 26001, 24000
+    recipe = write_recipe(tmp_path / "i.yaml", write_split(tmp_path / "i", [instances]),
+                          num_classes=19)  # fmt: skip
+    code, out, err = cli(capsys, "data", "check", recipe)
+    assert code == 2 and "look like class x 1000 + instance" in one_line_error(err)
+    assert "raise data.num_classes (to" not in out
+
+
 def paint(seed: int, shape=(6, 10)) -> np.ndarray:
     """Random class indices 0..2 in blocks."""
     blocks = np.random.default_rng(seed).integers(0, len(PALETTE), (3, 5), dtype=np.uint8)
@@ -179,14 +445,7 @@ def paint(seed: int, shape=(6, 10)) -> np.ndarray:
 
 def write_colour_folder(root: Path, indices: list[np.ndarray]) -> tuple[Path, Path]:
     """images/ and masks/ with RGB PNG masks painted with PALETTE."""
-    images, masks = root / "images", root / "masks"
-    images.mkdir(parents=True)
-    masks.mkdir()
-    for i, index in enumerate(indices):
-        rgb = np.random.default_rng(i).integers(0, 256, (*index.shape, 3), dtype=np.uint8)
-        (images / f"{i:03d}.png").write_bytes(png(rgb))
-        (masks / f"{i:03d}.png").write_bytes(png(np.asarray(PALETTE, np.uint8)[index]))
-    return images, masks
+    return write_folder(root, [np.asarray(PALETTE, np.uint8)[index] for index in indices])
 
 
 def test_rgb_palette_masks_are_diagnosed_and_convert_round_trips(tmp_path, capsys, monkeypatch):

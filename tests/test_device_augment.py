@@ -1,14 +1,21 @@
 """``data.train.gpu_augment``: PhotoMetricDistortion and normalisation batched on the device,
-against the OpenCV path (hooktrain.data.transforms, bit-exact with MMSegmentation 1.2.2).
+against the OpenCV path (hooktrain.data.transforms, bit-exact with MMSegmentation 1.2.2 on the
+same machine).
 
-Measured with opencv-python 5.0.0 on x86-64 with AVX2 (AMD EPYC): the device function is
-bit-exact with the OpenCV path, for every 8-bit colour (RGB -> HSV), every 8-bit HSV value
-(HSV -> RGB, in whole vector steps and in row tails), fixed parameters on whole crops, 60
-TrainTransform draws and the stream's batches (max difference 0, in normalised units and in
-uint8 steps). Without the emulation of OpenCV's fused multiply-add, 1,758 of the 35.4 million
-HSV -> RGB values were one step off; without the rounded row tails, about 5% of the values in
-the tail pixels (a crop ``w`` wide has ``w mod 32`` of them per row). On another host (no AVX2,
-ARM) the tests accept one uint8 step; ``MEASURED`` is printed at the end (pytest ``-s``).
+OpenCV picks its HSV kernels by the CPU at run time (steps of 16, 32 or 64 pixels, fused
+multiply-add or not, rounded row tails), so the device function cannot equal it bit for bit on
+every machine. What holds everywhere, and is asserted here against OpenCV's optimised path and
+against its baseline path (``cv2.setUseOptimized(False)``), both on one machine:
+    * RGB -> HSV, brightness and contrast: exact;
+    * HSV -> RGB, and so a saturation or a hue step alone, for the same input: within 1 uint8
+      step (every 8-bit HSV value);
+    * whole draws: within ``opencv_step_bound(draws)`` steps (a 1-step difference entering the
+      hue step can move OpenCV's 180-level H by one unit). Which pixels differ depends on the
+      kernel: OpenCV truncates in its vector loop, as the device function does, and rounds the
+      last pixels of each row (fewer than its vector step).
+On x86-64 with AVX2 or AVX-512 the device function also equals OpenCV's optimised vector loop
+bit for bit in whole vector steps (its fused multiply-add and truncation), which one test checks
+where that hardware is. ``MEASURED`` is printed at the end (pytest ``-s``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -27,10 +35,11 @@ from conftest import ENV, QUICKSTART, run_cli, tiny
 from hooktrain.data import build_train_stream, prepare_data
 from hooktrain.data import transforms as transforms_module
 from hooktrain.data.device_augment import (
+    HSV_STEP,
     PHOTOMETRIC_FIELDS,
     batch_inputs,
     hsv_to_rgb,
-    opencv_rounded_columns,
+    opencv_step_bound,
     photometric_normalise,
     rgb_to_hsv,
 )
@@ -48,15 +57,10 @@ from hooktrain.optim import OptimizerConfig, build_optimizer, use_fused_adamw
 from hooktrain.recipe import load_recipe
 
 STD = np.asarray(IMAGENET_STD, np.float32)
-ONE_STEP = 1 / float(STD.min()) + 1e-6  # one uint8 step in normalised units, the largest channel's
 RESCALE = "data.train.pipeline.ratio_range=[0.5,2.0]"  # the quickstart has none: padded crops, odd widths
 MEASURED: dict[str, object] = {}  # printed at the end of the module (pytest -s)
-# OpenCV runs its HSV code in 32-pixel AVX2 steps here, which the device function reproduces.
-EXACT_HOST = platform.machine() in {"x86_64", "AMD64"} and "*AVX2" in cv2.getCPUFeaturesLine().split()
-TOLERANCE = 0 if EXACT_HOST else 1  # uint8 steps
-
-
-# ---------------------------------------------------------------- helpers
+OPENCV_PATHS = ("optimised", "baseline")  # cv2.setUseOptimized(True / False)
+VECTOR_LOOP_HOST = platform.machine() in {"x86_64", "AMD64"} and "*AVX2" in cv2.getCPUFeaturesLine().split()
 
 
 def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -89,15 +93,28 @@ def device_photometric(image: np.ndarray, draws: PhotometricDraws) -> torch.Tens
     return photometric_normalise(images, params, IMAGENET_MEAN, IMAGENET_STD)[0]
 
 
-def uint8_steps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest difference of two normalised [3,H,W] images, in uint8 steps."""
-    return int(((a - b).abs() * torch.from_numpy(STD).view(3, 1, 1)).max().round())
+def uint8_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The differences of two normalised ``[..., 3, H, W]`` images, in uint8 steps (int64)."""
+    return ((a - b).abs() * torch.from_numpy(STD).view(3, 1, 1)).round().long()
 
 
 def recipe_data(data_root: Path, *extra: str):
     recipe = load_recipe(QUICKSTART, [*tiny(data_root), *extra], "/tmp/unused")
     prepare_data(recipe.data)
     return recipe.data
+
+
+@pytest.fixture(params=OPENCV_PATHS)
+def opencv_path(request) -> Iterator[str]:
+    """Runs the test on OpenCV's optimised kernels and on its baseline ones, with one thread."""
+    optimised, threads = cv2.useOptimized(), cv2.getNumThreads()
+    cv2.setUseOptimized(request.param == "optimised")
+    cv2.setNumThreads(1)
+    try:
+        yield request.param
+    finally:
+        cv2.setUseOptimized(optimised)
+        cv2.setNumThreads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +125,7 @@ def data_root(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- OpenCV's colour conversions
 
 
-def test_rgb_to_hsv_is_opencvs_for_every_8bit_colour():
+def test_rgb_to_hsv_is_opencvs_for_every_8bit_colour(opencv_path):
     rgb = np.arange(2**24, dtype=np.uint32).view(np.uint8).reshape(4096, 4096, 4)[:, :, :3]
     rgb = np.ascontiguousarray(rgb)
     want = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
@@ -117,20 +134,40 @@ def test_rgb_to_hsv_is_opencvs_for_every_8bit_colour():
     assert np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("width", [256, 250])
-def test_hsv_to_rgb_is_opencvs_for_every_8bit_hsv(width):
-    """Every H 0..179, S, V 0..255, in rows of 256 pixels (whole vector steps) and of 250
-    (a 26-pixel tail per row, which OpenCV rounds)."""
+def every_hsv_value(width: int) -> np.ndarray:
+    """Every H 0..179, S, V 0..255 as uint8 rows of ``width`` pixels (the last row completed)."""
     h, s, v = np.meshgrid(np.arange(180), np.arange(256), np.arange(256), indexing="ij")
     hsv = np.stack([h, s, v], -1).astype(np.uint8).reshape(-1, 3)
-    hsv = np.concatenate([hsv, hsv[: -len(hsv) % width]]).reshape(-1, width, 3)
-    want = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return np.concatenate([hsv, hsv[: -len(hsv) % width]]).reshape(-1, width, 3)
+
+
+def device_hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     planes = torch.from_numpy(hsv).permute(2, 0, 1).to(torch.int32)
-    rounded = opencv_rounded_columns(torch.tensor([width]), width)[0]
-    got = hsv_to_rgb(planes[0:1], planes[1:2], planes[2:3], rounded).permute(1, 2, 0).to(torch.uint8).numpy()
-    diff = np.abs(got.astype(int) - want)
-    MEASURED[f"HSV->RGB, every 8-bit HSV, rows of {width}: values off / largest"] = (int((diff > 0).sum()), diff.max())
-    assert diff.max() <= TOLERANCE
+    return hsv_to_rgb(planes[0:1], planes[1:2], planes[2:3]).permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("width", [256, 250])
+def test_hsv_to_rgb_is_within_one_step_of_opencv_for_every_8bit_hsv(width, opencv_path):
+    """Rows of 256 pixels (whole vector steps for every SIMD width) and of 250 (row tails,
+    which OpenCV converts one by one and rounds)."""
+    hsv = every_hsv_value(width)
+    diff = np.abs(device_hsv_to_rgb(hsv).astype(int) - cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+    MEASURED[f"HSV->RGB, every 8-bit HSV, rows of {width}, {opencv_path}: values off / largest"] = (
+        int((diff > 0).sum()), int(diff.max()))  # fmt: skip
+    assert diff.max() <= HSV_STEP
+
+
+@pytest.mark.skipif(not VECTOR_LOOP_HOST, reason="needs OpenCV's x86-64 AVX2/AVX-512 HSV kernels")
+def test_hsv_to_rgb_equals_opencvs_vector_loop_bit_for_bit():
+    """Hardware-dependent: where OpenCV runs its x86-64 AVX2 or AVX-512 code, whole vector
+    steps (rows of 256 pixels) are its float32 formula with a fused multiply-add, truncated."""
+    hsv = every_hsv_value(256)
+    optimised = cv2.useOptimized()
+    cv2.setUseOptimized(True)
+    try:
+        assert np.array_equal(device_hsv_to_rgb(hsv), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+    finally:
+        cv2.setUseOptimized(optimised)
 
 
 # ---------------------------------------------------------------- (a) fixed parameters
@@ -157,7 +194,7 @@ HSV = {
 
 
 @pytest.mark.parametrize("name", list(EXACT))
-def test_brightness_and_contrast_equal_the_opencv_path_exactly(name, monkeypatch):
+def test_brightness_and_contrast_equal_the_opencv_path_exactly(name, monkeypatch, opencv_path):
     image = scene(64, 75)
     want = cpu_photometric(image, EXACT[name], monkeypatch)
     assert torch.equal(device_photometric(image, EXACT[name]), want)
@@ -165,17 +202,16 @@ def test_brightness_and_contrast_equal_the_opencv_path_exactly(name, monkeypatch
 
 @pytest.mark.parametrize("width", [96, 75])
 @pytest.mark.parametrize("name", list(HSV))
-def test_saturation_and_hue_equal_the_opencv_path(name, width, monkeypatch):
-    """Width 96: whole vector steps of 32 pixels (AVX2) per row; width 75: an 11-pixel tail."""
+def test_saturation_and_hue_stay_within_the_bound_of_the_opencv_path(name, width, monkeypatch, opencv_path):
+    """Width 96: whole vector steps for 16- and 32-pixel kernels, a 32-pixel tail for 64; width
+    75: a tail for every kernel."""
+    draws = HSV[name]
     image = scene(64, width, seed=width)
-    want = cpu_photometric(image, HSV[name], monkeypatch)
-    got = device_photometric(image, HSV[name])
-    steps = uint8_steps(got, want)
-    differ = float(((got - want).abs() > 1e-6).float().mean())
-    MEASURED[f"{name}, width {width}: max |diff| normalised"] = float((got - want).abs().max())
-    MEASURED[f"{name}, width {width}: max uint8 steps / share of values off"] = (steps, round(differ, 5))
-    assert steps <= TOLERANCE
-    assert float((got - want).abs().max()) <= TOLERANCE * ONE_STEP
+    steps = uint8_steps(device_photometric(image, draws), cpu_photometric(image, draws, monkeypatch))
+    bound = opencv_step_bound(draws.as_row())
+    MEASURED[f"{name}, width {width}, {opencv_path}: max uint8 steps / mean / bound"] = (
+        int(steps.max()), round(float(steps.float().mean()), 4), bound)  # fmt: skip
+    assert int(steps.max()) <= bound
 
 
 # ---------------------------------------------------------------- (b) the same draws
@@ -216,14 +252,14 @@ def test_the_draws_are_mmsegs_in_mmsegs_order():
     assert set(rows[rows[:, 7] == 1, 8]) <= set(range(-18, 18))
 
 
-def test_uint8_crop_draws_what_the_cpu_path_draws_and_gives_its_pixels():
+def test_uint8_crop_draws_what_the_cpu_path_draws_and_gives_its_pixels(opencv_path):
     """The same example and generator: the same crop, flip, photometric draws and mask, and
-    after the device function the CPU path's pixels (within TOLERANCE)."""
+    after the device function the CPU path's pixels (within each draw's bound)."""
     cfg = TrainPipelineConfig(scale=(160, 48), crop_size=(48, 48), cat_max_ratio=0.75)
     transform = TrainTransform(cfg)
     image = scene(60, 90, seed=3)
     mask = (scene(60, 90, seed=4)[:, :, 0] // 64).astype(np.uint8)
-    worst, padded = 0, 0
+    over, padded, steps = [], 0, []
     for seed in range(60):
         cpu_rng, gpu_rng = np.random.default_rng(seed), np.random.default_rng(seed)
         want, want_mask = transform(image, mask, cpu_rng)
@@ -234,19 +270,24 @@ def test_uint8_crop_draws_what_the_cpu_path_draws_and_gives_its_pixels():
         assert (crop[:, h:] == 0).all() and (crop[:, :, w:] == 0).all()
         got = photometric_normalise(crop[None], row[None], IMAGENET_MEAN, IMAGENET_STD, torch.tensor([[h, w]]))[0]
         assert (got[:, h:] == 0).all() and (got[:, :, w:] == 0).all()
-        worst = max(worst, uint8_steps(got, want))
+        steps.append(uint8_steps(got, want))
+        if int(steps[-1].max()) > opencv_step_bound(row):
+            over.append((seed, int(steps[-1].max()), opencv_step_bound(row)))
         padded += (h, w) != (48, 48)
-    MEASURED["TrainTransform vs uint8_crop + device, 60 seeds: max uint8 steps"] = worst
-    assert worst <= TOLERANCE and padded > 0
+    steps = torch.stack(steps).float()
+    MEASURED[f"TrainTransform vs uint8_crop + device, 60 seeds, {opencv_path}: max / mean uint8 steps"] = (
+        int(steps.max()), round(float(steps.mean()), 4))  # fmt: skip
+    assert not over, f"(seed, steps, bound): {over}"
+    assert padded > 0
 
 
 def test_stream_batches_with_gpu_augment_are_the_cpu_batches(data_root):
     """The same examples in the same order; the device function on CPU gives the CPU path's
-    images (within TOLERANCE); the padding is 0; ``browse`` shows them."""
+    images (within each draw's bound); the padding is 0; ``browse`` shows them."""
     cpu_data = recipe_data(data_root, RESCALE)
     gpu_data = recipe_data(data_root, RESCALE, "data.train.gpu_augment=true")
     cpu, gpu = build_train_stream(cpu_data, seed=11), build_train_stream(gpu_data, seed=11)
-    worst = padded = 0
+    over, padded, steps = [], 0, []
     for _ in range(6):
         want, batch = next(cpu), next(gpu)
         assert batch["example_ids"] == want["example_ids"] and batch["mask"].dtype == torch.uint8
@@ -255,15 +296,21 @@ def test_stream_batches_with_gpu_augment_are_the_cpu_batches(data_root):
         assert batch["image_sizes"].dtype == torch.int64 and batch["image_sizes"].shape == (2, 2)
         image, mask = batch_inputs(batch, "cpu", gpu_data)
         assert image.dtype == torch.float32 and torch.equal(mask, want["mask"])
-        worst = max(worst, max(uint8_steps(a, b) for a, b in zip(image, want["image"], strict=True)))
+        for got, expected, row in zip(image, want["image"], batch["photometric"], strict=True):
+            steps.append(uint8_steps(got, expected))
+            if int(steps[-1].max()) > opencv_step_bound(row):
+                over.append((int(steps[-1].max()), opencv_step_bound(row)))
         for i, (h, w) in enumerate(batch["image_sizes"].tolist()):
             padded += (h, w) != (32, 32)
             assert (image[i, :, h:] == 0).all() and (image[i, :, :, w:] == 0).all()
             assert (want["image"][i, :, h:] == 0).all() and (want["image"][i, :, :, w:] == 0).all()
     cpu.close()
     gpu.close()
-    MEASURED["stream batches, gpu_augment vs CPU path: max uint8 steps"] = worst
-    assert worst <= TOLERANCE and padded > 0
+    steps = torch.stack(steps).float()
+    MEASURED["stream batches, gpu_augment vs CPU path: max / mean uint8 steps"] = (
+        int(steps.max()), round(float(steps.mean()), 4))  # fmt: skip
+    assert not over, f"(steps, bound): {over}"
+    assert padded > 0
 
     from hooktrain.analysis.browse import train_samples
 

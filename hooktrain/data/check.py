@@ -5,7 +5,7 @@ The examples come through the same code as training: the source is opened with
 :func:`~hooktrain.data.labels.decode_image` and :func:`~hooktrain.data.labels.decode_mask`,
 and mask values go through the recipe's :class:`~hooktrain.data.labels.LabelMapper`
 (``reduce_zero_label``, then ``label_map``, then the range check). :func:`scan` counts what
-they hold in a :class:`~hooktrain.data.check_findings.DataStats`;
+they hold in a :class:`~hooktrain.data.check_stats.DataStats`;
 :mod:`hooktrain.data.check_findings` diagnoses it (findings, class weights) and
 :mod:`hooktrain.data.check_report` prints it as a report (columns, sizes, formats, pixels and
 images per class, class weights) followed by the findings. A finding is either a *problem*
@@ -23,13 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from hooktrain.data.check_findings import (
-    SHOWN,
-    DataStats,
-    Finding,
-    diagnose,
-    recipe_palette,
-)
+from hooktrain.data.check_findings import diagnose, recipe_palette
+from hooktrain.data.check_stats import SHOWN, DataStats, Finding
 from hooktrain.data.check_report import format_report
 from hooktrain.errors import UserError, did_you_mean, first_line
 
@@ -247,16 +242,16 @@ def _colour_array(value) -> np.ndarray | None:
 
 
 def _count_index_mask(stats: DataStats, mask: np.ndarray, example_id: str, mapper) -> None:
-    """Count the raw values of an index mask and the classes they map to."""
-    if mask.dtype == np.uint8:
-        counts = np.bincount(mask.ravel(), minlength=256)
-        values = np.flatnonzero(counts)
-        counts = counts[values]
-    else:
-        values, counts = np.unique(mask, return_counts=True)
+    """Count the raw values of an index mask (their pixels, those on a boundary or the image
+    border, the mask) and the classes they map to."""
+    values, counts = _histogram(mask)
     for v, c in zip(values.tolist(), counts.tolist(), strict=True):
         stats.raw_pixels[v] += c
         stats.raw_images[v] += 1
+    edge_values, edge_counts = _histogram(mask[_edge_pixels(mask)])
+    for v, c in zip(edge_values.tolist(), edge_counts.tolist(), strict=True):
+        stats.raw_edge_pixels[v] += c
+    stats.index_masks += 1
     mapped, bad = mapper.map_values(values)
     if bad.any():
         for v, c in zip(values[bad].tolist(), counts[bad].tolist(), strict=True):
@@ -267,6 +262,31 @@ def _count_index_mask(stats: DataStats, mask: np.ndarray, example_id: str, mappe
     stats.total_pixels += int(counts[bad | ignored].sum())  # the labelled ones are added below
     valid = ~(bad | ignored)
     _count_classes(stats, mapped[valid], counts[valid])
+
+
+def _histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``values`` and how often each occurs (a bincount for uint8)."""
+    if values.dtype == np.uint8:
+        counts = np.bincount(values.ravel(), minlength=256)
+        present = np.flatnonzero(counts)
+        return present, counts[present]
+    return np.unique(values, return_counts=True)
+
+
+def _edge_pixels(mask: np.ndarray) -> np.ndarray:
+    """Where ``mask`` touches another value (4-neighbours) or the image border: void and
+    'other' labels gather there (see check_findings' clues)."""
+    edge = np.zeros(mask.shape, bool)
+    if not mask.size:
+        return edge
+    across, down = mask[:, 1:] != mask[:, :-1], mask[1:] != mask[:-1]
+    edge[:, 1:] |= across
+    edge[:, :-1] |= across
+    edge[1:] |= down
+    edge[:-1] |= down
+    edge[[0, -1]] = True
+    edge[:, [0, -1]] = True
+    return edge
 
 
 def _count_classes(stats: DataStats, classes: np.ndarray, counts: np.ndarray) -> None:

@@ -5,6 +5,9 @@ into :class:`Finding` s. A finding is either a *problem* (training would stop, o
 wrong labels) or a *note*; each says what was seen, what it means and the fix, often with a
 line to paste (``--cfg-options`` values, a ``hooktrain data convert --palette`` command).
 
+The mask values' diagnoses, which weigh two readings of one pattern, are in
+:mod:`hooktrain.data.check_labels`; the shared types in :mod:`hooktrain.data.check_stats`.
+
 Class weights use median frequency balancing (Eigen & Fergus 2015, as in SegNet):
 ``w_c = median(f) / f_c`` with ``f_c`` = pixels of class ``c`` / labelled pixels of the images
 that contain ``c`` (the median over the classes seen). Classes not seen get the largest weight
@@ -16,82 +19,18 @@ module; it imports neither.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
 import numpy as np
 
-__all__ = ["CITYSCAPES_LABEL_MAP", "CLASS_WEIGHT_FORMULA", "SHOWN", "DataStats", "Finding",
-           "class_weight_options", "class_weights", "diagnose", "label_steps",
-           "recipe_palette"]  # fmt: skip
+from hooktrain.data.check_labels import label_value_findings
+from hooktrain.data.check_stats import SHOWN, DataStats, Finding, label_steps
+
+__all__ = ["CLASS_WEIGHT_FORMULA", "class_weight_options", "class_weights", "diagnose", "recipe_palette"]
 
 CLASS_WEIGHT_FORMULA = (
     "median frequency balancing as in SegNet (Eigen & Fergus 2015): w_c = median(f) / f_c, where "
     "f_c = pixels of class c / labelled pixels of the images containing c; classes not seen get "
     "the largest weight"
 )
-# Cityscapes labelIds (gtFine_labelIds.png) to the 19 trainIds, from cityscapesScripts'
-# labels.py; every other id is not evaluated and becomes 255.
-CITYSCAPES_LABEL_MAP = {
-    **{i: 255 for i in range(34)},
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
-SHOWN = 10  # example ids, colours or values listed per finding (and unknown colours kept)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One diagnosis: ``problem`` (training would stop or learn wrong labels) or a note."""
-
-    problem: bool
-    summary: str  # a short clause for the one-line error
-    detail: str  # the report's text: what was seen, what it means, the fix
-    command: str = ""  # a line to paste (printed unwrapped under the detail)
-    changes_classes: bool = False  # fixing it changes the class counts (and so the weights)
-
-
-@dataclass
-class DataStats:
-    """What :func:`hooktrain.data.check.scan` saw in the examples."""
-
-    num_classes: int
-    ignore_index: int
-    columns: dict[str, str] = field(default_factory=dict)  # name -> type
-    read: int = 0
-    image_sizes: Counter = field(default_factory=Counter)  # (h, w) -> examples
-    mask_sizes: Counter = field(default_factory=Counter)
-    image_formats: Counter = field(default_factory=Counter)  # "JPEG RGB (3 channels, uint8)"
-    mask_formats: Counter = field(default_factory=Counter)
-    image_kinds: Counter = field(default_factory=Counter)  # "4 channels, uint16" -> examples
-    wrong_images: list = field(default_factory=list)  # (example id, message): decodable, not data.in_channels
-    raw_pixels: Counter = field(default_factory=Counter)  # raw mask value -> pixels
-    raw_images: Counter = field(default_factory=Counter)  # raw mask value -> images
-    class_pixels: np.ndarray = None  # [C] pixels per class after label handling
-    class_images: np.ndarray = None  # [C] images containing the class
-    class_context: np.ndarray = None  # [C] labelled pixels of the images containing the class
-    ignored_pixels: int = 0
-    total_pixels: int = 0  # pixels of the masks counted (index masks and matched colour masks)
-    out_of_range: Counter = field(default_factory=Counter)  # raw value -> pixels
-    out_of_range_ids: list = field(default_factory=list)
-    corrupt: list = field(default_factory=list)  # (example id, message)
-    bad_masks: list = field(default_factory=list)  # (example id, message): decodable, unusable
-    size_mismatch: list = field(default_factory=list)  # (example id, image hw, mask hw)
-    grey_rgb_masks: list = field(default_factory=list)  # example ids
-    colour_masks: list = field(default_factory=list)  # example ids
-    colours: Counter = field(default_factory=Counter)  # colour -> pixels (colour masks)
-    unknown_colours: dict = field(default_factory=dict)  # colour -> (example id, x, y)
-    unknown_colour_pixels: Counter = field(default_factory=Counter)
-
-    def __post_init__(self) -> None:
-        for name in ("class_pixels", "class_images", "class_context"):
-            if getattr(self, name) is None:
-                setattr(self, name, np.zeros(self.num_classes, np.int64))
-
-    @property
-    def decoded(self) -> int:
-        """Examples whose image and mask both decoded."""
-        return sum(self.mask_sizes.values())
 
 
 # -- diagnosis ----------------------------------------------------------------------------
@@ -102,8 +41,8 @@ def diagnose(stats: DataStats, recipe, source=None, recipe_arg: str = "RECIPE") 
     first. ``source`` (the checked source) and ``recipe_arg`` fill in the suggested commands."""
     findings: list[Finding] = []
     for check in (_nothing_read, _corrupt, _wrong_images, _photometric_depth, _bad_masks,
-                  _size_mismatch, _colour_masks, _grey_rgb_masks, _label_values, _label_map_overlap, _ignored_pixels,
-                  _class_weight_lengths, _absent_classes, _image_formats):  # fmt: skip
+                  _size_mismatch, _colour_masks, _grey_rgb_masks, label_value_findings, _label_map_overlap,
+                  _ignored_pixels, _class_weight_lengths, _absent_classes, _image_formats):  # fmt: skip
         findings.extend(check(stats, recipe, source, recipe_arg))
     return sorted(findings, key=lambda f: not f.problem)
 
@@ -286,104 +225,6 @@ def _grey_rgb_masks(stats, recipe, source, recipe_arg) -> list[Finding]:
     )]  # fmt: skip
 
 
-def _label_values(stats, recipe, source, recipe_arg) -> list[Finding]:
-    """Raw value patterns MMSegmentation users get wrong, then any other out-of-range values."""
-    data = recipe.data
-    if not stats.raw_pixels:
-        return []
-    n_classes, ignore = data.num_classes, data.ignore_index
-    values = set(stats.raw_pixels)
-    labelled = values - {ignore}
-    top = max(labelled) if labelled else None
-    bad = set(stats.out_of_range)
-    findings: list[Finding] = []
-    if values <= {0, 255} and 255 in values and ignore == 255 and not data.reduce_zero_label \
-            and 255 not in data.label_map:  # fmt: skip
-        findings.append(Finding(
-            True, "the masks hold only 0 and 255 and 255 is the ignore index, so the foreground "
-            "is never learnt: train them as binary masks (num_classes 1, mask_scale 255, ignore_index 254)",
-            "The masks hold only the values 0 and 255: a binary mask whose foreground is 255. "
-            "255 is data.ignore_index, so those pixels are ignored and the foreground is never "
-            "learnt. Train binary segmentation with 255 as the foreground value (and an ignore "
-            "index the masks never hold):",
-            "--cfg-options data.num_classes=1 data.mask_scale=255 data.ignore_index=254",
-            changes_classes=True,
-        ))  # fmt: skip
-    elif not data.reduce_zero_label and not data.label_map and 0 in values \
-            and top == n_classes and bad == {n_classes}:  # fmt: skip
-        findings.append(Finding(
-            True, f"0 appears and {top} is the maximum: reduce_zero_label is probably wanted "
-            "(set data.reduce_zero_label=true)",
-            f"0 appears and {top} is the maximum: reduce_zero_label is probably wanted. The "
-            f"masks hold 0..{top}, one more value than num_classes={n_classes}: as in ADE20K, 0 "
-            f"is 'unlabelled' and 1..{top} are the {n_classes} classes. reduce_zero_label makes "
-            f"0 the ignore index and 1..{top} the classes 0..{n_classes - 1}.",
-            "--cfg-options data.reduce_zero_label=true",
-            changes_classes=True,
-        ))  # fmt: skip
-    elif not data.label_map and n_classes == 19 and bad and all(19 <= v <= 33 for v in bad):
-        findings.append(Finding(
-            True, f"values up to {max(bad)}: Cityscapes labelIds, use the label_map "
-            "(labelIds to trainIds; the report prints it)",
-            f"Values up to {max(bad)} with num_classes=19: these are Cityscapes labelIds "
-            "(*_gtFine_labelIds.png, 0..33), not the 19 trainIds. Use the label_map that sends "
-            "the 19 evaluated ids to 0..18 and every other id to 255 (or read the "
-            "*_gtFine_labelTrainIds.png files instead):",
-            "--cfg-options 'data.label_map={" + ", ".join(
-                f"{k}: {v}" for k, v in sorted(CITYSCAPES_LABEL_MAP.items())) + "}'",
-            changes_classes=True,
-        ))  # fmt: skip
-    elif data.reduce_zero_label and 0 not in values and top is not None and top < n_classes:
-        # A note, not a problem: a small sample of ADE20K-like data can lack 0 ("other") and
-        # the top class alike.
-        findings.append(Finding(
-            False, "reduce_zero_label may be wrong: 0 never appears",
-            f"reduce_zero_label is on, but 0 never appears and the maximum is {top} (below "
-            f"num_classes={n_classes}). If the masks are 0-based class indices, every class "
-            "moves down by one and class 0's pixels are ignored: set "
-            "data.reduce_zero_label=false. If 0 only means 'unlabelled' and these examples have "
-            "none, the recipe is right (check more examples with --limit).",
-        ))  # fmt: skip
-    elif bad:
-        findings.append(_out_of_range(stats, data))
-    if data.reduce_zero_label and 0 in values and top == n_classes - 1 and not data.label_map:
-        findings.append(Finding(
-            False, "reduce_zero_label may be wrong",
-            f"reduce_zero_label is on and the largest value is {top} = num_classes - 1, so after "
-            f"the shift class {n_classes - 1} never appears. If 0 is a real class (as VOC's "
-            "background), set data.reduce_zero_label=false.",
-        ))  # fmt: skip
-    return findings
-
-
-
-def _out_of_range(stats: DataStats, data) -> Finding:
-    bad = sorted(stats.out_of_range)
-    pixels = stats.out_of_range.total()
-    shown = ", ".join(str(v) for v in bad[:SHOWN]) + (", ..." if len(bad) > SHOWN else "")
-    steps = label_steps(data)
-    after = f" after {' and '.join(steps)}" if steps else ""
-    seen = (f"Raw values [{shown}] ({pixels} pixels in {len(stats.out_of_range_ids)} examples, "
-            f"e.g. {stats.out_of_range_ids[0]}) fall outside [0, {data.num_labels}){after} and "
-            f"are not the ignore index {data.ignore_index}.")  # fmt: skip
-    fix = (f"If they are classes, raise data.num_classes (to {max(bad) + 1}?); otherwise map them "
-           "with data.label_map (e.g. to the ignore index)")  # fmt: skip
-    if data.out_of_range == "error":
-        return Finding(
-            True, f"mask values [{shown}] are out of range [0, {data.num_labels}){after}: fix "
-            "num_classes or label_map, or set data.out_of_range=ignore",
-            f"{seen} With data.out_of_range: error training stops at the first such mask. "
-            f"{fix}, or set data.out_of_range: ignore.",
-            changes_classes=True,
-        )  # fmt: skip
-    share = pixels / max(stats.total_pixels, 1)
-    return Finding(
-        False, "out-of-range values are ignored",
-        f"{seen} data.out_of_range: ignore treats them as ignored ({share:.2%} of the pixels). "
-        f"{fix}.",
-    )  # fmt: skip
-
-
 def _label_map_overlap(stats, recipe, source, recipe_arg) -> list[Finding]:
     """Raw values that label_map leaves alone but that land on classes it also produces."""
     from hooktrain.data.labels import LabelMapper
@@ -525,12 +366,6 @@ def class_weight_options(weights: np.ndarray, model) -> list[str]:
 
 
 # -- shared with the scan and the report ---------------------------------------------------
-
-
-def label_steps(data) -> list[str]:
-    """The label handling steps the recipe turns on, in the order they apply."""
-    return [name for name, on in (("reduce_zero_label", data.reduce_zero_label),
-                                  ("label_map", bool(data.label_map))) if on]  # fmt: skip
 
 
 def recipe_palette(data):

@@ -1,6 +1,6 @@
 """The report of ``hooktrain data check``: what the examples hold, as text.
 
-:func:`format_report` lays out the :class:`~hooktrain.data.check_findings.DataStats` that
+:func:`format_report` lays out the :class:`~hooktrain.data.check_stats.DataStats` that
 :func:`hooktrain.data.check.scan` counted (columns, sizes, formats, raw mask values, pixels
 and images per class, class weights) followed by the findings of
 :func:`~hooktrain.data.check_findings.diagnose` and the result line.
@@ -12,14 +12,8 @@ from collections import Counter
 
 import numpy as np
 
-from hooktrain.data.check_findings import (
-    CLASS_WEIGHT_FORMULA,
-    DataStats,
-    Finding,
-    class_weight_options,
-    class_weights,
-    label_steps,
-)
+from hooktrain.data.check_findings import CLASS_WEIGHT_FORMULA, class_weight_options, class_weights
+from hooktrain.data.check_stats import DataStats, Finding, label_steps
 
 __all__ = ["format_report"]
 
@@ -64,6 +58,8 @@ def format_report(stats: DataStats, recipe, findings: list[Finding], *, where: s
                                    break_on_hyphens=False))  # fmt: skip
         if f.command:
             lines.append(" " * len(label) + f.command)
+        for when, command in f.fixes:  # one per reading: the label, the line indented below
+            lines += [" " * len(label) + when, " " * (len(label) + 2) + command]
     problems = sum(f.problem for f in findings)
     if problems:
         result = f"{problems} problem(s); with this recipe training would stop or learn wrongly"

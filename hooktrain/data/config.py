@@ -268,8 +268,8 @@ class TrainDataConfig(Section):
         False,
         description="Workers only decode, resize, crop, flip and pad, handing over uint8 images and each "
         "image's PhotoMetricDistortion draws; the distortion and the normalisation run batched on the "
-        "training device (the CPU path's draws; its pixels bit for bit with OpenCV's x86-64 AVX2 code, within "
-        "one uint8 step elsewhere). 8-bit images only.",
+        "training device (the CPU path's draws; its pixels within one uint8 step of OpenCV's per saturation or hue "
+        "step, bit for bit in the pixels OpenCV's AVX2/AVX-512 vector loop converts). 8-bit images only.",
     )
 
 

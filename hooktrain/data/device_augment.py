@@ -15,23 +15,30 @@ per step, no Python loop over images or pixels), MMSegmentation 1.2.2's PhotoMet
 in its order: brightness, contrast (mode "first"), saturation, hue, contrast (mode "last"),
 then ``(x - mean) / std``, and leaves 0 in the padding, as the CPU path does.
 
-How close to the CPU (OpenCV) path it is: bit-exact on x86-64 (measured with opencv-python
-5.0.0's AVX2 code; tests/test_device_augment.py)
+How close to the CPU (OpenCV) path it is. OpenCV picks its colour kernels by the CPU at run
+time (SSE2, AVX2 or AVX-512 steps of 16, 32 or 64 pixels, with or without fused multiply-add,
+each row's last pixels converted one by one and rounded), so its own output differs by a uint8
+step between machines; this module follows its vector loop and states bounds that hold on
+every CPU (tests/test_device_augment.py checks them against OpenCV's optimised and its
+``cv2.setUseOptimized(False)`` path):
     * brightness and contrast are mmseg's ``convert``: float32 multiply or add, clip to
-      0..255, truncate to uint8.
+      0..255, truncate to uint8. Exact (IEEE float32, no OpenCV kernel).
     * RGB -> HSV is OpenCV's 8-bit ``cvtColor(COLOR_RGB2HSV)`` integer arithmetic (its
       fixed-point division tables with a 12-bit shift, H in 0..179, S and V in 0..255),
-      ported as such: equal for all 2^24 colours.
-    * the saturation table (``convert`` on S) and the hue shift (``(H + shift) % 180``).
-    * HSV -> RGB is OpenCV's 8-bit ``COLOR_HSV2RGB`` as its x86-64 build computes it: float32
-      (H times ``6 / 180``, S and V times ``1 / 255``, the sector formula with ``1 - s * f``
-      as one fused multiply-add, which its compiler contracts), times 255 and truncated in
-      the vector loop, but rounded for the pixels of each row past its last whole step of
-      :data:`OPENCV_VECTOR_PIXELS` (32) pixels, so the crop's own width (before padding)
-      matters: :func:`opencv_rounded_columns`. Equal for every 8-bit HSV value, in whole steps
-      and in row tails. An OpenCV build with other vector steps (16 pixels with SSE only or
-      NEON) or without the fused multiply-add differs by one uint8 step in a few values.
+      ported as such. Exact for all 2^24 colours.
+    * the saturation table (``convert`` on S) and the hue shift (``(H + shift) % 180``). Exact.
+    * HSV -> RGB is OpenCV's 8-bit ``COLOR_HSV2RGB`` vector loop: float32 (H times
+      ``6 / 180``, S and V times ``1 / 255``, the sector formula with ``1 - s * f`` as one
+      fused multiply-add), times 255 and truncated. Equal to OpenCV in its AVX2 and AVX-512
+      vector steps; within **1 uint8 step** of any OpenCV path for the same HSV input (row
+      tails, which OpenCV rounds; builds without the fused multiply-add).
     * normalisation is ``(x - mean_c) / std_c`` in float32, the values of the CPU path's tables.
+A hue step after a saturation step receives that 1-step difference, which can move OpenCV's
+rounded H by one unit (2 degrees: up to ``255 * 6 / 180``, 9 uint8 steps for a bright saturated
+colour) and S by one: whole draws stay within 11 uint8 steps, 17 when a contrast step of up to
+1.5 follows (:func:`opencv_step_bound`). In the pixels OpenCV's AVX2 or AVX-512 vector loop
+converts (every pixel of rows whose width is a multiple of 64, such as 512x512 crops) it is
+OpenCV's output bit for bit. docs/benchmarks.md ("augment_exactness") has the measurements.
 
 Images of more than three channels (``uint8``) get the distortion on the first three, taken
 as RGB, as on the CPU; the other channels are only normalised. 16-bit images are refused on
@@ -41,6 +48,7 @@ the worker side (``gpu_augment`` needs 8-bit images).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,11 +59,10 @@ __all__ = [
     "PHOTOMETRIC_FIELDS",
     "photometric_normalise",
     "photometric_distort",
+    "opencv_step_bound",
     "batch_inputs",
     "rgb_to_hsv",
     "hsv_to_rgb",
-    "opencv_rounded_columns",
-    "OPENCV_VECTOR_PIXELS",
 ]
 
 PHOTOMETRIC_FIELDS = (
@@ -72,16 +79,14 @@ PHOTOMETRIC_FIELDS = (
 (BRIGHTNESS, BRIGHTNESS_DELTA, CONTRAST_FIRST, CONTRAST, CONTRAST_ALPHA,
  SATURATION, SATURATION_ALPHA, HUE, HUE_SHIFT) = range(len(PHOTOMETRIC_FIELDS))  # fmt: skip
 
-# Pixels per vector step of OpenCV's 8-bit HSV -> RGB in its x86-64 AVX2 code (4 x 8 floats;
-# OpenCV dispatches its HSV code to SSE2, SSE4.1 or AVX2, so AVX-512 machines run it too); a
-# row's remaining pixels are converted one by one and rounded (16 on SSE-only or NEON builds).
-OPENCV_VECTOR_PIXELS = 32
 _HSV_SHIFT = 12  # OpenCV's fixed-point shift in 8-bit RGB -> HSV
 _H_SCALE = np.float32(6.0) / np.float32(180.0)  # OpenCV HSV2RGB_b: hscale = 6.0f / hrange
 _INV_255 = np.float32(1.0) / np.float32(255.0)
 # OpenCV's sector table: which of (v, v(1-s), v(1-sf), v(1-s(1-f))) r, g and b take per sector.
 _SECTORS = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
 _STEPS = (BRIGHTNESS, CONTRAST, SATURATION, HUE)
+HSV_STEP = 1  # uint8 steps: HSV -> RGB against any OpenCV kernel, for the same input
+HUE_UNIT_STEPS = 9  # ceil(255 * 6 / 180): one unit of OpenCV's 8-bit H on a saturated colour
 
 
 @functools.cache
@@ -117,14 +122,13 @@ def rgb_to_hsv(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return h, s, v
 
 
-def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor, rounded: torch.Tensor | None = None) -> torch.Tensor:
+def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """OpenCV's 8-bit ``COLOR_HSV2RGB`` of H in 0..179, S and V in 0..255 (``[..., 1, H, W]``
     each): float32 ``[..., 3, H, W]`` holding integers 0..255.
 
-    As OpenCV's x86-64 build computes it: float32, ``1 - s * f`` fused (one rounding, as its
-    compiler contracts it), the result times 255 truncated, except in the pixels OpenCV
-    converts past a row's last whole vector step, which it rounds: ``rounded``, a bool mask
-    broadcastable to ``[..., 1, H, W]`` (None: none, every pixel truncated).
+    As OpenCV's x86-64 vector loop computes it: float32, ``1 - s * f`` fused (one rounding, as
+    its compiler contracts it), the result times 255 truncated. Within one uint8 step of every
+    OpenCV path (see the module's docstring).
     """
     hue = h.to(torch.float32) * float(_H_SCALE)
     sat = s.to(torch.float32) * float(_INV_255)
@@ -134,24 +138,13 @@ def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor, rounded: torch
     tabs = torch.stack([val, val * (1 - sat), val * _one_minus(sat, frac), val * _one_minus(sat, 1 - frac)])
     sector = sector.to(torch.int64).clamp_(0, 5)
     rgb = tabs.gather(0, _sector_table(h.device)[:, sector])
-    rgb = torch.cat(list(rgb), dim=-3).mul_(255)
-    if rounded is None:
-        return rgb.trunc_().clamp_(0, 255)
-    return torch.where(rounded, rgb.round(), rgb.trunc()).clamp_(0, 255)
+    return torch.cat(list(rgb), dim=-3).mul_(255).trunc_().clamp_(0, 255)
 
 
 def _one_minus(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``1 - a * b`` of float32 values rounded once, as a fused multiply-add: the product is
     exact in float64."""
     return (1 - a.to(torch.float64) * b.to(torch.float64)).to(torch.float32)
-
-
-def opencv_rounded_columns(widths: torch.Tensor, width: int) -> torch.Tensor:
-    """bool ``[B, 1, 1, width]``: the columns of images ``widths[i]`` wide (before padding) that
-    OpenCV's HSV -> RGB rounds instead of truncating, those past the last whole
-    :data:`OPENCV_VECTOR_PIXELS` step of each row."""
-    whole = torch.div(widths.to(torch.int64), OPENCV_VECTOR_PIXELS, rounding_mode="floor") * OPENCV_VECTOR_PIXELS
-    return (torch.arange(width, device=widths.device) >= whole.view(-1, 1)).view(-1, 1, 1, width)
 
 
 @functools.cache
@@ -168,32 +161,26 @@ def _convert(x: torch.Tensor, alpha: torch.Tensor | None = None, beta: torch.Ten
     return x.clamp(0, 255).trunc_()
 
 
-def _saturation(rgb: torch.Tensor, alpha: torch.Tensor, rounded: torch.Tensor | None) -> torch.Tensor:
+def _saturation(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     h, s, v = rgb_to_hsv(rgb)
-    return hsv_to_rgb(h, _convert(s.to(torch.float32), alpha=alpha), v, rounded)
+    return hsv_to_rgb(h, _convert(s.to(torch.float32), alpha=alpha), v)
 
 
-def _hue(rgb: torch.Tensor, shift: torch.Tensor, rounded: torch.Tensor | None) -> torch.Tensor:
+def _hue(rgb: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h, s, v = rgb_to_hsv(rgb)
-    return hsv_to_rgb(torch.remainder(h + shift.to(torch.int32), 180), s, v, rounded)
+    return hsv_to_rgb(torch.remainder(h + shift.to(torch.int32), 180), s, v)
 
 
 def photometric_distort(
     rgb: torch.Tensor,
     params: torch.Tensor,
     steps: Sequence[bool] = (True,) * 4,
-    widths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PhotoMetricDistortion of float32 ``[B, 3, H, W]`` integers 0..255 (RGB) with each image's
     ``params`` row (:data:`PHOTOMETRIC_FIELDS`); returns float32 integers 0..255. Every step is
     computed for the whole batch and kept where the image's flag is set; ``steps`` (brightness,
-    contrast, saturation, hue) may say that no image of the batch has one, to skip its work.
-    ``widths`` (``[B]``, default ``W``): each image's width before padding, which says where
-    OpenCV rounds (:func:`opencv_rounded_columns`)."""
+    contrast, saturation, hue) may say that no image of the batch has one, to skip its work."""
     params = params.to(device=rgb.device, dtype=torch.float32)
-    if widths is None:
-        widths = torch.full((rgb.shape[0],), rgb.shape[-1], device=rgb.device)
-    rounded = opencv_rounded_columns(widths.to(rgb.device), rgb.shape[-1])
 
     def column(i: int) -> torch.Tensor:
         return params[:, i].view(-1, 1, 1, 1)
@@ -207,12 +194,28 @@ def photometric_distort(
     if contrast:
         x = torch.where(applied(CONTRAST) & first, _convert(x, alpha=column(CONTRAST_ALPHA)), x)
     if saturation:
-        x = torch.where(applied(SATURATION), _saturation(x, column(SATURATION_ALPHA), rounded), x)
+        x = torch.where(applied(SATURATION), _saturation(x, column(SATURATION_ALPHA)), x)
     if hue:
-        x = torch.where(applied(HUE), _hue(x, column(HUE_SHIFT), rounded), x)
+        x = torch.where(applied(HUE), _hue(x, column(HUE_SHIFT)), x)
     if contrast:
         x = torch.where(applied(CONTRAST) & ~first, _convert(x, alpha=column(CONTRAST_ALPHA)), x)
     return x
+
+
+def opencv_step_bound(row: Sequence[float]) -> int:
+    """The largest difference, in uint8 steps, between :func:`photometric_distort` and OpenCV's
+    PhotoMetricDistortion (any CPU, any kernel) for one image's draws, a row of
+    :data:`PHOTOMETRIC_FIELDS`: 0 for brightness and contrast alone; 1 for a saturation or a hue
+    step; a hue step after a saturation step receives its 1-step difference, which can move the
+    rounded H by one unit and S by one: 1 + 9 + 1; a contrast step after them scales the
+    difference (and truncates)."""
+    fields = dict(zip(PHOTOMETRIC_FIELDS, (float(v) for v in row), strict=True))
+    steps = HSV_STEP if fields["saturation"] else 0
+    if fields["hue"]:
+        steps = HSV_STEP + (HUE_UNIT_STEPS + 1 if steps else 0)
+    if fields["contrast"] and not fields["contrast_first"]:
+        steps = math.ceil(steps * max(fields["contrast_alpha"], 1.0))
+    return steps
 
 
 @functools.cache
@@ -253,8 +256,7 @@ def photometric_normalise(
     if any(steps):
         if channels < 3:
             raise ValueError(f"PhotoMetricDistortion needs RGB channels, the images have {channels}")
-        widths = sizes[:, 1] if sizes is not None else None
-        rgb = photometric_distort(x[:, :3], params, steps, widths)
+        rgb = photometric_distort(x[:, :3], params, steps)
         x = rgb if channels == 3 else torch.cat([rgb, x[:, 3:]], dim=1)
     mean_t, std_t = _mean_std(tuple(map(float, mean)), tuple(map(float, std)), x.device)
     out = (x - mean_t) / std_t
