@@ -15,7 +15,7 @@ Timing: every side gets the same warm-up (one pass over two images), then the ro
 interleaved (hooktrain, histc, evaluate int64, evaluate uint8; the next round starts one side
 later) and each side's median round counts. Ratios are the baseline's median / hooktrain's.
 
-Bytes handed to the collectives, measured: the real eval hook (``plugins/evaluation.py``) runs
+Bytes handed to the collectives, measured: the real eval hook (``hooktrain_plugins/evaluation.py``) runs
 in this process over N validation images (512x512 masks, 150 classes, the quickstart model at
 a small input scale: predictions come back at the masks' size), with a spy that adds up the
 ``nbytes`` of every tensor passed to ``accelerator.reduce`` / ``gather`` / ``gather_for_metrics``

@@ -186,6 +186,7 @@ class Segmenter:
 
     @torch.no_grad()
     def _predict(self, chunk: list[tuple[np.ndarray, str]], probabilities: bool) -> list[Any]:
+        from hooktrain.data.transforms import pad_stack
         from hooktrain.models.inference import (
             averages_probabilities,
             predict_logits,
@@ -198,7 +199,7 @@ class Segmenter:
         ori_shapes = [image.shape[:2] for image, _ in chunk]
         if cfg.scales is None:
             tensors = [self._transform(image, example_id=name)[0] for image, name in chunk]
-            batch = _pad_stack(tensors).to(self.device)
+            batch = pad_stack(tensors).to(self.device)
             img_shapes = [tuple(t.shape[-2:]) for t in tensors]
             scores = predict_logits(self._logits_fn, batch, img_shapes, ori_shapes, cfg, self.align_corners)
         else:  # the multi-scale test: the original image resized by each factor, one at a time
@@ -216,16 +217,6 @@ class Segmenter:
             else:
                 results.append(label)
         return results
-
-
-def _pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``[C, h_i, w_i]`` tensors as one ``[B, C, h, w]`` batch padded with 0 (bottom / right)."""
-    height = max(t.shape[-2] for t in tensors)
-    width = max(t.shape[-1] for t in tensors)
-    batch = tensors[0].new_zeros((len(tensors), tensors[0].shape[0], height, width))
-    for i, t in enumerate(tensors):
-        batch[i, :, : t.shape[-2], : t.shape[-1]] = t
-    return batch
 
 
 def _torch_device(device: str | None) -> torch.device:

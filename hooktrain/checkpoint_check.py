@@ -20,19 +20,20 @@ import re
 import zipfile
 from pathlib import Path
 
-from hooktrain.checkpoints import (
+from hooktrain.checkpoints import checkpoint_iteration, expected_files
+from hooktrain.errors import UserError
+from hooktrain.run_files import (
     CHECKPOINTS,
     LATEST,
+    RANDOM_STATES_GLOB,
+    RECIPE,
+    SCALER,
     TRAIN_STATE,
     WEIGHTS,
-    checkpoint_iteration,
-    expected_files,
 )
-from hooktrain.errors import UserError
 
 logger = logging.getLogger("hooktrain")
 
-SCALER = "scaler.pt"  # Accelerate's GradScaler state: written only with fp16
 _MAX_HEADER = 100_000_000  # the largest safetensors header the safetensors library accepts
 _FP16 = re.compile(r"\bmixed_precision: ['\"]?fp16\b")
 
@@ -45,9 +46,9 @@ def checkpoint_problems(path: Path) -> list[str]:
         return [f"{path.name} is not a directory"]
     world_size, problems = _read_train_state(path / TRAIN_STATE)
     if world_size is None:  # check the ranks whose files are there
-        world_size = max(1, len(list(path.glob("random_states_*.pkl"))))
+        world_size = max(1, len(list(path.glob(RANDOM_STATES_GLOB))))
     names = expected_files(world_size)
-    if (path / SCALER).exists() or _written_with_fp16(path / "recipe.yaml"):
+    if (path / SCALER).exists() or _written_with_fp16(path / RECIPE):
         names.append(SCALER)
     for name in names:
         if (problem := _file_problem(path / name)) is not None:

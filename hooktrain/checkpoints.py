@@ -37,20 +37,30 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.files import TMP_PREFIX, fsync_path, give_default_mode, write_atomically
 from hooktrain.hooks import LoadedHook, Runner
 from hooktrain.recipe import dump_recipe
+from hooktrain.run_files import (  # the layout's names, importable from here too
+    BEST,
+    BEST_RECORD,
+    CHECKPOINTS,
+    HOOKS,
+    LATEST,
+    OPTIMIZER,
+    RECIPE,
+    SCHEDULER,
+    TRAIN_STATE,
+    WEIGHTS,
+    data_state_file,
+    random_states_file,
+)
 
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 OLD_PREFIX = ".old-"
-BEST = "best"
-WEIGHTS = "model.safetensors"
 _NAME = re.compile(r"^iter_(\d+)$")
 
 
@@ -114,28 +124,9 @@ def replace_dir(tmp: Path, dest: Path) -> None:
     if dest.exists():
         os.rename(dest, old)
     os.rename(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsync_path(dest.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def give_default_mode(file: Path) -> None:
-    """Give ``file`` the mode a plain ``open()`` would (0666 less the umask). safetensors
-    creates its files 0600, unlike every other file of a checkpoint."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(file, 0o666 & ~umask)
 
 
 def fsync_tree(path: Path) -> None:
@@ -143,22 +134,10 @@ def fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:
             try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                fsync_path(os.path.join(root, name))
             except FileNotFoundError:  # another rank's temporary file, renamed meanwhile
                 continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(root)
 
 
 # -- weights without wrappers -----------------------------------------------------------
@@ -191,20 +170,12 @@ def save_plain_weights(accelerator: Accelerator) -> None:
 
 # -- what a checkpoint holds ------------------------------------------------------------
 
-TRAIN_STATE = "train_state.json"
-HOOKS = "hooks.pt"
-
-
-def data_state_file(rank: int) -> str:
-    return f"data_state_rank{rank}.pt"
-
-
 def expected_files(world_size: int) -> list[str]:
     """The files of a complete checkpoint written by ``world_size`` processes, besides
     ``train_state.json`` (``scaler.pt`` is there only with fp16)."""
     per_rank = [name for rank in range(world_size)
-                for name in (f"random_states_{rank}.pkl", data_state_file(rank))]  # fmt: skip
-    return [WEIGHTS, "optimizer.bin", "custom_checkpoint_0.pkl", HOOKS, "recipe.yaml", *per_rank]
+                for name in (random_states_file(rank), data_state_file(rank))]  # fmt: skip
+    return [WEIGHTS, OPTIMIZER, SCHEDULER, HOOKS, RECIPE, *per_rank]
 
 
 def save_state(runner: Runner, directory: Path) -> None:
@@ -221,7 +192,7 @@ def save_state(runner: Runner, directory: Path) -> None:
         torch.save({key: h.hook.state_dict() for key, h in hook_keys(runner.hooks)}, directory / HOOKS)
         train_state = {**runner.state.state_dict(), "world_size": accelerator.num_processes}
         (directory / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
-        (directory / "recipe.yaml").write_text(_recipe_text(runner))
+        (directory / RECIPE).write_text(_recipe_text(runner))
 
 
 def load_state(runner: Runner, directory: Path) -> str:
@@ -279,7 +250,7 @@ def save_checkpoint(runner: Runner) -> Path:
     if accelerator.is_main_process:
         fsync_tree(tmp)
         replace_dir(tmp, final)
-        write_text_atomically(root / LATEST, name + "\n")
+        write_atomically(root / LATEST, name + "\n", fsync=True)
     accelerator.wait_for_everyone()  # no rank goes on (or exits) before the rename
     return final
 
@@ -307,8 +278,8 @@ def save_best(runner: Runner, best: dict[str, Any]) -> Path:
     state = runner.unwrapped_model.state_dict()
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
     give_default_mode(tmp / WEIGHTS)
-    (tmp / "best.json").write_text(json.dumps(best, indent=1))
-    (tmp / "recipe.yaml").write_text(_recipe_text(runner))
+    (tmp / BEST_RECORD).write_text(json.dumps(best, indent=1))
+    (tmp / RECIPE).write_text(_recipe_text(runner))
     fsync_tree(tmp)
     final = root / BEST
     replace_dir(tmp, final)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hooktrain.errors import UserError
+from hooktrain.run_files import BEST_RECORD, LATEST, RECIPE, WEIGHTS
 
 if TYPE_CHECKING:  # torch loads when a model does, so a refused command answers at once
     import torch
@@ -26,8 +27,6 @@ FORMAT = "hooktrain-export/1"
 
 
 def _checkpoint_dir(checkpoint: Path) -> Path:
-    from hooktrain.checkpoints import LATEST, WEIGHTS
-
     if checkpoint.is_file() and checkpoint.name == LATEST:
         checkpoint = checkpoint.parent / checkpoint.read_text().strip()
     if not checkpoint.is_dir():
@@ -42,7 +41,7 @@ def _checkpoint_dir(checkpoint: Path) -> Path:
 
 def _recipe_text(checkpoint: Path) -> str:
     # Checkpoints carry their recipe; older ones only have the run's recipe.yaml two levels up.
-    for candidate in (checkpoint / "recipe.yaml", checkpoint.parent.parent / "recipe.yaml"):
+    for candidate in (checkpoint / RECIPE, checkpoint.parent.parent / RECIPE):
         if candidate.is_file():
             return candidate.read_text()
     raise UserError(
@@ -63,7 +62,8 @@ def export_checkpoint(
     :mod:`hooktrain.onnx_export`). ``report`` gets the ONNX export's summary line."""
     from safetensors.torch import load_file, save_file
 
-    from hooktrain.checkpoints import WEIGHTS, checkpoint_iteration, give_default_mode, plain_state_dict
+    from hooktrain.checkpoints import checkpoint_iteration, plain_state_dict
+    from hooktrain.files import atomic_path
 
     out = Path(out)
     if out.suffix not in SUFFIXES:
@@ -75,7 +75,7 @@ def export_checkpoint(
     weights = plain_state_dict(load_file(str(directory / WEIGHTS)))
     recipe = _recipe_text(directory)
     iteration = checkpoint_iteration(directory)
-    best_file = directory / "best.json"
+    best_file = directory / BEST_RECORD
     if iteration is None and best_file.is_file():
         iteration = json.loads(best_file.read_text()).get("iter")
     if out.suffix == ".onnx":
@@ -86,11 +86,8 @@ def export_checkpoint(
         metadata = onnx_metadata(resolved, recipe, iteration)
         return export_onnx(model, resolved.data.in_channels, metadata, out, report=report)
     metadata = {"format": FORMAT, "hooktrain.recipe": recipe, "iter": str(iteration)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file(weights, str(tmp), metadata=metadata)
-    give_default_mode(tmp)
-    os.replace(tmp, out)
+    with atomic_path(out, default_mode=True) as tmp:
+        save_file(weights, str(tmp), metadata=metadata)
     return out
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from hooktrain.errors import UserError
+from hooktrain.files import write_atomically
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -184,13 +185,7 @@ def export_onnx(
         entry.key, entry.value = key, value
     serialized = proto.SerializeToString()
     differences = verify(serialized, model, in_channels)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    try:
-        tmp.write_bytes(serialized)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(out, serialized)
     if report is not None:
         sizes = ", ".join(f"2x{in_channels}x{h}x{w}" for h, w in VERIFY_SIZES)
         report(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hooktrain.errors import UserError
+from hooktrain.run_files import BEST_RECORD, TRAIN_STATE, WEIGHTS
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +28,7 @@ def weights_file(path: str | os.PathLike) -> Path:
     """The ``.safetensors`` file ``path`` names: itself, or a checkpoint directory's
     ``model.safetensors``."""
     path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
+    file = path / WEIGHTS if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"weights not found: {file}; give a .safetensors file or a checkpoint directory")
     return file
@@ -164,9 +165,9 @@ def recorded_iteration(path: str | os.PathLike) -> int | None:
     from safetensors import safe_open
 
     file = weights_file(path)
-    for name in ("train_state.json", "best.json"):
+    for name in (TRAIN_STATE, BEST_RECORD):
         record = file.parent / name
-        if file.name == "model.safetensors" and record.is_file():
+        if file.name == WEIGHTS and record.is_file():
             return json.loads(record.read_text()).get("iter")
     with safe_open(str(file), framework="numpy") as f:
         iteration = (f.metadata() or {}).get("iter", "")

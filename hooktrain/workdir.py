@@ -6,8 +6,10 @@ import logging
 import time
 from pathlib import Path
 
-from hooktrain.checkpoints import clean_stale, complete_checkpoints, write_text_atomically
+from hooktrain.checkpoints import clean_stale, complete_checkpoints
 from hooktrain.errors import UserError
+from hooktrain.files import write_atomically
+from hooktrain.run_files import HISTORY_FILE, RECIPE
 
 logger = logging.getLogger("hooktrain")
 
@@ -33,10 +35,10 @@ def prepare_work_dir(work_dir: Path, recipe_text: str, *, move_aside: bool) -> N
     remove what killed saves left, and write the resolved recipe."""
     work_dir.mkdir(parents=True, exist_ok=True)
     if move_aside and (aside := move_previous_run(work_dir)) is not None:
-        logger.warning("--force: moved the previous run's files (checkpoints, metrics.jsonl, ...) to %s", aside)
+        logger.warning("--force: moved the previous run's files (checkpoints, %s, ...) to %s", HISTORY_FILE, aside)
     for name in clean_stale(work_dir):
         logger.warning("removed %s, left by an interrupted save", name)
-    write_text_atomically(work_dir / "recipe.yaml", recipe_text)
+    write_atomically(work_dir / RECIPE, recipe_text, fsync=True)
 
 
 def move_previous_run(work_dir: Path) -> Path | None:

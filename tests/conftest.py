@@ -1,4 +1,13 @@
-"""Shared test set-up: offline everything, paths, and helpers to run the CLI."""
+"""Shared test set-up: offline everything, paths, and helpers to run the CLI.
+
+Tests that take over ~20 s each (whole documented command sequences, signalled training
+runs, ``torch.compile``, the MMSegmentation reference runs) carry the ``slow`` marker
+(registered in pyproject.toml). While working, run the quick inner loop::
+
+    python -m pytest -m "not slow"
+
+and the whole suite (README's test command, what CI runs) before handing a change in.
+"""
 
 from __future__ import annotations
 

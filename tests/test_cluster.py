@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from test_checkpoint import ITERS, checkpoints, options, run, start, train_command
 
+pytestmark = pytest.mark.slow  # every test here trains in subprocesses and signals them
 LOGGER = "{type: logger, interval: 1}"
 CHECKPOINT_EVERY_ITER = "{type: checkpoint, interval: 1}"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, tiny
 
+pytestmark = pytest.mark.slow  # inductor compiles its kernels on the CPU
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 # A small graph: inductor compiles C++ kernels for every op, slowly on 2 cores.
 SMALL_MODEL = [

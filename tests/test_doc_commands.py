@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from conftest import ROOT
 from doc_commands import (
     CPU,
@@ -68,6 +69,7 @@ def test_install_commands_are_what_ci_runs():
     assert README_QUICKSTART.shell() == QUICKSTART.text  # run below
 
 
+@pytest.mark.slow
 def test_quickstart_page_commands_in_order(sandbox):
     """The quickstart (data generated on the fly), then every next step the page lists,
     against its work dir, in the page's order."""
@@ -136,6 +138,7 @@ ADE20K_2_NODES = Doc(
 )
 
 
+@pytest.mark.slow
 def test_ade20k_commands_on_a_tiny_local_copy(sandbox):
     write_ade_challenge_folder(sandbox / "data" / "ADEChallengeData2016")
     run(CONVERT, sandbox)

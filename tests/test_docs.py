@@ -57,16 +57,45 @@ def documented_recipe_commands() -> list[tuple[str, list[str]]]:
     return found
 
 
+def test_the_docs_show_recipe_commands_with_overrides():
+    """The test below has something to check: the pages' runs, overrides included, are found."""
+    commands = documented_recipe_commands()
+    assert ("README.md", ["recipes/quickstart.yaml"]) in commands
+    assert sum("--cfg-options" in args for _, args in commands) >= 5
+
+
+def holds(got, want) -> bool:
+    """``got`` (resolved recipe data) has ``want`` (an override's YAML value): mappings may
+    carry more keys (the section's defaults), numbers compare as numbers."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(k in got and holds(got[k], v) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(holds, got, want))
+    return got == want
+
+
 @pytest.mark.parametrize("page, args", documented_recipe_commands())
 def test_documented_recipes_and_overrides_resolve(page, args):
-    """Each documented run's recipe and --cfg-options validate (what `hooktrain config` does)."""
+    """Each documented run's recipe and --cfg-options validate (what `hooktrain config` does),
+    and every override, and --work-dir, is what the resolved recipe then holds."""
+    import yaml
+
     ensure_installed("hooktrain-ema", ROOT / "examples" / "hooktrain-ema")
     recipe, rest = args[0], args[1:]
     options = []
     if "--cfg-options" in rest:
         options = rest[rest.index("--cfg-options") + 1 :]
         options = [o for o in options if "=" in o and not o.startswith("-")]
-    load_recipe(ROOT / recipe, options)  # raises UserError naming the key on any problem
+    work_dir = rest[rest.index("--work-dir") + 1] if "--work-dir" in rest else None
+    resolved = load_recipe(ROOT / recipe, options, work_dir)  # a UserError names the key on any problem
+    assert resolved.work_dir == (work_dir or f"work_dirs/{(ROOT / recipe).stem}")
+    data = resolved.to_dict()
+    for option in options:
+        key, _, raw = option.partition("=")
+        got = data
+        for part in key.replace("[", ".").replace("]", "").split("."):
+            got = got[int(part)] if isinstance(got, list) else got[part]
+        assert holds(got, yaml.safe_load(raw)), f"{page}: {option} resolved to {got!r}"
 
 
 def test_config_command_runs_like_the_docs_say():

@@ -11,12 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from mmseg_train import CONFIG, write_ade20k  # noqa: E402
 from report import gpu_train as render  # noqa: E402
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_part_and_renders(mmseg_env, tmp_path):
     env = {**os.environ, "HOOKTRAIN_BENCH_RESULTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--quick"]

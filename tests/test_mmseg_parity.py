@@ -29,6 +29,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*CONFIGS, DEEPLABV3])
 def test_converted_zoo_model_computes_mmsegmentations_function(mmseg_zoo_references, name, tmp_path):
     reference = mmseg_zoo_references[name]
@@ -47,6 +48,7 @@ def test_converted_zoo_model_computes_mmsegmentations_function(mmseg_zoo_referen
         assert relative_error(got, case["logits"]) <= TOLERANCE, size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "encoder"),
     [
@@ -70,6 +72,7 @@ def test_mmseg_backbone_checkpoints_load_as_pretrained_path(mmseg_zoo_references
         assert relative_error(g, w) <= TOLERANCE, level
 
 
+@pytest.mark.slow
 def test_a_checkpoint_into_another_architecture_names_the_offenders(mmseg_zoo_references, tmp_path):
     upernet = mmseg_zoo_references[CONFIGS[1]] / "checkpoint.pth"
     out = tmp_path / "x.safetensors"
@@ -81,6 +84,7 @@ def test_a_checkpoint_into_another_architecture_names_the_offenders(mmseg_zoo_re
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_every_source_key_must_be_used(mmseg_zoo_references, tmp_path):
     """Leaving the aux head out of the recipe would drop the checkpoint's auxiliary_head: refused."""
     upernet = mmseg_zoo_references[CONFIGS[1]] / "checkpoint.pth"
@@ -108,6 +112,7 @@ def backbone_references(mmseg_env, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "encoder"),
     [

@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
@@ -438,6 +437,19 @@ def test_base_model_recipes_validate(recipe):
 
 
 def test_quickstart_recipe_builds():
-    cfg = ModelConfig.model_validate(yaml.safe_load((RECIPES / "fpn_resnet18.yaml").read_text())["model"])
-    model = build_segmentor(cfg, num_classes=3)
-    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    """recipes/quickstart.yaml, resolved as `hooktrain` resolves it (its _base_ files and own
+    overrides), builds its model: ResNet-18 strides 4-16 + FPN, the shapes' classes, its losses."""
+    from hooktrain.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES.parents[1] / "quickstart.yaml")
+    data = recipe.data
+    model = build_segmentor(
+        recipe.model, num_classes=data.num_classes, ignore_index=data.ignore_index, in_channels=data.in_channels
+    )
+    assert (recipe.model.encoder.name, recipe.model.encoder.out_indices) == ("resnet18", [1, 2, 3])
+    assert recipe.model.decode_head.type == "fpn" and data.num_classes == 5
+    image = torch.randn(2, data.in_channels, 64, 64)
+    assert model(image).shape == (2, data.num_classes, 64, 64)
+    terms = model(image, torch.randint(0, data.num_classes, (2, 64, 64)))
+    assert sorted(terms) == ["decode.loss_ce", "decode.loss_dice"]  # the recipe's two losses, no aux head
+    assert all(torch.isfinite(v) for v in terms.values())

@@ -1,5 +1,5 @@
-"""The package's shape: no import circles, ``hooktrain`` never imports ``plugins``, and the
-runner stays readable (at most 300 lines of code)."""
+"""The package's shape: no import circles, ``hooktrain`` never imports ``hooktrain_plugins``,
+and the runner stays readable (at most 300 lines of code)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,16 @@ from conftest import ROOT
 PACKAGE = ROOT / "hooktrain"
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
+def imports(path: Path, root: Path = ROOT) -> set[str]:
     """Every module ``path`` imports anywhere (top level, functions, ``TYPE_CHECKING``)."""
     found = set()
-    package = (
-        module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-    )
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
@@ -73,10 +72,29 @@ def test_the_import_graph_has_no_circle():
     assert "hooktrain.runner" in edges and "hooktrain.checkpoints" in edges["hooktrain.runner"]
 
 
+PLUGINS = "hooktrain_plugins"  # the built-in hooks' package (the folder of the same name)
+
+
+def imports_plugins(found: set[str]) -> bool:
+    return any(i == PLUGINS or i.startswith(PLUGINS + ".") for i in found)
+
+
 def test_hooktrain_never_imports_plugins():
-    offenders = {name for name, path in ((module_name(p), p) for p in PACKAGE.rglob("*.py"))
-                 if any(i == "plugins" or i.startswith("plugins.") for i in imports(path))}  # fmt: skip
+    assert (ROOT / PLUGINS / "__init__.py").is_file()
+    offenders = {module_name(p) for p in PACKAGE.rglob("*.py") if imports_plugins(imports(p))}
     assert not offenders
+
+
+def test_the_plugins_guard_catches_every_import_form(tmp_path):
+    """The check above would fail: each way of importing the plugins package is seen."""
+    module = tmp_path / "hooktrain" / "module.py"
+    module.parent.mkdir()
+    for source in ("import hooktrain_plugins", "from hooktrain_plugins.logger import LoggerHook",
+                   "def f():\n    import hooktrain_plugins.history as h", "from hooktrain_plugins import evaluation"):  # fmt: skip
+        module.write_text(source + "\n")
+        assert imports_plugins(imports(module, root=tmp_path)), source
+    module.write_text("import hooktrain.plugins_like\nfrom hooktrain import plugins\n")
+    assert not imports_plugins(imports(module, root=tmp_path))
 
 
 def code_lines(path: Path) -> int:

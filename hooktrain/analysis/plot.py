@@ -1,7 +1,7 @@
 """``hooktrain plot``: curves from runs' ``metrics.jsonl``, several runs overlaid, one panel per key.
 
 Replaces MMSegmentation's ``tools/analysis_tools/analyze_logs.py``. The history is written by
-the logger hook (``plugins/history.py``): one JSON object per logged step, ``{"iter": N,
+the logger hook (``hooktrain_plugins/history.py``): one JSON object per logged step, ``{"iter": N,
 "train/loss": ..., "val/mIoU": ..., ...}``, with ``null`` for NaN.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hooktrain.errors import UserError, did_you_mean
+from hooktrain.run_files import HISTORY_FILE
 
-HISTORY_FILE = "metrics.jsonl"  # the logger hook's history (hooktrain never imports plugins)
 PANEL_INCHES = (5.0, 3.5)  # width, height of one panel
 LEGEND_INCHES = 0.5  # the row above the panels holding the runs' legend
 MAX_COLUMNS = 3

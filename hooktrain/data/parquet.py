@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from hooktrain.files import atomic_path
 
 
 def write_image_shard(
@@ -23,7 +24,5 @@ def write_image_shard(
 
     features = Features({name: Image() for name in columns})
     table = pa.Table.from_pydict(features.encode_batch(columns), schema=features.arrow_schema)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)

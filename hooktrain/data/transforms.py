@@ -541,3 +541,15 @@ class ValTransform:
         else:
             _normalise_any_into(image, self._norm, self._mean32, self._std32, out)
         return torch.from_numpy(out)
+
+
+def pad_stack(tensors: Sequence[torch.Tensor], value: float = 0) -> torch.Tensor:
+    """``[..., h_i, w_i]`` tensors as one ``[B, ..., h, w]`` batch at the largest height and
+    width, each padded bottom / right with ``value`` (0 for images, the ignore index for
+    masks): the val loader's collation and ``Segmenter``'s batches."""
+    height = max(t.shape[-2] for t in tensors)
+    width = max(t.shape[-1] for t in tensors)
+    batch = tensors[0].new_full((len(tensors), *tensors[0].shape[:-2], height, width), value)
+    for i, t in enumerate(tensors):
+        batch[i, ..., : t.shape[-2], : t.shape[-1]] = t
+    return batch

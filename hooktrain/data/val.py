@@ -28,7 +28,7 @@ from hooktrain.data.reading import (
     worker_position,
 )
 from hooktrain.data.sources import load_source
-from hooktrain.data.transforms import ValTransform
+from hooktrain.data.transforms import ValTransform, pad_stack
 from hooktrain.errors import UserError
 
 
@@ -85,22 +85,13 @@ class ValExamples(torch.utils.data.IterableDataset):
             yield example
 
 
-def _pad_stack(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
-    h = max(t.shape[-2] for t in tensors)
-    w = max(t.shape[-1] for t in tensors)
-    out = tensors[0].new_full((len(tensors), *tensors[0].shape[:-2], h, w), value)
-    for i, t in enumerate(tensors):
-        out[i, ..., : t.shape[-2], : t.shape[-1]] = t
-    return out
-
-
 def make_val_collate(ignore_index: int):
     """Collate function padding images with 0 and masks with ``ignore_index`` (bottom/right)."""
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = {
-            "image": _pad_stack([e["image"] for e in examples], 0.0),
-            "mask": _pad_stack([e["mask"] for e in examples], ignore_index),
+            "image": pad_stack([e["image"] for e in examples], 0.0),
+            "mask": pad_stack([e["mask"] for e in examples], ignore_index),
             "img_shapes": [tuple(e["image"].shape[-2:]) for e in examples],
             "ori_shapes": [e["ori_shape"] for e in examples],
             "index": torch.tensor([e["index"] for e in examples], dtype=torch.int64),

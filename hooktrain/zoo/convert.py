@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.checkpoints import give_default_mode
 from hooktrain.errors import UserError
+from hooktrain.files import atomic_path
 from hooktrain.zoo.backbones import StateDict, to_encoder_keys
 from hooktrain.zoo.hub import WEIGHT_FILES, HubUnavailable, download_weights
 from hooktrain.zoo.segmentors import UnknownKeys, from_mmseg, from_transformers
@@ -148,9 +148,6 @@ def convert(
         "iter": "None",
         "converted_from": f"{kind}:{Path(source).name}",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    save_file(weights, str(tmp), metadata=metadata)
-    give_default_mode(tmp)
-    os.replace(tmp, out)
+    with atomic_path(out, default_mode=True) as tmp:
+        save_file(weights, str(tmp), metadata=metadata)
     return out

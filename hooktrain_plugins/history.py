@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-HISTORY_FILE = "metrics.jsonl"
+from hooktrain.files import write_atomically
 
 
 class _Skip(Exception):
@@ -63,10 +63,7 @@ class HistoryFile:
                 if record.get("iter", math.inf) <= resume_iter:
                     kept.append(record)
         lines = "".join(json.dumps(r) + "\n" for r in kept)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(lines)
-        os.replace(tmp, self.path)
+        write_atomically(self.path, lines)
         self._file = open(self.path, "ab")  # noqa: SIM115 (open for the whole run)
         self._size = len(lines.encode())
         if kept:

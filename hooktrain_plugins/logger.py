@@ -15,8 +15,9 @@ from pydantic import Field
 
 from hooktrain.errors import UserError
 from hooktrain.hooks import PRIORITIES, Hook
+from hooktrain.run_files import HISTORY_FILE
 
-from .history import HISTORY_FILE, HistoryFile
+from .history import HistoryFile
 from .trackers import Dashboards, TrackerName, WandbOptions, check_installed
 
 if TYPE_CHECKING:
