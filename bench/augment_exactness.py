@@ -38,15 +38,18 @@ from hooktrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainPipeline
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def rgb_to_hsv_off() -> int:
-    rgb = np.ascontiguousarray(np.arange(2**24, dtype=np.uint32).view(np.uint8).reshape(4096, 4096, 4)[:, :, :3])
+def rgb_to_hsv_off(every: int = 1) -> int:
+    """Values that differ over every ``every``-th 24-bit colour."""
+    colours = np.arange(0, 2**24, every, dtype=np.uint32)
+    rgb = np.ascontiguousarray(colours.view(np.uint8).reshape(-1, 4096 // every, 4)[:, :, :3])
     h, s, v = rgb_to_hsv(torch.from_numpy(rgb).permute(2, 0, 1))
     return int((torch.cat([h, s, v]).permute(1, 2, 0).numpy() != cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)).sum())
 
 
-def hsv_to_rgb_off(width: int) -> tuple[int, int, int]:
-    """(values that differ, largest difference, values) over every 8-bit HSV value."""
-    h, s, v = np.meshgrid(np.arange(180), np.arange(256), np.arange(256), indexing="ij")
+def hsv_to_rgb_off(width: int, every: int = 1) -> tuple[int, int, int]:
+    """(values that differ, largest difference, values) over every 8-bit HSV value (of every
+    ``every``-th hue)."""
+    h, s, v = np.meshgrid(np.arange(0, 180, every), np.arange(256), np.arange(256), indexing="ij")
     hsv = np.stack([h, s, v], -1).astype(np.uint8).reshape(-1, 3)
     hsv = np.concatenate([hsv, hsv[: -len(hsv) % width]]).reshape(-1, width, 3)
     planes = torch.from_numpy(hsv).permute(2, 0, 1).to(torch.int32)
@@ -94,25 +97,26 @@ def whole_draws(draws: int, width: int, height: int = 32) -> dict:
             "share_over_one_step": round(float((values > 1).float().mean()), 6)}  # fmt: skip
 
 
-def measure(optimised: bool, draws: int) -> dict:
+def measure(optimised: bool, draws: int, every: int) -> dict:
     cv2.setUseOptimized(optimised)
     rows = {}
     for width in (256, 250):
-        off, largest, total = hsv_to_rgb_off(width)
+        off, largest, total = hsv_to_rgb_off(width, every)
         rows[f"rows_{width}"] = {"values_off": off, "values": total, "max_steps": largest}
-    return {"path": "optimised" if optimised else "baseline", "rgb_to_hsv_values_off": rgb_to_hsv_off(),
+    return {"path": "optimised" if optimised else "baseline", "rgb_to_hsv_values_off": rgb_to_hsv_off(every),
             "hsv_to_rgb": rows, "whole_draws": [whole_draws(draws, width) for width in (512, 75)]}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 draws per width instead of 300")
+    parser.add_argument("--quick", action="store_true",
+                        help="20 draws per width instead of 300, every 16th colour and hue")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     features = cv2.getCPUFeaturesLine()  # before setUseOptimized(False) marks them unused
-    draws = 20 if args.quick else 300
-    paths = [measure(optimised, draws) for optimised in (True, False)]
+    draws, every = (20, 16) if args.quick else (300, 1)
+    paths = [measure(optimised, draws, every) for optimised in (True, False)]
     for path in paths:
         for row in path["whole_draws"]:
             print(f"{path['path']:>9} width {row['width']:>3}: max {row['max_steps']} steps, "

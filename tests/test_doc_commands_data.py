@@ -251,8 +251,8 @@ def test_benchmark_page_commands(mmseg_env, tmp_path):
     quick = Doc(RUN_ALL_QUICK.text, env={"HOOKTRAIN_BENCH_RESULTS": str(tmp_path)})
     summary = json.loads(run(quick, ROOT, timeout=1800).stdout.strip().splitlines()[-1])
     names = [entry["bench"] for entry in summary["runs"]]
-    assert set(names) == {"startup", "checkpoint", "metrics", "data_pipeline", "runner_overhead", "model_step",
-                          "mmseg_parity", "quickstart", "quickstart_binary", "onnx_inference"}  # fmt: skip
+    assert set(names) == {"startup", "checkpoint", "metrics", "data_pipeline", "augment_exactness", "runner_overhead",
+                          "model_step", "mmseg_parity", "quickstart", "quickstart_binary", "onnx_inference"}  # fmt: skip
     for name in names:
         record = json.loads((tmp_path / f"{name}.json").read_text())
         assert record["bench"] == name and record["quick"] is True
