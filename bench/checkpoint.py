@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from results import write_result
 
-from hooktrain.checkpoints import TRAIN_STATE, data_state_file, save_checkpoint
+from hooktrain.checkpoint.state import TRAIN_STATE, data_state_file, save_checkpoint
 from hooktrain.data import build_train_stream
-from hooktrain.recipe import load_recipe
-from hooktrain.runner import IterRunner
+from hooktrain.engine.runner import IterRunner
+from hooktrain.recipe.schema import load_recipe
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 BATCH = 2

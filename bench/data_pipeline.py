@@ -301,8 +301,8 @@ def quickstart_data_wait(iterations: int, workers: int) -> float:
     ``data_time`` over its ``time``), on this machine with ``workers`` DataLoader workers."""
     import logging
 
-    from hooktrain.recipe import load_recipe
-    from hooktrain.runner import IterRunner
+    from hooktrain.engine.runner import IterRunner
+    from hooktrain.recipe.schema import load_recipe
 
     recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     with tempfile.TemporaryDirectory() as tmp:
@@ -325,7 +325,7 @@ def stream_rate(source: dict, examples: int, seed: int) -> tuple[float, float]:
     """One pass of ``examples`` through the real train stream of ``source`` with one
     DataLoader worker: ``(images/s after the first batch, seconds to the first batch)``."""
     from hooktrain.data import DataConfig, build_train_stream
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "ade20k.yaml")
     data = recipe.data.model_dump()

@@ -119,9 +119,9 @@ def end_to_end(dataset: Path, work_dir: Path, args: argparse.Namespace, extra: l
 
 def model_only(args: argparse.Namespace, device: torch.device, overrides: dict, fused: bool) -> dict:
     """The recipe's model and optimizer stepping on one random batch already on ``device``."""
+    from hooktrain.engine.optim import build_optimizer, param_groups
     from hooktrain.models import build_recipe_segmentor
-    from hooktrain.optim import build_optimizer, param_groups
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
 
     options = ["model.encoder.pretrained=false", *args.size_options]
     recipe = load_recipe(RECIPE, options)

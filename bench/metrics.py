@@ -1,4 +1,4 @@
-"""Benchmark hooktrain.metrics.intersect_and_union at 512x512 with 150 classes (ADE20K size).
+"""Benchmark hooktrain.evaluation.metrics.intersect_and_union at 512x512 with 150 classes (ADE20K size).
 
 Compares per-image area throughput, on identical inputs and with identical results asserted,
 against two baselines run in the same process on one thread:
@@ -56,11 +56,11 @@ import torch
 from PIL import Image
 from results import write_result
 
+from hooktrain.engine.runner import IterRunner, make_accelerator
+from hooktrain.evaluation.metrics import Areas, intersect_and_union
 from hooktrain.hooks import build_hooks
-from hooktrain.metrics import Areas, intersect_and_union
 from hooktrain.models import build_segmentor
-from hooktrain.recipe import load_recipe
-from hooktrain.runner import IterRunner, make_accelerator
+from hooktrain.recipe.schema import load_recipe
 
 NUM_CLASSES, SIZE, IGNORE = 150, 512, 255
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"

@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from hooktrain.models import build_segmentor
-from hooktrain.models.config import InferenceConfig
-from hooktrain.recipe import load_recipe
+from hooktrain.recipe.model import InferenceConfig
+from hooktrain.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

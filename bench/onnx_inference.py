@@ -4,7 +4,7 @@ Two models, both measured in this one run: the quickstart segmentor as ``recipes
 builds it (96x96 images) and SegFormer-B0 as ``recipes/ade20k.yaml`` builds it
 (``model.encoder.pretrained=false``, random weights, 512x512). PyTorch runs ``Segmentor.logits``
 under ``torch.inference_mode()``; ONNX Runtime runs the graph ``hooktrain export`` writes
-(:func:`hooktrain.onnx_export.export_onnx`, verified against PyTorch first) with its default
+(:func:`hooktrain.deploy.onnx_export.export_onnx`, verified against PyTorch first) with its default
 CPU session options. Batch 1, the same random normalised image; one warm-up image each, then
 ``--rounds`` interleaved rounds (the side that goes first alternates) of ``--images`` images per
 side; prints the median images/s of each and the ratio ONNX Runtime / PyTorch (> 1: ONNX Runtime
@@ -29,9 +29,9 @@ import onnxruntime as ort
 import torch
 from results import write_result
 
+from hooktrain.deploy.onnx_export import export_onnx
 from hooktrain.models import build_segmentor
-from hooktrain.onnx_export import export_onnx
-from hooktrain.recipe import load_recipe
+from hooktrain.recipe.schema import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # name: (recipe, options, size, quick size, images per round)

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from results import write_result
 
+from hooktrain.engine.optim import build_optimizer, build_scheduler
+from hooktrain.engine.runner import IterRunner, make_accelerator
 from hooktrain.hooks import build_hooks
 from hooktrain.models import build_segmentor
-from hooktrain.optim import build_optimizer, build_scheduler
-from hooktrain.recipe import load_recipe
-from hooktrain.runner import IterRunner, make_accelerator
+from hooktrain.recipe.schema import load_recipe
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 

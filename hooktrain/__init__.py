@@ -1,6 +1,6 @@
 """hooktrain: an Accelerate-based iteration trainer for semantic segmentation.
 
-``from hooktrain import Segmenter`` (:mod:`hooktrain.api`) loads on first use, so
+``from hooktrain import Segmenter, load_exported`` (:mod:`hooktrain.deploy`) load on first use, so
 ``import hooktrain`` stays light (no torch).
 """
 
@@ -8,8 +8,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_EXPORTS = {"Segmenter": "api"}
-__all__ = ["Segmenter", "__version__"]
+_EXPORTS = {"Segmenter": "deploy.segmenter", "load_exported": "deploy.export"}
+__all__ = ["Segmenter", "__version__", "load_exported"]
 
 
 def __getattr__(name: str):

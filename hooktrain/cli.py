@@ -209,13 +209,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @command("train")
 def train_command(args: argparse.Namespace) -> int:
-    from hooktrain.recipe import load_recipe
-    from hooktrain.workdir import check_work_dir
+    from hooktrain.checkpoint.workdir import check_work_dir
+    from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
     check_work_dir(Path(recipe.work_dir), force=args.force, resume=bool(args.resume))  # before the slow imports
-    from hooktrain.runner import IterRunner
-    from hooktrain.signals import EXIT_CODES
+    from hooktrain.engine.runner import IterRunner
+    from hooktrain.engine.signals import EXIT_CODES
 
     runner = IterRunner.from_recipe(recipe, resume=args.resume, force=args.force)
     try:
@@ -228,10 +228,10 @@ def train_command(args: argparse.Namespace) -> int:
 
 @command("config")
 def config_command(args: argparse.Namespace) -> int:
-    from hooktrain.recipe import dump_recipe, load_recipe
+    from hooktrain.recipe.schema import dump_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
-    from hooktrain.preflight import preflight  # imports torch and timm: after the fast checks
+    from hooktrain.engine.preflight import preflight  # imports torch and timm: after the fast checks
 
     preflight(recipe)
     print(dump_recipe(recipe), end="")
@@ -242,13 +242,13 @@ def config_command(args: argparse.Namespace) -> int:
 def test_command(args: argparse.Namespace) -> int:
     import json
 
+    from hooktrain.checkpoint.weights import read_shapes, weights_file
     from hooktrain.hooks import resolve_hook_class, validate_hook_options
-    from hooktrain.recipe import load_recipe
-    from hooktrain.weights import read_shapes, weights_file
+    from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
     read_shapes(weights_file(args.checkpoint))  # a wrong file is refused before the slow imports
-    from hooktrain.runner import IterRunner
+    from hooktrain.engine.runner import IterRunner
 
     if args.tta:
         recipe.model.inference = recipe.model.inference.with_tta()
@@ -280,11 +280,11 @@ def data_command(args: argparse.Namespace) -> int:
 
 
 def _data_convert(args: argparse.Namespace) -> int:
-    from hooktrain.data import convert_folder
+    from hooktrain.tools.convert import convert_folder
 
     palette = None
     if args.palette is not None:
-        from hooktrain.data.palette import load_palette
+        from hooktrain.tools.palette import load_palette
 
         palette = load_palette(args.palette)
         for colour, classes in palette.duplicates:
@@ -301,7 +301,7 @@ def _data_convert(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from hooktrain.data.check import check_data
+    from hooktrain.tools.check import check_data
 
     check_data(args.recipe, args.cfg_options, split=args.split, limit=args.limit)
     return 0
@@ -309,7 +309,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
 @command("export")
 def export_command(args: argparse.Namespace) -> int:
-    from hooktrain.export import export_checkpoint
+    from hooktrain.deploy.export import export_checkpoint
 
     print(f"exported {export_checkpoint(args.checkpoint, args.out, report=print)}")
     return 0
@@ -317,7 +317,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 @command("convert")
 def convert_command(args: argparse.Namespace) -> int:
-    from hooktrain.zoo.convert import convert
+    from hooktrain.deploy.convert import convert
 
     out = convert(args.convert_kind, args.source, args.recipe, args.out, args.cfg_options)
     print(f"converted {args.source} into {out}")
@@ -326,7 +326,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
 @command("predict")
 def predict_command(args: argparse.Namespace) -> int:
-    from hooktrain.predict import predict_images
+    from hooktrain.deploy.predict import predict_images
 
     written = predict_images(args.model, args.inputs, args.out)
     print(f"wrote {len(written)} colour masks (and *_label.png) to {args.out}")
@@ -335,7 +335,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
 @command("plot")
 def plot_command(args: argparse.Namespace) -> int:
-    from hooktrain.analysis.plot import plot_runs
+    from hooktrain.tools.plot import plot_runs
 
     print(f"wrote {plot_runs(args.work_dirs, args.out, keys=args.keys, log_scale=args.log_scale)}")
     return 0
@@ -343,7 +343,7 @@ def plot_command(args: argparse.Namespace) -> int:
 
 @command("browse")
 def browse_command(args: argparse.Namespace) -> int:
-    from hooktrain.analysis.browse import browse
+    from hooktrain.tools.browse import browse
 
     written = browse(args.recipe, args.cfg_options, split=args.split, num=args.num, out=args.out)
     print(f"wrote {len(written)} samples to {args.out}")
@@ -352,7 +352,7 @@ def browse_command(args: argparse.Namespace) -> int:
 
 @command("benchmark")
 def benchmark_command(args: argparse.Namespace) -> int:
-    from hooktrain.analysis.benchmark import benchmark
+    from hooktrain.tools.benchmark import benchmark
 
     benchmark(args.recipe, args.cfg_options, checkpoint=args.checkpoint, iters=args.iters, warmup=args.warmup)
     return 0
@@ -360,7 +360,7 @@ def benchmark_command(args: argparse.Namespace) -> int:
 
 @command("reference")
 def reference_command(args: argparse.Namespace) -> int:
-    from hooktrain.reference import recipe_reference
+    from hooktrain.recipe.reference import recipe_reference
 
     print(recipe_reference(), end="")
     return 0

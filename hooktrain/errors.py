@@ -1,9 +1,21 @@
-"""The one exception type for bad user input."""
+"""The errors a user sees: each one line that names the problem and the fix.
+
+``UserError`` (bad input, exit 2), ``RunError`` / ``NonFiniteLoss`` (a run that cannot go on),
+``did_you_mean``, and the messages for pydantic validation errors: recipe sections and hook
+options are both pydantic models, and a problem anywhere in them is reported as the full key
+path the user writes (``data.train.batch_size``, ``hooks[0].wandb.project``) with the valid
+keys of the mapping it sits in.
+"""
 
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Iterable
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel
 
 
 class UserError(Exception):
@@ -44,3 +56,81 @@ class NonFiniteLoss(RunError):
     """A loss term or the gradient norm was NaN or infinite (``train.on_nonfinite``)."""
 
     exit_code = 3
+
+
+# -- pydantic errors as one line naming the key path ----------------------------------------
+
+
+def key_path(parts: list[str | int]) -> str:
+    """``['hooks', 0, 'interval']`` -> ``hooks[0].interval`` (the spelling --cfg-options takes)."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The model classes an annotation may hold (through Optional, Union, list, dict)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin is None:
+        return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def _tag_of(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("type")
+    if field is None:
+        return None
+    args = typing.get_args(field.annotation)
+    return args[0] if typing.get_origin(field.annotation) is Literal and len(args) == 1 else field.default
+
+
+def locate(root: type[BaseModel], data: Any, loc: tuple) -> tuple[list[str | int], list[str]]:
+    """Follow a pydantic error location through the user's input.
+
+    Returns the key path as the user writes it (pydantic's union-member names dropped) and
+    the valid keys of the mapping the last part belongs to.
+    """
+    candidates: list[type[BaseModel]] = [root]
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        fields = [model for model in candidates if part in model.model_fields]
+        if isinstance(node, list) and isinstance(part, int):
+            node = node[part] if 0 <= part < len(node) else None
+            path.append(part)
+        elif fields:
+            node = node.get(part) if isinstance(node, dict) else None
+            path.append(part)
+            candidates = [c for model in fields for c in _models_in(model.model_fields[part].annotation)]
+        else:
+            # A discriminator tag (pydantic inserts the union member's name): pick that member.
+            candidates = [c for c in candidates if _tag_of(c) == part] or candidates
+        if isinstance(node, dict) and "type" in node:
+            candidates = [c for c in candidates if _tag_of(c) == node["type"]] or candidates
+    valid = sorted({name for model in candidates for name in model.model_fields})
+    return path, valid
+
+
+def describe(exc: pydantic.ValidationError, root: type[BaseModel], data: Any, *,
+             noun: str = "recipe key", prefix: list[str | int] | None = None) -> str:  # fmt: skip
+    """The first problem of ``exc`` (unknown keys first: they are usually the cause of the
+    rest) as one line, with a count of the others."""
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    error = errors[0]
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        path, valid = locate(root, data, loc[:-1])
+        full = key_path([*(prefix or []), *path, loc[-1]])
+        key = str(loc[-1])
+        return f"unknown {noun} '{full}'{did_you_mean(key, valid)}; valid keys here: {', '.join(valid)}{more}"
+    path, _ = locate(root, data, loc)
+    full = key_path([*(prefix or []), *path]) or "<recipe>"
+    if error["type"] == "missing":
+        return f"{noun} '{full}' is required but missing{more}"
+    got = error.get("input")
+    shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    return f"{noun} '{full}': {error['msg']} (got {shown}){more}"

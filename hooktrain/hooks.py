@@ -17,7 +17,7 @@ Then the loop, exactly as ``IterRunner.run`` executes it, with the stage each ho
                     outputs = model(image, mask) # dict of named loss terms, summed into "loss"
                     accelerator.backward(loss)
             clip (or measure) the gradient norm
-            ranks agree: stop signal? non-finite terms? same term names?  (hooktrain.agreement)
+            ranks agree: stop signal? non-finite terms? same term names?  (hooktrain.engine.agreement)
             optimizer.step() unless non-finite; optimizer.zero_grad(); scheduler.step()
             state.iter += 1
             after_train_iter(runner, outputs)    # eval, then checkpoint, then logging
@@ -60,8 +60,7 @@ from typing import Any, Protocol
 
 import pydantic
 
-from hooktrain.errors import UserError, did_you_mean
-from hooktrain.schema_errors import key_path, locate
+from hooktrain.errors import UserError, did_you_mean, key_path, locate
 
 logger = logging.getLogger("hooktrain")
 
@@ -89,7 +88,7 @@ PRIORITIES = {
 
 
 class Runner(Protocol):
-    """What a hook may use of the runner (``hooktrain.runner.IterRunner`` implements it)."""
+    """What a hook may use of the runner (``hooktrain.engine.runner.IterRunner`` implements it)."""
 
     accelerator: Any  # accelerate.Accelerator
     model: Any  # the prepared (DDP / FSDP / compiled) model
@@ -97,8 +96,8 @@ class Runner(Protocol):
     scheduler: Any
     train_stream: Any
     hooks: list[LoadedHook]
-    state: Any  # hooktrain.runner.TrainState
-    recipe: Any  # hooktrain.recipe.Recipe
+    state: Any  # hooktrain.engine.runner.TrainState
+    recipe: Any  # hooktrain.recipe.schema.Recipe
     work_dir: Path
     stop_requested: str | None
     finish_requested: str | None  # the reason a hook gave request_finish, once one did

@@ -2,7 +2,7 @@
 ends (``max_iters``, or a hook's ``request_finish``) or is stopped, pruning to ``max_keep``,
 and the best model by a validation metric.
 
-The on-disk layout and the atomic protocol live in ``hooktrain.checkpoints``; this hook only
+The on-disk layout and the atomic protocol live in ``hooktrain.checkpoint.state``; this hook only
 decides when to save. See docs/checkpoints.md.
 """
 
@@ -103,7 +103,7 @@ class CheckpointHook(Hook):
                     f"reported is '{best.get('key')}'; set the eval hook's best_key to match"
                 )
             if runner.accelerator.is_main_process:
-                from hooktrain.checkpoints import save_best
+                from hooktrain.checkpoint.state import save_best
 
                 path = save_best(runner, dict(best))
                 logger.info("saved best %s %.4f (iter %d) to %s",
@@ -120,7 +120,7 @@ class CheckpointHook(Hook):
                 self._save(runner)
 
     def _save(self, runner) -> None:
-        from hooktrain.checkpoints import prune_checkpoints, save_checkpoint
+        from hooktrain.checkpoint.state import prune_checkpoints, save_checkpoint
 
         start = time.perf_counter()
         path = save_checkpoint(runner)

@@ -2,7 +2,7 @@
 
 Each rank predicts its own share of the validation split (``build_val_loader`` gives every
 example to exactly one rank, so there is no padding to drop), reduces every prediction to its
-confusion matrix on the device (one ``bincount``, ``hooktrain.metrics.confusion_counts``) and
+confusion matrix on the device (one ``bincount``, ``hooktrain.evaluation.metrics.confusion_counts``) and
 sums them. One all-reduce of about ``C * C`` int64 values then gives every rank the exact
 matrix, whatever the number of ranks, workers or batches per rank; the areas, metrics and each
 class's top confusion come from it. With ``confusion: false`` only the ``4 * C + 1`` area
@@ -20,19 +20,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
-from hooktrain.config_base import Section
 from hooktrain.errors import UserError, did_you_mean
 from hooktrain.hooks import PRIORITIES, Hook
+from hooktrain.recipe.section import Section
 
 if TYPE_CHECKING:  # torch and the data/metrics modules load when a run starts, not on import
     import numpy as np
     import torch
 
-    from hooktrain.metrics import Areas
+    from hooktrain.evaluation.metrics import Areas
 
 logger = logging.getLogger("hooktrain")
 
-# The scalar metrics each family adds to aAcc (see hooktrain.metrics.summarize).
+# The scalar metrics each family adds to aAcc (see hooktrain.evaluation.metrics.summarize).
 FAMILY_SCALARS = {"mIoU": ("mIoU", "mAcc"), "mDice": ("mDice", "mAcc"), "mFscore": ("mFscore", "mPrecision", "mRecall")}
 
 
@@ -135,7 +135,7 @@ class EvalHook(Hook):
     def evaluate(self, runner, name: str | None = None) -> dict[str, Any]:
         """Predict the whole validation split, reduce across ranks, publish the metrics. The
         confusion files are named after ``name`` (default ``iter_<N>``)."""
-        from hooktrain.metrics import format_table, summarize, top_confusions
+        from hooktrain.evaluation.metrics import format_table, summarize, top_confusions
 
         runner.call_hooks("before_val")
         if not self._evaluate_modules and self.evaluate_specs:
@@ -184,7 +184,7 @@ class EvalHook(Hook):
         import torch
 
         from hooktrain.data import build_val_loader
-        from hooktrain.metrics import Areas, confusion_counts, intersect_and_union
+        from hooktrain.evaluation.metrics import Areas, confusion_counts, intersect_and_union
         from hooktrain.models.inference import predicted_labels
 
         accelerator = runner.accelerator
@@ -307,7 +307,7 @@ class _Totals:
 
     @classmethod
     def from_confusion(cls, extended: torch.Tensor, num_images: int, losses: dict[str, float]) -> _Totals:
-        from hooktrain.metrics import areas_from_confusion
+        from hooktrain.evaluation.metrics import areas_from_confusion
 
         num_classes = extended.shape[1] - 1
         confusion = extended[:num_classes, :num_classes].cpu().numpy()
@@ -334,7 +334,7 @@ def _image_loss(model, scores: torch.Tensor, label: torch.Tensor, terms: list[st
 def _write_confusion(runner, matrix: np.ndarray, names: list[str], name: str) -> np.ndarray:
     """Write ``confusion/confusion_<name>.csv`` and ``.png`` in the work dir; returns the
     heatmap (RGB) for the dashboards."""
-    from hooktrain.analysis.confusion import render_heatmap, write_confusion_csv, write_heatmap
+    from hooktrain.evaluation.confusion import render_heatmap, write_confusion_csv, write_heatmap
 
     directory = Path(runner.work_dir) / "confusion"
     directory.mkdir(parents=True, exist_ok=True)
@@ -348,10 +348,10 @@ def check_val_data(data, *, world_size: int = 1) -> None:
     """Decode and check the first example of each validation shard (a folder source is one
     shard) as the evaluation will, so a bad mask or image in the validation split stops the
     run before its first iteration rather than at its first evaluation."""
-    from hooktrain.data.config import FolderSource
     from hooktrain.data.reading import check_first_examples
     from hooktrain.data.sources import load_source
     from hooktrain.data.transforms import ValTransform
+    from hooktrain.recipe.data import FolderSource
 
     if data.val is None:
         return  # nothing to check (the eval hook's check_recipe refuses such a recipe)
@@ -385,7 +385,7 @@ def _sample(batch: dict[str, Any], i: int, pred: torch.Tensor, data) -> dict[str
     import cv2
     import numpy as np
 
-    from hooktrain.data.preview import preview
+    from hooktrain.tools.preview import preview
 
     height, width = batch["img_shapes"][i]
     ori_h, ori_w = batch["ori_shapes"][i]

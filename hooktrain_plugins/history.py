@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hooktrain.files import write_atomically
+from hooktrain.checkpoint.files import write_atomically
 
 
 class _Skip(Exception):

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
+from hooktrain.checkpoint.layout import HISTORY_FILE
 from hooktrain.errors import UserError
 from hooktrain.hooks import PRIORITIES, Hook
-from hooktrain.run_files import HISTORY_FILE
 
 from .history import HistoryFile
 from .trackers import Dashboards, TrackerName, WandbOptions, check_installed

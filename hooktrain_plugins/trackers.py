@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from hooktrain.config_base import Section
 from hooktrain.errors import UserError
+from hooktrain.recipe.section import Section
 
 if TYPE_CHECKING:
     from hooktrain.hooks import Runner

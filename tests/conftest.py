@@ -184,7 +184,7 @@ def sandbox(tmp_path, monkeypatch) -> Path:
 def shapes_sandbox(sandbox, tmp_path_factory) -> Path:
     """A sandbox whose data/shapes is the quickstart's dataset, generated once per session."""
     from hooktrain.data.shapes import generate_shapes
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
 
     source = load_recipe(ROOT / "recipes" / "quickstart.yaml").data.train.source
     params = source.model_dump(exclude={"type", "root", "split"})

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hooktrain.engine.runner import IterRunner, make_accelerator
 from hooktrain.hooks import build_hooks
 from hooktrain.models import build_segmentor
-from hooktrain.recipe import load_recipe
-from hooktrain.runner import IterRunner, make_accelerator
+from hooktrain.recipe.schema import load_recipe
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 LENGTHS = (1, 2, 3, 7, 8, 9)

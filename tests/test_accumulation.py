@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import QUICKSTART
 
-from hooktrain.recipe import load_recipe
-from hooktrain.runner import IterRunner, make_accelerator
+from hooktrain.engine.runner import IterRunner, make_accelerator
+from hooktrain.recipe.schema import load_recipe
 
 NUM_CLASSES = 3
 LR = 0.5

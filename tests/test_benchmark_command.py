@@ -63,9 +63,9 @@ def bf16_run(checkpoint, unread_root):
 def test_reports_every_figure_and_ends_with_a_json_line(bf16_run, checkpoint, unread_root):
     import torch
 
-    from hooktrain.analysis.benchmark import count_flops
     from hooktrain.models import build_segmentor
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
+    from hooktrain.tools.benchmark import count_flops
 
     result, options = bf16_run
     report = last_json(result)

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import RECIPES, assert_refused, run_cli, tiny
-from hooktrain.data.config import DataConfig
+
 from hooktrain.data.labels import LabelMapper
 from hooktrain.errors import UserError
-from hooktrain.models.config import CrossEntropyLossConfig, InferenceConfig
 from hooktrain.models.inference import predicted_labels
 from hooktrain.models.losses import HeadLoss, cross_entropy, dice
+from hooktrain.recipe.data import DataConfig
+from hooktrain.recipe.model import CrossEntropyLossConfig, InferenceConfig
 
 BINARY = RECIPES / "quickstart_binary.yaml"
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from conftest import QUICKSTART, assert_refused, run_cli, tiny
 
-from hooktrain.analysis.browse import GAP, IGNORE_CANDIDATES, train_samples
-from hooktrain.recipe import load_recipe
+from hooktrain.recipe.schema import load_recipe
+from hooktrain.tools.browse import GAP, IGNORE_CANDIDATES, train_samples
 
 PANEL = 256  # 32 px samples x 8, 64 px val images x 4
 WIDTH = 3 * PANEL + 2 * GAP  # image | label | overlay

@@ -13,14 +13,14 @@ import pytest
 import tifffile
 import timm
 import torch
-
 from conftest import RECIPES, assert_refused, run_cli, tiny
-from hooktrain.data.config import TrainPipelineConfig, ValPipelineConfig
+
 from hooktrain.data.labels import WrongImage, decode_image
-from hooktrain.data.preview import preview
 from hooktrain.data.shapes import generate_shapes
 from hooktrain.data.transforms import TrainTransform, ValTransform
 from hooktrain.errors import UserError
+from hooktrain.recipe.data import TrainPipelineConfig, ValPipelineConfig
+from hooktrain.tools.preview import preview
 
 FOUR_BAND = RECIPES / "quickstart_4band.yaml"
 RNG = np.random.default_rng(0)
@@ -160,7 +160,7 @@ def test_previews_show_grey_the_first_three_bands_and_stretch_16_bits():
 
 
 def test_data_check_reports_channels_and_dtype_and_the_mismatch(tmp_path, capsys):
-    from hooktrain.data.check import check_data
+    from hooktrain.tools.check import check_data
 
     root = generate_shapes(tmp_path / "wide", num_train=4, num_val=2, image_size=32, train_shards=1, val_shards=1,
                            bands=4, bit_depth=16)  # fmt: skip
@@ -191,9 +191,9 @@ def test_pretrained_first_layer_is_adapted_with_timm(tmp_path, name):
     """resnet18 loads through timm's own pretrained path, mit_b0 through hooktrain's conversion."""
     from safetensors.torch import save_file
 
-    from hooktrain.models.config import EncoderConfig
     from hooktrain.models.encoder import build_encoder
     from hooktrain.models.mit import create_mit
+    from hooktrain.recipe.model import EncoderConfig
 
     model = timm.create_model(name) if name == "resnet18" else create_mit(name)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import ENV, QUICKSTART, ROOT, launch_command, run_cli
+from safetensors.torch import load_file, save_file
 from test_train import tiny
 
 ITERS = 6
@@ -204,10 +203,9 @@ def test_export_then_predict_writes_colour_and_label_masks(tmp_path, data_root, 
     import cv2
     import numpy as np
     import yaml
-
     from safetensors import safe_open
 
-    from hooktrain.export import export_checkpoint
+    from hooktrain.deploy.export import export_checkpoint
 
     best = reference / "checkpoints" / "best"
     exported = export_checkpoint(best, tmp_path / "model.safetensors")

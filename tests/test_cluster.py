@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-
 from test_checkpoint import ITERS, checkpoints, options, run, start, train_command
 
 pytestmark = pytest.mark.slow  # every test here trains in subprocesses and signals them

@@ -19,20 +19,21 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hooktrain.data import (  # noqa: E402
+from hooktrain.data import (  # noqa: E402  # noqa: E402
     DataConfig,
     build_train_stream,
     build_val_loader,
-    convert_folder,
     generate_shapes,
     load_source,
     prepare_data,
+    reading,
+    shapes,
 )
-from hooktrain.data import reading, shapes  # noqa: E402
-from hooktrain.data.config import default_palette  # noqa: E402
 from hooktrain.data.parquet import write_image_shard  # noqa: E402
 from hooktrain.data.reading import ReaderPlan, plan_reader, shard_rows  # noqa: E402
 from hooktrain.errors import UserError  # noqa: E402
+from hooktrain.recipe.data import default_palette  # noqa: E402
+from hooktrain.tools.convert import convert_folder  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 NUM_CLASSES = 250

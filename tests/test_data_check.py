@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import RECIPES, run_cli
+
 from hooktrain.data.parquet import write_image_shard
 
 PALETTE = [[0, 0, 0], [255, 0, 0], [0, 128, 255]]  # none is another's channel reversal

@@ -15,15 +15,15 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from conftest import RECIPES, run_cli
 from PIL import Image
 
-from conftest import RECIPES, run_cli
 from hooktrain.data import DataConfig, build_train_stream, build_val_loader
-from hooktrain.data.config import FolderSource
 from hooktrain.data.folder import folder_pairs, source_pairs
 from hooktrain.data.labels import LabelMapper, decode_mask
 from hooktrain.errors import UserError
-from hooktrain.recipe import load_recipe
+from hooktrain.recipe.data import FolderSource
+from hooktrain.recipe.schema import load_recipe
 
 # -- what MMSegmentation 1.2.2 says (copied from its sources, file by file) ------------------
 

@@ -51,10 +51,10 @@ from hooktrain.data.transforms import (
     TrainTransform,
     draw_photometric,
 )
+from hooktrain.engine.optim import OptimizerConfig, build_optimizer, use_fused_adamw
 from hooktrain.errors import UserError
 from hooktrain.hooks import Hook
-from hooktrain.optim import OptimizerConfig, build_optimizer, use_fused_adamw
-from hooktrain.recipe import load_recipe
+from hooktrain.recipe.schema import load_recipe
 
 STD = np.asarray(IMAGENET_STD, np.float32)
 RESCALE = "data.train.pipeline.ratio_range=[0.5,2.0]"  # the quickstart has none: padded crops, odd widths
@@ -312,7 +312,7 @@ def test_stream_batches_with_gpu_augment_are_the_cpu_batches(data_root):
     assert not over, f"(steps, bound): {over}"
     assert padded > 0
 
-    from hooktrain.analysis.browse import train_samples
+    from hooktrain.tools.browse import train_samples
 
     samples = train_samples(gpu_data, 11)
     first = next(samples)

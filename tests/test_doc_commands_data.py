@@ -181,7 +181,7 @@ def _converted_masks(out: Path, split: str) -> dict:
 
 
 def test_data_check_page_commands(shapes_sandbox):
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
 
     sandbox = shapes_sandbox
     for doc in (DATA_CHECK, DATA_CHECK_VAL):

@@ -9,8 +9,8 @@ import shlex
 import pytest
 from conftest import ROOT, ensure_installed, run_cli
 
-from hooktrain.recipe import load_recipe
-from hooktrain.reference import recipe_reference
+from hooktrain.recipe.reference import recipe_reference
+from hooktrain.recipe.schema import load_recipe
 
 DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import QUICKSTART, assert_refused, run_cli, tiny
-from hooktrain_plugins.early_stop import EarlyStopHook
 
-from hooktrain.checkpoint_check import checkpoint_problems
+from hooktrain.checkpoint.resume import checkpoint_problems
 from hooktrain.errors import UserError
+from hooktrain_plugins.early_stop import EarlyStopHook
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from hooktrain.data.elastic import mark
 from hooktrain.data.reading import plan_reader
 from hooktrain.data.stream import TrainExamples
 from hooktrain.errors import UserError
-from hooktrain.recipe import load_recipe
+from hooktrain.recipe.schema import load_recipe
 
 ROWS = 24  # tiny(): 4 shards of 6 rows
 ALL_ROWS = {(shard, row) for shard in range(4) for row in range(6)}

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import ENV, QUICKSTART, ROOT, TESTS, run_cli, run_launch
+from safetensors.torch import save_file
 from test_train import read_probe, tiny
 
 
@@ -89,7 +88,7 @@ def test_unknown_best_key_and_metric_are_clear(tmp_path, data_root):
 
 def test_test_command_evaluates_a_checkpoint_on_one_and_two_processes(tmp_path, data_root):
     from hooktrain.models import build_segmentor
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(QUICKSTART)
     torch.manual_seed(1)
@@ -120,13 +119,13 @@ def test_validation_loss_is_the_mean_of_each_images_loss_on_the_scored_predictio
     all pixels, avg_non_ignore false) of the very scores that are evaluated; with flip, of the
     log of the averaged probabilities."""
     import torch.nn.functional as F
-
     from eval_exactness_script import NUM_CLASSES, write_folder
+
     from hooktrain.data import build_val_loader
+    from hooktrain.engine.runner import IterRunner, make_accelerator
     from hooktrain.hooks import build_hooks
     from hooktrain.models import build_segmentor
-    from hooktrain.recipe import load_recipe
-    from hooktrain.runner import IterRunner, make_accelerator
+    from hooktrain.recipe.schema import load_recipe
 
     write_folder(tmp_path / "data", 5)
     source = f"{{type: folder, images_dir: '{tmp_path}/data/images', annotations_dir: '{tmp_path}/data/annotations'}}"

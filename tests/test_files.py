@@ -1,4 +1,4 @@
-"""hooktrain.files: the one way hooktrain replaces a file (readers see the old or the new one)."""
+"""hooktrain.checkpoint.files: the one way hooktrain replaces a file (readers see the old or the new one)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hooktrain.files import atomic_path, write_atomically
+from hooktrain.checkpoint.files import atomic_path, write_atomically
 
 
 def test_atomic_path_renames_a_complete_file_into_place(tmp_path):

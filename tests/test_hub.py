@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run_cli
 from hub_replicas import (
     ADE20K_ID,
@@ -82,7 +81,7 @@ def test_ade20k_recipe_trains_and_validates_through_the_hub_client(hub, tmp_path
 
 PROBE = """
 import json, sys
-from hooktrain.data.config import HubSource
+from hooktrain.recipe.data import HubSource
 from hooktrain.data.sources import load_source
 from hooktrain.errors import UserError
 found = {}
@@ -243,7 +242,7 @@ def test_data_check_streams_the_ade20k_recipe_through_the_hub_client(hub, tmp_pa
 def test_cityscapes_and_voc_recipes_read_their_hub_sources(hub, tmp_path):
     """The recipes' Hub sources (ids, split names, columns) open through the client on
     replicas of the repositories, and Cityscapes' labelIds pass data check with its label_map."""
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
 
     cases = {}
     for recipe in ("cityscapes", "voc12aug"):

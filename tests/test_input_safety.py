@@ -192,9 +192,8 @@ def test_an_undecodable_validation_image_with_max_corrupt_0_stops_the_run_early(
 
 
 def test_the_validation_check_reads_one_example_per_shard_and_a_folder_as_one(tmp_path):
+    from hooktrain.recipe.data import DataConfig
     from hooktrain_plugins.evaluation import check_val_data
-
-    from hooktrain.data.config import DataConfig
 
     val = write_split(tmp_path / "val", "validation", [
         [good_row("a.png"), ("late_bad.png", png(random_image()), png(label_mask(value=9)))],
@@ -295,7 +294,7 @@ def exported_model(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from hooktrain.models import build_segmentor
-    from hooktrain.recipe import dump_recipe, load_recipe
+    from hooktrain.recipe.schema import dump_recipe, load_recipe
 
     root = tmp_path_factory.mktemp("exported")
     recipe = load_recipe(QUICKSTART, ["data.val.pipeline.scale=[64,32]"])
@@ -352,7 +351,7 @@ def corrupt_source(tmp_path: Path) -> str:
 
 
 def data_config(train_glob: str, **data):
-    from hooktrain.data.config import DataConfig
+    from hooktrain.recipe.data import DataConfig
 
     pipeline = {"scale": [32, 32], "ratio_range": [1.0, 1.0], "crop_size": [32, 32], "photometric": False}
     return DataConfig.model_validate({

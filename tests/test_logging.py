@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ENV, QUICKSTART, run_cli, run_launch
 from matplotlib import colormaps
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import tiny
+from wandb_reader import offline_runs, read_run
 
-from conftest import ENV, QUICKSTART, run_cli, run_launch
 from hooktrain.errors import UserError
 from hooktrain.hooks import PRIORITIES, Hook, build_hooks
 from hooktrain_plugins.history import HistoryFile, read_history
-from test_train import tiny
-from wandb_reader import offline_runs, read_run
 
 CLASSES = ["background", "circle", "square", "triangle", "cross"]
 VAL_KEYS = {"val/aAcc", "val/mIoU", "val/mAcc", "val/mDice", "val/mFscore"}
@@ -154,7 +154,7 @@ def test_tensorboard_holds_the_scalars(first_run):
 def test_confusion_matrix_on_disk_in_the_table_on_wandb_and_tensorboard(first_run):
     """Each evaluation's confusion matrix agrees with its metrics, and its heatmap reaches
     the work dir, wandb and TensorBoard."""
-    from hooktrain.analysis.confusion import read_confusion_csv
+    from hooktrain.evaluation.confusion import read_confusion_csv
 
     work_dir, stdout = first_run
     history = {r["iter"]: r for r in read_history(work_dir / "metrics.jsonl")}
@@ -178,7 +178,7 @@ def test_confusion_matrix_on_disk_in_the_table_on_wandb_and_tensorboard(first_ru
         assert heatmap.shape == (400, 500, 3)  # 5 classes: a 5 x 4 inch figure at 100 dpi
         # Each cell is a ~60 x 60 px square of one colour (the colour bar has ~2 px per level):
         # the largest share's colour fills a whole cell.
-        from hooktrain.analysis.confusion import row_normalised
+        from hooktrain.evaluation.confusion import row_normalised
 
         largest = colormaps["Blues"](row_normalised(matrix).max())[:3]
         close = np.abs(heatmap.astype(int) - np.round(np.array(largest) * 255)).max(-1) <= 2

@@ -1,4 +1,4 @@
-"""hooktrain.metrics against independent references: a per-class numpy loop for the areas,
+"""hooktrain.evaluation.metrics against independent references: a per-class numpy loop for the areas,
 mmseg 0.x's torch.histc areas, and the metric formulas written out class by class."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hooktrain.metrics import (
+from hooktrain.evaluation.metrics import (
     METRICS,
     Areas,
     areas_from_confusion,

@@ -16,11 +16,11 @@ import torch
 from conftest import RECIPES
 from mmseg_ref.fixtures import CONFIGS, DEEPLABV3, DEEPLABV3_HEAD, SIZES
 
+from hooktrain.deploy.convert import convert
+from hooktrain.deploy.export import load_exported
 from hooktrain.errors import UserError
-from hooktrain.export import load_exported
-from hooktrain.models.config import EncoderConfig
 from hooktrain.models.encoder import build_encoder
-from hooktrain.zoo.convert import convert
+from hooktrain.recipe.model import EncoderConfig
 
 TOLERANCE = 1e-4
 

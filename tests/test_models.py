@@ -430,7 +430,7 @@ def test_compile_mode_without_compile_is_refused():
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_base_model_recipes_validate(recipe):
     from hooktrain.models.mit import is_mit
-    from hooktrain.recipe import load_yaml
+    from hooktrain.recipe.schema import load_yaml
 
     cfg = ModelConfig.model_validate(load_yaml(RECIPES / recipe)["model"])
     assert timm.is_model(cfg.encoder.name) or is_mit(cfg.encoder.name)
@@ -439,7 +439,7 @@ def test_base_model_recipes_validate(recipe):
 def test_quickstart_recipe_builds():
     """recipes/quickstart.yaml, resolved as `hooktrain` resolves it (its _base_ files and own
     overrides), builds its model: ResNet-18 strides 4-16 + FPN, the shapes' classes, its losses."""
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(RECIPES.parents[1] / "quickstart.yaml")
     data = recipe.data

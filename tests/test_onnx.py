@@ -18,12 +18,13 @@ from conftest import ROOT, randomise, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 
-from hooktrain import Segmenter, onnx_export
+from hooktrain import Segmenter
+from hooktrain.deploy import onnx_export
+from hooktrain.deploy.export import export_checkpoint
+from hooktrain.deploy.predict import predict_images
 from hooktrain.errors import UserError
-from hooktrain.export import export_checkpoint
 from hooktrain.models import ModelConfig, build_segmentor
-from hooktrain.predict import predict_images
-from hooktrain.recipe import dump_recipe, load_recipe
+from hooktrain.recipe.schema import dump_recipe, load_recipe
 
 RECIPES = ROOT / "recipes"
 # ResNet-18-sized quickstart heads are not needed to test the graph: timm's test_resnet, 16 wide.

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hooktrain.optim import (
+from hooktrain.engine.optim import (
     OptimizerConfig,
     ParamRule,
     ScheduleConfig,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import QUICKSTART, assert_refused, run_cli, tiny
 
-from hooktrain.analysis.plot import default_keys, read_history, run_labels, scalar_keys
+from hooktrain.tools.plot import default_keys, read_history, run_labels, scalar_keys
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours (RGB)
 LEGEND_PX = 50  # the legend row above the panels (plot.LEGEND_INCHES at plot.DPI)

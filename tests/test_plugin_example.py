@@ -4,7 +4,6 @@ listed by `hooktrain plugins`, and its average is evaluated and checkpointed in 
 from __future__ import annotations
 
 import torch
-
 from conftest import QUICKSTART, ROOT, ensure_installed, run_cli
 from probe_hooks import digest
 from test_train import ENV, read_probe, tiny
@@ -40,7 +39,7 @@ def test_ema_plugin_package_is_discovered_evaluated_and_checkpointed(tmp_path):
 def quickstart_model() -> torch.nn.Module:
     """The quickstart's segmentor (for its parameter names; buffers are not parameters)."""
     from hooktrain.models import build_segmentor
-    from hooktrain.recipe import load_recipe
+    from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(QUICKSTART)
     return build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)

@@ -14,7 +14,7 @@ import torch
 from conftest import QUICKSTART, assert_refused, run_cli, tiny, tree_digest
 from safetensors.torch import save_file
 
-from hooktrain.recipe import apply_cfg_options
+from hooktrain.recipe.schema import apply_cfg_options
 
 
 class Trained:
@@ -211,8 +211,8 @@ def test_load_from_skips_what_does_not_fit_and_says_so(trained):
 
 
 def test_load_weights_loads_every_tensor_that_fits(tmp_path):
+    from hooktrain.checkpoint.weights import load_weights
     from hooktrain.models import ModelConfig, build_segmentor
-    from hooktrain.weights import load_weights
 
     cfg = ModelConfig.model_validate({"encoder": {"name": "resnet18", "out_indices": [1, 2, 3]},
                                       "decode_head": {"type": "fcn", "channels": 8}})  # fmt: skip

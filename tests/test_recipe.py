@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import QUICKSTART, run_cli
+
 from hooktrain.errors import UserError
-from hooktrain.recipe import apply_cfg_options, load_recipe, load_yaml, merge
+from hooktrain.recipe.schema import apply_cfg_options, load_recipe, load_yaml, merge
 
 
 def write(path, text):

@@ -15,8 +15,8 @@ import pytest
 from test_checkpoint import assert_bitwise_equal, checkpoints, run, train_command, weights
 from test_train import tiny
 
-from hooktrain.checkpoint_check import checkpoint_problems, choose_resume
-from hooktrain.checkpoints import expected_files
+from hooktrain.checkpoint.resume import checkpoint_problems, choose_resume
+from hooktrain.checkpoint.state import expected_files
 from hooktrain.errors import UserError
 
 HOOKS = "hooks=[{type: logger, interval: 1}, {type: checkpoint, interval: 2}]"

@@ -49,27 +49,64 @@ def graph() -> dict[str, set[str]]:
     return edges
 
 
-def test_the_import_graph_has_no_circle():
-    edges = graph()
+def find_circle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One circle of the directed graph ``edges`` (``[a, b, ..., a]``), or None."""
     state: dict[str, int] = {}  # 1 visiting, 2 done
     stack: list[str] = []
 
-    def visit(node: str) -> None:
+    def visit(node: str) -> list[str] | None:
         state[node] = 1
         stack.append(node)
-        for target in sorted(edges[node]):
+        for target in sorted(edges.get(node, ())):
             if state.get(target) == 1:
-                cycle = stack[stack.index(target) :] + [target]
-                raise AssertionError("import circle: " + " -> ".join(cycle))
-            if target not in state:
-                visit(target)
+                return stack[stack.index(target) :] + [target]
+            if target not in state and (circle := visit(target)):
+                return circle
         stack.pop()
         state[node] = 2
+        return None
 
     for node in sorted(edges):
-        if node not in state:
-            visit(node)
-    assert "hooktrain.runner" in edges and "hooktrain.checkpoints" in edges["hooktrain.runner"]
+        if node not in state and (circle := visit(node)):
+            return circle
+    return None
+
+
+def test_the_import_graph_has_no_circle():
+    edges = graph()
+    circle = find_circle(edges)
+    assert circle is None, "import circle: " + " -> ".join(circle)
+    assert "hooktrain.engine.runner" in edges and "hooktrain.checkpoint.state" in edges["hooktrain.engine.runner"]
+
+
+def folder(module: str) -> str:
+    """The top-level package (``recipe``, ``data``, ...) or top-level module (``cli``) of a
+    module of hooktrain."""
+    return module.split(".")[1] if "." in module else module
+
+
+def folder_graph() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for name, targets in graph().items():
+        if name != "hooktrain":
+            edges.setdefault(folder(name), set()).update(folder(t) for t in targets if t != "hooktrain")
+    return {node: targets - {node} for node, targets in edges.items()}
+
+
+def test_the_folders_import_each_other_without_a_loop():
+    """The packages follow the data flow (recipe, data, models, engine, evaluation, checkpoint,
+    deploy, tools): no package imports one that imports it back, however indirectly."""
+    edges = folder_graph()
+    circle = find_circle(edges)
+    assert circle is None, "folders in a loop: " + " -> ".join(circle)
+    assert {"recipe", "data", "models", "engine", "evaluation", "checkpoint", "deploy", "tools"} <= set(edges)
+    assert "data" in edges["engine"] and "engine" not in edges["data"]
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_top_level_is_packages_and_at_most_five_modules():
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(modules) <= 5, modules
 
 
 PLUGINS = "hooktrain_plugins"  # the built-in hooks' package (the folder of the same name)
@@ -115,4 +152,4 @@ def code_lines(path: Path) -> int:
 
 
 def test_the_runner_stays_under_300_lines_of_code():
-    assert code_lines(PACKAGE / "runner.py") <= 300
+    assert code_lines(PACKAGE / "engine" / "runner.py") <= 300

@@ -17,7 +17,7 @@ REPO = timm.models.get_pretrained_cfg("resnet18").hf_hub_id  # timm/resnet18.a1_
 
 LOAD = """
 import sys, torch
-from hooktrain.models.config import EncoderConfig
+from hooktrain.recipe.model import EncoderConfig
 from hooktrain.models.encoder import build_encoder
 encoder = build_encoder(EncoderConfig(name="resnet18", pretrained=True, out_indices=[1, 2, 3]))
 torch.save({k: v for k, v in encoder.state_dict().items()}, sys.argv[1])

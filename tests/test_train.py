@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ENV, QUICKSTART, ROOT, TESTS, ensure_installed, run_cli, run_launch, tiny
-from hooktrain.optim import ScheduleConfig, scheduled_lr
-from hooktrain.recipe import load_recipe
+
+from hooktrain.engine.optim import ScheduleConfig, scheduled_lr
+from hooktrain.recipe.schema import load_recipe
 
 BASE_LR = load_recipe(QUICKSTART).optimizer.lr
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import QUICKSTART, randomise, run_cli, run_launch
-from hooktrain_plugins.evaluation import _predict
 from safetensors.torch import save_file
 from test_train import tiny
 
@@ -27,8 +26,9 @@ from hooktrain.data.transforms import (
 from hooktrain.data.val import ScaledViews, make_val_collate
 from hooktrain.errors import UserError
 from hooktrain.models import ModelConfig, build_segmentor
-from hooktrain.models.config import InferenceConfig
-from hooktrain.recipe import dump_recipe, load_recipe
+from hooktrain.recipe.model import InferenceConfig
+from hooktrain.recipe.schema import dump_recipe, load_recipe
+from hooktrain_plugins.evaluation import _predict
 
 NUM_CLASSES = 5
 MMSEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
@@ -279,7 +279,7 @@ def data_root(tmp_path_factory) -> Path:
 
 def export_random_model(tmp_path: Path, *options: str) -> Path:
     """An exported file (weights + recipe, as `hooktrain export` writes) of a random quickstart model."""
-    from hooktrain.export import export_checkpoint
+    from hooktrain.deploy.export import export_checkpoint
 
     recipe = load_recipe(QUICKSTART, list(options))
     torch.manual_seed(3)
@@ -336,7 +336,7 @@ def test_predict_honours_the_recipes_scales_and_flip(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     label = cv2.imread(str(tmp_path / "masks" / "a_label.png"), cv2.IMREAD_UNCHANGED)
 
-    from hooktrain.export import load_exported
+    from hooktrain.deploy.export import load_exported
 
     model, recipe = load_exported(exported)
     assert recipe.model.inference.scales == scales
@@ -394,9 +394,9 @@ def test_scaled_size_is_mmcvs_resize(mmseg_tta):
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_tta_equals_mmsegmentations_segttamodel(mmseg_tta, mode, tmp_path):
     from hooktrain.data.labels import decode_image
-    from hooktrain.export import load_exported
+    from hooktrain.deploy.convert import convert
+    from hooktrain.deploy.export import load_exported
     from hooktrain.models.inference import predict_scales
-    from hooktrain.zoo.convert import convert
 
     options = ["model.inference.flip=true", f"model.inference.scales={MMSEG_SCALES}"]
     if mode == "slide":

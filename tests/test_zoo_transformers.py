@@ -20,12 +20,12 @@ import yaml
 from conftest import ROOT, run_cli
 from hub_server import HubServer
 
+from hooktrain.deploy.export import load_exported
 from hooktrain.errors import UserError
-from hooktrain.export import load_exported
-from hooktrain.models.config import EncoderConfig
+from hooktrain.models.backbone_keys import mit_from_nvlabs, to_encoder_keys
 from hooktrain.models.encoder import build_encoder
 from hooktrain.models.mit import create_mit
-from hooktrain.zoo.backbones import mit_from_nvlabs, to_encoder_keys
+from hooktrain.recipe.model import EncoderConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,7 +129,7 @@ def test_convert_transformers_downloads_a_hub_id_through_the_hub_client(segforme
 
 def test_convert_transformers_refuses_a_recipe_that_does_not_fit(segformer_dir, tmp_path):
     """mmseg's SegformerHead in the recipe: nothing is written, the first offenders are named."""
-    from hooktrain.zoo.convert import convert
+    from hooktrain.deploy.convert import convert
 
     out = tmp_path / "x.safetensors"
     with pytest.raises(UserError) as raised:
@@ -149,7 +149,7 @@ def test_mit_pretrained_downloads_nvidia_mit_through_the_hub_client(mit_dir, tmp
     torch.save(image, tmp_path / "image.pt")
     script = (
         "import sys, torch\n"
-        "from hooktrain.models.config import EncoderConfig\n"
+        "from hooktrain.recipe.model import EncoderConfig\n"
         "from hooktrain.models.encoder import build_encoder\n"
         "encoder = build_encoder(EncoderConfig(name='mit_b0', pretrained=True)).eval()\n"
         "with torch.no_grad():\n"
@@ -241,7 +241,7 @@ def test_converted_file_names_its_source(tmp_path, segformer_dir):
     """The converted file names its source in the metadata and carries the resolved recipe."""
     from safetensors import safe_open
 
-    from hooktrain.zoo.convert import convert
+    from hooktrain.deploy.convert import convert
 
     out = convert("transformers", str(segformer_dir), str(segformer_recipe(tmp_path)), tmp_path / "m.safetensors")
     with safe_open(str(out), framework="pt") as f:

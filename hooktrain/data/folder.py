@@ -14,8 +14,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from hooktrain.data.config import FolderSource
 from hooktrain.errors import UserError
+from hooktrain.recipe.data import FolderSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".npy")
 

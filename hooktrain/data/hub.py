@@ -18,8 +18,8 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from hooktrain.data.config import HubSource
 from hooktrain.errors import UserError, did_you_mean, first_line
+from hooktrain.recipe.data import HubSource
 
 PARQUET_REVISION = "refs/convert/parquet"
 # Canonical datasets that moved to their owners' namespaces; the client rejects the old ids.
@@ -116,8 +116,8 @@ def _check_repo(source: HubSource, where: str) -> None:
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (
         GatedRepoError,
-        HFValidationError,
         HfUriError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )

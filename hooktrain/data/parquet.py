@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from hooktrain.files import atomic_path
+from hooktrain.checkpoint.files import atomic_path
 
 
 def write_image_shard(

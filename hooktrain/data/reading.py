@@ -17,11 +17,11 @@ import cv2
 import numpy as np
 import torch
 
-from hooktrain.data.config import DataConfig
 from hooktrain.data.labels import WrongImage, example_name
 from hooktrain.data.sources import read_bytes
 from hooktrain.data.transforms import LabelMapper, decode_image, decode_mask
 from hooktrain.errors import UserError, first_line
+from hooktrain.recipe.data import DataConfig
 
 logger = logging.getLogger(__name__)
 

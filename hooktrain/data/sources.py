@@ -13,17 +13,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hooktrain.data.config import (
+from hooktrain.data.folder import load_folder
+from hooktrain.data.hub import load_hub
+from hooktrain.data.shapes import generate_shapes, shapes_files
+from hooktrain.errors import UserError, did_you_mean
+from hooktrain.recipe.data import (
     DataConfig,
     FolderSource,
     HubSource,
     ParquetSource,
     ShapesSource,
 )
-from hooktrain.data.folder import load_folder
-from hooktrain.data.hub import load_hub
-from hooktrain.data.shapes import generate_shapes, shapes_files
-from hooktrain.errors import UserError, did_you_mean
+
 
 def prepare_data(cfg: DataConfig) -> None:
     """One-time work before streaming: generate the shapes dataset, download non-streamed

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hooktrain.data.config import DataConfig
 from hooktrain.data.elastic import PassSkip, continue_pass, mark, old_readers
 from hooktrain.data.reading import (
     CorruptExample,
@@ -57,6 +56,7 @@ from hooktrain.data.reading import (
 from hooktrain.data.sources import load_source
 from hooktrain.data.transforms import TrainTransform
 from hooktrain.errors import UserError
+from hooktrain.recipe.data import DataConfig
 
 _STATE_FORMAT = 1
 # Distinct first words of the RNG keys, so no two uses of the seed share a stream.

@@ -77,10 +77,10 @@ import cv2
 import numpy as np
 import torch
 
-from hooktrain.data.config import TrainPipelineConfig, ValPipelineConfig
 from hooktrain.data.device_augment import PHOTOMETRIC_FIELDS
 from hooktrain.data.labels import LabelMapper, decode_image, decode_mask
 from hooktrain.errors import UserError
+from hooktrain.recipe.data import TrainPipelineConfig, ValPipelineConfig
 
 __all__ = [
     "TrainPipelineConfig",

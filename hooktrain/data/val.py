@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hooktrain.data.config import DataConfig
 from hooktrain.data.reading import (
     CorruptExample,
     ExampleDecoder,
@@ -30,6 +29,7 @@ from hooktrain.data.reading import (
 from hooktrain.data.sources import load_source
 from hooktrain.data.transforms import ValTransform, pad_stack
 from hooktrain.errors import UserError
+from hooktrain.recipe.data import DataConfig
 
 
 class ScaledViews:

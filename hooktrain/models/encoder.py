@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from hooktrain.errors import UserError, did_you_mean
-from hooktrain.models.config import EncoderConfig
+from hooktrain.models.backbone_keys import backbone_state, detect_format, to_encoder_keys, to_timm
+from hooktrain.models.hub import HubUnavailable, download_weights, offline_if_unreachable
 from hooktrain.models.mit import MIT_TO_TIMM, create_mit, hub_repo, is_mit
-from hooktrain.zoo.backbones import backbone_state, detect_format, to_encoder_keys, to_timm
-from hooktrain.zoo.hub import HubUnavailable, download_weights, offline_if_unreachable
+from hooktrain.recipe.model import EncoderConfig
 
 logger = logging.getLogger(__name__)
 

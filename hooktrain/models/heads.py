@@ -3,7 +3,7 @@
 Every head takes the encoder's list of feature maps and returns class logits at the resolution
 of its finest input level. Module names follow mmseg's (``convs``, ``psp_modules``,
 ``bottleneck``, ``<module>.conv`` / ``<module>.bn`` ...), so a zoo checkpoint's head keys load
-unchanged; see :mod:`hooktrain.zoo.mmseg`.
+unchanged; see :mod:`hooktrain.models.segmentor_keys`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hooktrain.errors import UserError
-from hooktrain.models.config import (
+from hooktrain.recipe.model import (
     ASPPHeadConfig,
     FCNHeadConfig,
     FPNHeadConfig,

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from hooktrain.models.config import InferenceConfig
 from hooktrain.models.heads import resize
+from hooktrain.recipe.model import InferenceConfig
 
 # Maps an image batch [B,3,h,w] to logits [B,C,h,w] at the same size.
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hooktrain.errors import UserError
-from hooktrain.models.config import CrossEntropyLossConfig, DiceLossConfig, OhemConfig
 from hooktrain.models.heads import resize
+from hooktrain.recipe.model import CrossEntropyLossConfig, DiceLossConfig, OhemConfig
 
 _EPS = torch.finfo(torch.float32).eps
 

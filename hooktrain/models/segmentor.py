@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from hooktrain.errors import UserError
-from hooktrain.models.config import InferenceConfig, ModelConfig
 from hooktrain.models.encoder import build_encoder
 from hooktrain.models.heads import DecodeHead, build_head, resize
 from hooktrain.models.inference import predict_logits
 from hooktrain.models.losses import HeadLoss
+from hooktrain.recipe.model import InferenceConfig, ModelConfig
 
 
 class Segmentor(nn.Module):

@@ -1,1 +1,0 @@
-"""One-command analysis tools: `hooktrain plot`, `browse` and `benchmark`."""

@@ -1,0 +1,291 @@
+"""Checkpoint layout on disk, shared by the runner (resume) and the checkpoint hook (saving).
+
+    <work_dir>/checkpoints/
+        iter_2000/            complete checkpoints only: written as .tmp-iter_2000, renamed
+        iter_4000/            into place when every rank has finished writing
+        best/                 weights of the best validation score (see the checkpoint hook)
+        latest                text file naming the newest complete checkpoint ("iter_4000")
+        .tmp-iter_6000/       a save in progress, or left by a killed one: never resumed from
+        .trash-iter_2000/     a pruned checkpoint being deleted (removed by ``clean_stale``)
+        .old-best/            the previous ``best`` while the new one is renamed into place
+                              (put back by ``clean_stale`` if a kill left no ``best``)
+
+Inside a checkpoint: Accelerate's ``save_state`` files (``model.safetensors``,
+``optimizer.bin``, ``scaler.pt``, ``random_states_<rank>.pkl``, ``custom_checkpoint_0.pkl``
+for the LR scheduler), plus ``train_state.json`` (the runner's ``TrainState``),
+``hooks.pt`` (every stateful hook), ``data_state_rank<r>.pt`` (each rank's stream
+position) and ``recipe.yaml`` (the resolved recipe, for ``hooktrain export``).
+``model.safetensors`` holds the plain module's keys (no DDP ``module.`` prefix), so the
+weights load at any world size, into ``load_from`` and into ``hooktrain export``.
+
+``best/`` holds ``model.safetensors``, ``best.json`` (``{"key", "value", "iter"}``) and
+``recipe.yaml``.
+
+Saving (``save_checkpoint``): every rank writes into ``.tmp-iter_<N>`` and flushes it to
+disk; after a barrier the main process renames it to ``iter_<N>`` and updates ``latest``; a
+final barrier lets no rank leave before the checkpoint is complete. Pruning
+(``prune_checkpoints``) renames a checkpoint aside before deleting it. A kill at any moment
+therefore leaves only complete ``iter_*`` checkpoints under their names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hooktrain.checkpoint.files import TMP_PREFIX, fsync_path, give_default_mode, write_atomically
+from hooktrain.checkpoint.layout import (  # the layout's names, importable from here too
+    BEST,
+    BEST_RECORD,
+    CHECKPOINTS,
+    HOOKS,
+    LATEST,
+    OPTIMIZER,
+    RECIPE,
+    SCHEDULER,
+    TRAIN_STATE,
+    WEIGHTS,
+    data_state_file,
+    random_states_file,
+)
+from hooktrain.hooks import LoadedHook, Runner
+from hooktrain.recipe.schema import dump_recipe
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+TRASH_PREFIX = ".trash-"
+OLD_PREFIX = ".old-"
+_NAME = re.compile(r"^iter_(\d+)$")
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration}"
+
+
+def complete_checkpoints(work_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(work_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_iteration(path: Path) -> int | None:
+    """The iteration in a checkpoint's name (``iter_2000`` -> 2000), else None."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def clean_stale(work_dir: str | os.PathLike) -> list[str]:
+    """Remove what killed saves or prunes left behind; returns the names removed.
+
+    A directory being replaced (``.old-NAME``) whose successor never arrived is put back.
+    """
+    root = Path(work_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    for path in root.iterdir():
+        if path.name.startswith(OLD_PREFIX):
+            target = root / path.name.removeprefix(OLD_PREFIX)
+            if not target.exists():
+                os.rename(path, target)
+    stale = [p for p in root.iterdir() if p.name.startswith((TMP_PREFIX, TRASH_PREFIX, OLD_PREFIX))]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a half one under its name."""
+    trash = path.with_name(TRASH_PREFIX + path.name)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``dest``, replacing an existing ``dest``.
+
+    The old ``dest`` is renamed aside first and deleted only once the new one is in place,
+    so a kill in between leaves a directory ``clean_stale`` puts back.
+    """
+    old = dest.with_name(OLD_PREFIX + dest.name)
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    fsync_path(dest.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` (and the directory entries) to disk before a rename."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                fsync_path(os.path.join(root, name))
+            except FileNotFoundError:  # another rank's temporary file, renamed meanwhile
+                continue
+        fsync_path(root)
+
+
+# -- weights without wrappers -----------------------------------------------------------
+
+
+def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights as the plain module names them: DDP's ``module.`` prefix removed."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def save_plain_weights(accelerator: Accelerator) -> None:
+    """Make ``accelerator.save_state``/``load_state`` use the unwrapped model's keys.
+
+    Under DDP Accelerate saves the wrapped model's state dict (every key starts with
+    ``module.``), which neither a plain model (``load_from``, export) nor a resume with one
+    process could load. Saving strips the prefix; loading goes into the unwrapped model.
+    """
+
+    def on_save(models: list, weights: list, output_dir: str) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = plain_state_dict(state)
+
+    def on_load(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            models[i] = accelerator.unwrap_model(model)
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
+
+
+# -- what a checkpoint holds ------------------------------------------------------------
+
+def expected_files(world_size: int) -> list[str]:
+    """The files of a complete checkpoint written by ``world_size`` processes, besides
+    ``train_state.json`` (``scaler.pt`` is there only with fp16)."""
+    per_rank = [name for rank in range(world_size)
+                for name in (random_states_file(rank), data_state_file(rank))]  # fmt: skip
+    return [WEIGHTS, OPTIMIZER, SCHEDULER, HOOKS, RECIPE, *per_rank]
+
+
+def save_state(runner: Runner, directory: Path) -> None:
+    """Write everything a resume needs into ``directory`` (every rank calls it; see the
+    module doc for the files)."""
+    import torch
+
+    accelerator = runner.accelerator
+    accelerator.save_state(str(directory))
+    if accelerator.is_main_process:
+        give_default_mode(directory / WEIGHTS)
+    torch.save(runner.train_stream.state_dict(), directory / data_state_file(accelerator.process_index))
+    if accelerator.is_main_process:
+        torch.save({key: h.hook.state_dict() for key, h in hook_keys(runner.hooks)}, directory / HOOKS)
+        train_state = {**runner.state.state_dict(), "world_size": accelerator.num_processes}
+        (directory / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+        (directory / RECIPE).write_text(_recipe_text(runner))
+
+
+def load_state(runner: Runner, directory: Path) -> str:
+    """Restore what ``save_state`` wrote: weights, optimizer, scheduler, RNGs, progress, hook
+    states and the data stream's position. Returns how the stream resumed: ``"exact"``, or
+    ``"elastic"`` when the number of processes or workers changed (the pass goes on without
+    repeating or skipping an example, in another order)."""
+    import torch
+
+    runner.accelerator.load_state(str(directory))
+    train_state = json.loads((directory / TRAIN_STATE).read_text())
+    saved_world = train_state.pop("world_size", 1)
+    train_state.pop("max_iters", None)  # the recipe decides how long this run goes
+    runner.state.load_state_dict(train_state)
+    hook_states = torch.load(directory / HOOKS, weights_only=True)
+    for key, loaded in hook_keys(runner.hooks):
+        if hook_states.get(key):
+            loaded.hook.load_state_dict(hook_states[key])
+    data_states = [torch.load(directory / data_state_file(rank), weights_only=True)
+                   for rank in range(saved_world)]  # fmt: skip
+    return runner.train_stream.resume(data_states)
+
+
+def hook_keys(hooks: list[LoadedHook]) -> list[tuple[str, LoadedHook]]:
+    """Checkpoint keys of the hooks' states: the hook's name, with ``#k`` for its k-th
+    repetition, so adding or removing other hooks between runs keeps states matched."""
+    seen: dict[str, int] = {}
+    keys = []
+    for loaded in hooks:
+        count = seen.get(loaded.name, 0)
+        seen[loaded.name] = count + 1
+        keys.append((loaded.name if count == 0 else f"{loaded.name}#{count}", loaded))
+    return keys
+
+
+# -- saving -----------------------------------------------------------------------------
+
+
+def save_checkpoint(runner: Runner) -> Path:
+    """Save ``runner``'s full state as ``checkpoints/iter_<N>`` atomically (call on every
+    rank at the same point). Returns the checkpoint's path."""
+    accelerator = runner.accelerator
+    root = runner.work_dir / CHECKPOINTS
+    name = checkpoint_name(runner.state.iter)
+    tmp = root / (TMP_PREFIX + name)
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save killed at this same iteration
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    save_state(runner, tmp)
+    fsync_tree(tmp)  # each rank flushes what it wrote (the work dir may be shared by nodes)
+    accelerator.wait_for_everyone()
+    final = root / name
+    if accelerator.is_main_process:
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
+        write_atomically(root / LATEST, name + "\n", fsync=True)
+    accelerator.wait_for_everyone()  # no rank goes on (or exits) before the rename
+    return final
+
+
+def prune_checkpoints(work_dir: Path, max_keep: int, keep: Path) -> list[Path]:
+    """Delete the oldest complete checkpoints so at most ``max_keep`` remain, never ``keep``
+    (the one just saved) and never ``best``. Main process only. Returns what was removed."""
+    others = [p for p in complete_checkpoints(work_dir) if p != keep]
+    removed = others[: max(0, len(others) + 1 - max_keep)]
+    for path in removed:
+        remove_checkpoint(path)
+    return removed
+
+
+def save_best(runner: Runner, best: dict[str, Any]) -> Path:
+    """Write the model's weights, ``best`` and the recipe to ``checkpoints/best`` atomically
+    (main process only)."""
+    from safetensors.torch import save_file
+
+    root = runner.work_dir / CHECKPOINTS
+    tmp = root / (TMP_PREFIX + BEST)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = runner.unwrapped_model.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
+    give_default_mode(tmp / WEIGHTS)
+    (tmp / BEST_RECORD).write_text(json.dumps(best, indent=1))
+    (tmp / RECIPE).write_text(_recipe_text(runner))
+    fsync_tree(tmp)
+    final = root / BEST
+    replace_dir(tmp, final)
+    return final
+
+
+def _recipe_text(runner: Runner) -> str:
+    return dump_recipe(runner.recipe)
+

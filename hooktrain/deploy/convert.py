@@ -1,0 +1,153 @@
+"""``hooktrain convert mmseg|transformers``: another framework's checkpoint -> one exported file.
+
+The output is what ``hooktrain export`` writes (weights under plain module keys, the resolved
+recipe in the metadata), so ``predict``, ``test --checkpoint``, ``load_from`` and
+:func:`hooktrain.deploy.export.load_exported` all take it. Conversion is strict: every source tensor
+must be used and every tensor of the recipe's model filled, with the same shape.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from hooktrain.checkpoint.files import atomic_path
+from hooktrain.errors import UserError
+from hooktrain.models.backbone_keys import StateDict, to_encoder_keys
+from hooktrain.models.hub import WEIGHT_FILES, HubUnavailable, download_weights
+from hooktrain.models.segmentor_keys import UnknownKeys, from_mmseg, from_transformers
+
+SHOWN = 5  # offending keys named in an error
+
+
+def load_torch_file(path: Path, what: str) -> dict:
+    """A ``.pth``/``.bin`` file loaded as data only (``weights_only``), numpy scalars allowed,
+    which older zoo checkpoints keep in their ``meta``; or a ``.safetensors`` file."""
+    if not path.is_file():
+        raise UserError(f"{what}: no such file '{path}'; give the checkpoint's path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        with torch.serialization.safe_globals(_numpy_data_types()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{what}: could not read '{path}' as a weights-only torch checkpoint ({first}); "
+            "give the checkpoint as published (state_dict + meta), or re-save its state_dict"
+        ) from None
+
+
+def _numpy_data_types() -> list:
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type)]
+    return [np.dtype, core.multiarray.scalar, *dtypes]
+
+
+def transformers_weights(source: str) -> StateDict:
+    """The state dict of a transformers model: a local directory or weights file, or a Hub
+    repository id downloaded through huggingface_hub (``model.safetensors`` or the torch file)."""
+    path = Path(source)
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return load_torch_file(path / name, "convert transformers")
+        raise UserError(f"convert transformers: {path} has no model.safetensors or pytorch_model.bin")
+    if path.is_file():
+        return load_torch_file(path, "convert transformers")
+    try:
+        file = download_weights(source)
+    except HubUnavailable as err:
+        raise UserError(
+            f"convert transformers: '{source}' is neither a local path nor a downloadable Hub model ({err}); "
+            "give a directory with model.safetensors or a Hub id such as nvidia/segformer-b0-finetuned-ade-512-512"
+        ) from None
+    return load_torch_file(file, "convert transformers")
+
+
+def fit_to_model(converted: StateDict, model: torch.nn.Module, source: str) -> StateDict:
+    """``converted`` under ``model``'s exact keys; one ``UserError`` line naming the first
+    offenders unless it fills every tensor of the model with one of the same shape and
+    every converted tensor is used."""
+    expected = model.state_dict()
+    encoder = {k.removeprefix("encoder."): v for k, v in converted.items() if k.startswith("encoder.")}
+    encoder_keys = {k.removeprefix("encoder.") for k in expected if k.startswith("encoder.")}
+    state = {k: v for k, v in converted.items() if not k.startswith("encoder.")}
+    state.update({f"encoder.{k}": v for k, v in to_encoder_keys(encoder, encoder_keys).items()})
+    missing = sorted(expected.keys() - state.keys())
+    unused = sorted(state.keys() - expected.keys())
+    wrong = [
+        f"{k} {list(state[k].shape)} vs the model's {list(expected[k].shape)}"
+        for k in sorted(expected.keys() & state.keys())
+        if state[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{len(found)} {label} ({', '.join(found[:SHOWN])})"
+        for found, label in (
+            (missing, "model tensors not filled"),
+            (unused, "source tensors unused"),
+            (wrong, "shape mismatches"),
+        )
+        if found
+    ]
+    if problems:
+        raise UserError(
+            f"convert: {source} does not fit the recipe's model: {'; '.join(problems)}; "
+            "pick the recipe of the checkpoint's architecture (model, num_classes, aux head)"
+        )
+    return {k: state[k].to(expected[k].dtype).contiguous() for k in expected}
+
+
+def convert(
+    kind: str, source: str, recipe_path: str, out: str | os.PathLike, cfg_options: list[str] | None = None
+) -> Path:
+    """Convert ``source`` (``kind`` is ``mmseg`` or ``transformers``) into the model of the recipe
+    at ``recipe_path`` and write it, with the resolved recipe, to the ``.safetensors`` file ``out``."""
+    from safetensors.torch import save_file
+
+    from hooktrain.deploy.export import FORMAT
+    from hooktrain.models import build_segmentor
+    from hooktrain.recipe.schema import dump_recipe, load_recipe
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"convert: output {out} must end with .safetensors")
+    recipe = load_recipe(recipe_path, cfg_options)
+    if kind == "mmseg":
+        raw = load_torch_file(Path(source), "convert mmseg")
+        rename = from_mmseg
+    else:
+        raw = transformers_weights(source)
+        rename = from_transformers
+    try:
+        converted = rename(raw)
+    except UnknownKeys as err:
+        raise UserError(
+            f"convert {kind}: {source} has {len(err.keys)} keys hooktrain has no counterpart for "
+            f"({', '.join(err.keys[:SHOWN])}); is it a {kind} segmentor checkpoint?"
+        ) from None
+    encoder_cfg = recipe.model.encoder.model_copy(update={"pretrained": False, "pretrained_path": None})
+    with torch.device("meta"):
+        model = build_segmentor(
+            recipe.model.model_copy(update={"encoder": encoder_cfg}),
+            num_classes=recipe.data.num_classes,
+            ignore_index=recipe.data.ignore_index,
+            in_channels=recipe.data.in_channels,
+        )
+    weights = fit_to_model(converted, model, source)
+    metadata = {
+        "format": FORMAT,
+        "hooktrain.recipe": dump_recipe(recipe),
+        "iter": "None",
+        "converted_from": f"{kind}:{Path(source).name}",
+    }
+    with atomic_path(out, default_mode=True) as tmp:
+        save_file(weights, str(tmp), metadata=metadata)
+    return out

@@ -1,0 +1,117 @@
+"""Optimizers with per-parameter rules, and MMSegmentation's warmup + poly LR schedule.
+
+The schedule is a pure function of the optimizer-step index (``lr_factor``), so the LR at
+iteration k is the same whatever the number of processes or accumulation steps: the runner
+steps the (unprepared) scheduler exactly once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from hooktrain.recipe.optim import OptimizerConfig, ParamRule, ScheduleConfig
+
+__all__ = [
+    "OptimizerConfig",
+    "ParamRule",
+    "ScheduleConfig",
+    "build_optimizer",
+    "build_scheduler",
+    "param_groups",
+    "use_fused_adamw",
+]
+
+NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def _rule_matches(rule: ParamRule, name: str, module: nn.Module) -> bool:
+    if rule.pattern is not None and not re.search(rule.pattern, name):
+        return False
+    if rule.param_type == "norm" and not isinstance(module, NORM_TYPES):
+        return False
+    if rule.param_type == "bias" and not name.endswith("bias"):
+        return False
+    return True
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """Parameters grouped by their (lr_mult, decay_mult), each group with its lr and decay."""
+    groups: dict[tuple[float, float], dict] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            lr_mult = decay_mult = 1.0
+            for rule in cfg.param_rules:
+                if _rule_matches(rule, name, module):
+                    lr_mult *= rule.lr_mult
+                    decay_mult *= rule.decay_mult
+            group = groups.setdefault(
+                (lr_mult, decay_mult),
+                {
+                    "params": [],
+                    "names": [],
+                    "lr": cfg.lr * lr_mult,
+                    "weight_decay": cfg.weight_decay * decay_mult,
+                    "lr_mult": lr_mult,
+                    "decay_mult": decay_mult,
+                },
+            )
+            group["params"].append(param)
+            group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, device: torch.device | str | None = None
+) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``param_groups(model, cfg)``.
+
+    AdamW is fused (``fused=True``: one kernel for the whole update) when the parameters train
+    on CUDA: ``device``, the device the model will be moved to (the runner builds the optimizer
+    before ``accelerator.prepare`` moves the model), or else the parameters' own device.
+    Elsewhere torch's default implementation is kept.
+    """
+    groups = param_groups(model, cfg)
+    if cfg.type == "adamw":
+        fused = True if use_fused_adamw(groups, device) else None
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def use_fused_adamw(groups: list[dict], device: torch.device | str | None = None) -> bool:
+    """Whether AdamW over ``groups`` runs fused: on CUDA (``device``, else the parameters')."""
+    if device is not None:
+        return torch.device(device).type == "cuda"
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.device.type == "cuda" for p in params)
+
+
+def scheduled_lr(base_lr: float, step: int, max_iters: int, cfg: ScheduleConfig) -> float:
+    """The LR of a group with ``base_lr`` at optimizer step ``step`` (mmcv's poly + warmup)."""
+    progress = min(step, max_iters) / max_iters
+    lr = (base_lr - cfg.min_lr) * (1 - progress) ** cfg.power + cfg.min_lr
+    if step < cfg.warmup_iters:
+        lr *= 1 - (1 - step / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+    return lr
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iters: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration ``LambdaLR`` following ``scheduled_lr`` for every parameter group."""
+    factors = [
+        (lambda step, base=group["lr"]: scheduled_lr(base, step, max_iters, cfg) / base)
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

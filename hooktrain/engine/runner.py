@@ -1,0 +1,382 @@
+"""The iteration-based runner: one Accelerator, one loop, hooks around it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+from hooktrain.checkpoint.resume import choose_resume
+from hooktrain.checkpoint.state import load_state, save_plain_weights
+from hooktrain.checkpoint.weights import load_weights, recorded_iteration
+from hooktrain.checkpoint.workdir import check_work_dir, prepare_work_dir
+from hooktrain.data import build_train_stream, prepare_data
+from hooktrain.data.device_augment import batch_inputs
+from hooktrain.engine.agreement import Verdict, agree, describe_nonfinite
+from hooktrain.engine.logs import main_process_logs, process_age, setup_logging
+from hooktrain.engine.optim import build_optimizer, build_scheduler
+from hooktrain.engine.preflight import RESUME_FIX, TEST_FIX, preflight
+from hooktrain.engine.signals import EXIT_CODES, StopSignals
+from hooktrain.engine.watchdog import RankWatch
+from hooktrain.errors import NonFiniteLoss, UserError
+from hooktrain.hooks import LoadedHook, call_hooks, hooks_info
+from hooktrain.models import build_recipe_segmentor
+from hooktrain.recipe.schema import Recipe, TrainConfig, dump_recipe
+
+logger = logging.getLogger("hooktrain")
+
+
+@dataclass
+class TrainState:
+    """What the loop knows about its progress; saved with every checkpoint."""
+
+    iter: int = 0
+    max_iters: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)  # latest validation metrics
+    best: dict[str, Any] = field(default_factory=dict)  # e.g. {"mIoU": 0.71, "iter": 4000}
+    nonfinite_skips: int = 0  # optimizer steps skipped in a row (train.on_nonfinite: skip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
+    """The run's Accelerator, its collectives timing out after ``train.collective_timeout``.
+    fp16 without a CUDA GPU is refused (Accelerate would silently train in fp32)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if cfg.mixed_precision == "fp16" and (use_cpu or not torch.cuda.is_available()):
+        raise UserError(
+            "train.mixed_precision: fp16 needs a CUDA GPU and none is in use; "
+            "use bf16 (autocasts on CPU too) or 'no'"
+        )
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[timeout],
+        **kwargs,
+    )
+
+
+class IterRunner:
+    """Trains ``model`` for ``state.max_iters`` optimizer steps, calling ``hooks`` around it.
+
+    Build one from a recipe with ``IterRunner.from_recipe``; the constructor only assembles
+    ready parts (so tests and benchmarks can pass their own). ``model`` and ``optimizer``
+    must already be prepared by ``accelerator``; ``scheduler`` must not be (it steps once per
+    optimizer step, whatever the number of processes).
+    """
+
+    def __init__(
+        self,
+        *,
+        recipe: Recipe,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        train_stream: Iterator[dict[str, torch.Tensor]] | None,
+        hooks: list[LoadedHook],
+        work_dir: str | os.PathLike,
+    ) -> None:
+        self.recipe = recipe
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_stream = train_stream
+        self.hooks = hooks
+        self.work_dir = Path(work_dir)
+        self.state = TrainState(max_iters=recipe.train.max_iters)
+        self.stop_requested: str | None = None  # a signal's name, once every rank knows it
+        self.finish_requested: str | None = None  # why a hook ended the run early (request_finish)
+        self._iteration_open = False  # between before_train_iter and the iteration count's update
+        self._loop_started = False  # set when the loop first checks whether to go on
+        self.error: BaseException | None = None  # what ended the loop, if it failed
+        self.signals = StopSignals()
+        self.watch = RankWatch(accelerator.process_index, accelerator.num_processes,
+                               recipe.train.collective_timeout)  # fmt: skip
+        self._train_iter = iter(train_stream) if train_stream is not None else None
+        # The LR reported in logs: the group without a multiplier (the recipe's lr).
+        groups = optimizer.param_groups if optimizer is not None else []
+        self._lr_group = next((i for i, g in enumerate(groups) if g.get("lr_mult", 1) == 1), 0)
+
+    @classmethod
+    def from_recipe(
+        cls, recipe: Recipe, *, resume: str | None = None, force: bool = False
+    ) -> IterRunner:
+        """Build everything a recipe describes: accelerator, data, model, optimizer, hooks.
+
+        ``resume`` is ``"auto"`` (the newest whole checkpoint of the work dir, or a fresh
+        start when there is none) or a checkpoint path; ``force`` starts over in a work dir
+        that holds checkpoints (they are moved aside, never deleted).
+        """
+        accelerator = make_accelerator(recipe.train)
+        setup_logging(accelerator.is_main_process)
+        work_dir = Path(recipe.work_dir or "work_dirs/run")
+        check_work_dir(work_dir, force=force, resume=bool(resume))
+        with main_process_logs(accelerator):
+            checkpoint = choose_resume(work_dir, resume) if resume else None
+        preflight(recipe, checkpoint=checkpoint, fix=RESUME_FIX)
+        hooks = recipe.build_hooks()
+        set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
+        with accelerator.main_process_first():
+            prepare_data(recipe.data)
+        data = recipe.data
+        model = build_recipe_segmentor(recipe)
+        if recipe.load_from and checkpoint is None:
+            load_weights(model, recipe.load_from, strict=False)
+        model = _choose_batch_norm(model, recipe.train.sync_bn, accelerator)
+        optimizer = build_optimizer(model, recipe.optimizer, device=accelerator.device)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        save_plain_weights(accelerator)  # no DDP `module.` prefix in model.safetensors
+        scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
+        accelerator.register_for_checkpointing(scheduler)
+        stream = build_train_stream(
+            data,
+            seed=recipe.train.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        runner = cls(
+            recipe=recipe,
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_stream=stream,
+            hooks=hooks,
+            work_dir=work_dir,
+        )
+        if checkpoint is not None:
+            runner.resume_from(checkpoint)
+        runner.call_hooks("check_run")
+        # Only now, with everything checked on every rank, does the work dir change.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            prepare_work_dir(work_dir, dump_recipe(recipe), move_aside=force and not checkpoint)
+        accelerator.wait_for_everyone()
+        return runner
+
+    @classmethod
+    def for_evaluation(cls, recipe: Recipe, checkpoint: str | os.PathLike) -> IterRunner:
+        """A runner that only predicts: the recipe's model with ``checkpoint``'s weights and
+        the recipe's hooks, without optimizer or training data (``hooktrain test``)."""
+        accelerator = make_accelerator(recipe.train)
+        setup_logging(accelerator.is_main_process)
+        preflight(recipe, checkpoint=checkpoint, fix=TEST_FIX)
+        hooks = recipe.build_hooks()
+        with accelerator.main_process_first():
+            prepare_data(recipe.data)
+        model = build_recipe_segmentor(recipe)
+        load_weights(model, checkpoint, strict=True)
+        model = accelerator.prepare(model)
+        runner = cls(
+            recipe=recipe,
+            accelerator=accelerator,
+            model=model,
+            optimizer=None,
+            scheduler=None,
+            train_stream=None,
+            hooks=hooks,
+            work_dir=recipe.work_dir or "work_dirs/run",
+        )
+        runner.state.iter = recorded_iteration(checkpoint) or 0
+        runner.call_hooks("check_run")
+        return runner
+
+    # -- what hooks use -------------------------------------------------------------------
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The model without its DDP/compile wrappers (for inference and saving)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def call_hooks(self, stage: str, *args: Any) -> None:
+        """Fire ``stage`` on every hook in priority order."""
+        outer = self.watch.stage
+        call_hooks(self.hooks, stage, self, *args, enter=self.watch.enter)
+        self.watch.stage = outer
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Publish values at ``step`` (default: the current iteration) to every hook's
+        ``on_log`` (the logger hooks write them: console, history file, trackers). Call it
+        on every rank; only the main process writes."""
+        step = self.state.iter if step is None else step
+        self.call_hooks("on_log", values, step)
+
+    def request_finish(self, reason: str) -> None:
+        """End the run cleanly after the current iteration (before the first one when called
+        in ``before_run``), as if ``max_iters`` were reached: ``after_run`` fires, the
+        checkpoint hook saves, the exit code is 0. Every rank must call it at the same
+        iteration (decide from values every rank shares, such as validation metrics): the
+        loop has no collective for it. The first reason wins; it is logged with the
+        iteration the run stops after."""
+        if self.finish_requested is not None:
+            return
+        self.finish_requested = reason
+        if self.accelerator.is_main_process:
+            if not self._loop_started:
+                logger.info("%s; stopping at iteration %d without training", reason, self.state.iter)
+            else:
+                logger.info("%s; stopping after iteration %d", reason, self.state.iter + self._iteration_open)
+
+    def resume_from(self, checkpoint: Path) -> None:
+        """Continue the run ``checkpoint`` holds (see ``hooktrain.checkpoint.state.load_state``)."""
+        how = load_state(self, checkpoint)
+        self._train_iter = _rng_neutral_start(iter(self.train_stream))
+        logger.info("resumed from %s at iteration %d%s", checkpoint, self.state.iter,
+                    "" if how == "exact" else f" (data stream: {how})")  # fmt: skip
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> str | None:
+        """Train until ``max_iters``, a stop signal or a hook's ``request_finish``. Returns the
+        signal's name when one stopped the run (the CLI turns it into ``EXIT_CODES``), else
+        ``None`` (a requested finish ends the run like a finished one)."""
+        if self.state.iter >= self.state.max_iters:  # resumed a finished run: no hook fires
+            logger.info(
+                "already at iteration %d of %d: nothing to train (raise train.max_iters to go on)",
+                self.state.iter, self.state.max_iters,
+            )  # fmt: skip
+            return None
+        logger.info(hooks_info(self.hooks))
+        logger.info("starting iteration %d, %.1f s after the command started", self.state.iter + 1, process_age())
+        with self.signals:
+            try:
+                self.call_hooks("before_run")
+                self._loop_started = True
+                while self.state.iter < self.state.max_iters and not (self.stop_requested or self.finish_requested):
+                    self._iteration_open = True
+                    self.call_hooks("before_train_iter")
+                    outputs = self.train_step()
+                    self.state.iter += 1
+                    self._iteration_open = False
+                    self.call_hooks("after_train_iter", outputs)
+            except BaseException as exc:
+                self.error = exc
+                failure = self.watch.failed(exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
+            finally:
+                self.call_hooks("after_run")
+        return self.stop_requested
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches.
+
+        Before the step, the ranks agree (``hooktrain.engine.agreement``) on a stop signal and on
+        whether every loss term and the gradient norm are finite. Returns detached loss terms
+        averaged over the micro-batches, ``lr`` (the LR this step used), ``grad_norm``,
+        ``data_time`` and ``time`` in seconds.
+        """
+        self.watch.enter("train step", self.state.iter + 1)
+        start, data_time = time.perf_counter(), 0.0
+        totals: dict[str, torch.Tensor] = {}
+        lr = self.optimizer.param_groups[self._lr_group]["lr"]
+        accum = self.recipe.train.grad_accum_steps
+        for _ in range(accum):
+            fetch = time.perf_counter()
+            batch = next(self._train_iter)
+            data_time += time.perf_counter() - fetch
+            # gpu_augment batches are uint8: distorted and normalised on the device here
+            image, mask = batch_inputs(batch, self.accelerator.device, self.recipe.data)
+            with self.accelerator.accumulate(self.model):
+                terms = self.model(image, mask)
+                loss = sum(v for k, v in terms.items() if "loss" in k)
+                self.accelerator.backward(loss)
+            for key, value in {"loss": loss, **terms}.items():
+                totals[key] = totals.get(key, 0) + value.detach() / accum
+        clip = self.recipe.train.clip_grad_norm or math.inf  # inf: only measures the norm
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+        verdict = agree(
+            self.accelerator,
+            iteration=self.state.iter + 1,
+            stop=self.signals.requested,
+            terms=totals,
+            # fp16's GradScaler skips steps with overflowing gradients itself
+            grad_norm=grad_norm if self.accelerator.scaler is None else None,
+        )
+        if self._accept(verdict):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        outputs: dict[str, Any] = {**totals, "lr": lr, "data_time": data_time}
+        outputs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
+        outputs["time"] = time.perf_counter() - start
+        return outputs
+
+    def _accept(self, verdict: Verdict) -> bool:
+        """Act on the agreed verdict; whether the optimizer may step."""
+        if verdict.stop and not self.stop_requested:
+            self.stop_requested = verdict.stop
+            if self.accelerator.is_main_process:
+                logger.warning("%s received: stopping after iteration %d, then exit code %d",
+                               verdict.stop, self.state.iter + 1, EXIT_CODES[verdict.stop])  # fmt: skip
+        if not verdict.nonfinite:
+            self.state.nonfinite_skips = 0
+            return True
+        cfg, iteration = self.recipe.train, self.state.iter + 1
+        what = describe_nonfinite(verdict, self.accelerator.num_processes)
+        if cfg.on_nonfinite == "skip" and self.state.nonfinite_skips < cfg.max_nonfinite_skips:
+            self.state.nonfinite_skips += 1
+            if self.accelerator.is_main_process:
+                logger.warning("iteration %d: %s not finite: optimizer step skipped (%d in a row, "
+                               "train.max_nonfinite_skips=%d)", iteration, what,
+                               self.state.nonfinite_skips, cfg.max_nonfinite_skips)  # fmt: skip
+            return False
+        if cfg.on_nonfinite == "skip":
+            reason = f"{what} not finite for more than train.max_nonfinite_skips={cfg.max_nonfinite_skips} iterations in a row"
+        else:
+            reason = f"{what} not finite (train.on_nonfinite: stop)"
+        raise NonFiniteLoss(
+            f"iteration {iteration}: {reason}; stopped before the optimizer step, nothing "
+            "saved; resume from the last checkpoint with a lower learning rate or "
+            "train.clip_grad_norm" + ("" if cfg.on_nonfinite == "skip" else ", or set train.on_nonfinite: skip")
+        )
+
+
+def _choose_batch_norm(model: torch.nn.Module, setting: bool | str, accelerator: Accelerator):
+    """``train.sync_bn``: SyncBatchNorm across several CUDA processes (``auto``) or forced."""
+    processes, device = accelerator.num_processes, accelerator.device.type
+    sync = processes > 1 and device == "cuda" if setting == "auto" else setting
+    if sync and processes > 1 and device != "cuda":
+        raise UserError(
+            f"train.sync_bn: true needs CUDA processes, and these {processes} run on "
+            f"{device} (SyncBatchNorm runs on GPUs only); use train.sync_bn: auto or false"
+        )
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        logger.info("batch norm: %s (train.sync_bn: %s, %d %s process%s)",
+                    "SyncBatchNorm across processes" if sync else "BatchNorm per process",
+                    setting, processes, device, "es" if processes > 1 else "")  # fmt: skip
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync else model
+
+
+def _rng_neutral_start(batches: Iterator[dict[str, torch.Tensor]]):
+    """``batches``, but the first ``next`` leaves torch's global RNG as it found it.
+
+    Starting a DataLoader iterator draws its base seed from the global RNG. The run that
+    wrote the checkpoint drew it at iteration 0, before the RNG state was saved; a resumed
+    run would draw again and shift every later dropout mask, so resume would not be exact.
+    """
+    state = torch.get_rng_state()
+    first = next(batches)
+    torch.set_rng_state(state)
+    yield first
+    yield from batches
