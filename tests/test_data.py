@@ -19,7 +19,7 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hooktrain.data import (  # noqa: E402  # noqa: E402
+from hooktrain.data import (  # noqa: E402
     DataConfig,
     build_train_stream,
     build_val_loader,
@@ -494,3 +494,34 @@ def test_ade20k_recipe_is_valid():
     assert cfg.colours[0] == [120, 120, 120] and cfg.colours[-1] == [92, 0, 255]
     assert cfg.reduce_zero_label and cfg.train.source.revision == "refs/convert/parquet"
     assert cfg.train.pipeline.crop_size == (512, 512) and cfg.val.batch_size == 1
+
+
+WORKERS_AFTER_OPENCV_POOL = """
+import sys
+import cv2
+import numpy as np
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_data import make_cfg
+from hooktrain.data import build_train_stream
+
+cv2.setNumThreads(2)  # OpenCV's default on 2 cores: the pool's threads run in this process
+cv2.cvtColor(np.zeros((2048, 2048, 3), np.uint8), cv2.COLOR_RGB2HSV)
+stream = build_train_stream(make_cfg(Path({root!r}), workers=2), seed=0)
+next(stream)
+stream.close()
+print("workers started, OpenCV threads", cv2.getNumThreads())
+"""
+
+
+def test_workers_start_after_the_main_process_used_opencvs_thread_pool(data24):
+    """A forked worker that reconfigures a thread pool its parent had running hangs for ever
+    (OpenCV 5.1's pthreads backend): the stream makes OpenCV single-threaded before its
+    workers fork. A fresh process, so the pool's state is this test's own."""
+    import subprocess
+    import sys
+
+    script = WORKERS_AFTER_OPENCV_POOL.format(tests=str(Path(__file__).parent), root=str(data24))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "workers started, OpenCV threads 1" in result.stdout

@@ -19,7 +19,7 @@ import torch
 
 from hooktrain.data.labels import WrongImage, example_name
 from hooktrain.data.sources import read_bytes
-from hooktrain.data.transforms import LabelMapper, decode_image, decode_mask
+from hooktrain.data.transforms import LabelMapper, decode_image, decode_mask, limit_opencv_threads
 from hooktrain.errors import UserError, first_line
 from hooktrain.recipe.data import DataConfig
 
@@ -186,14 +186,14 @@ def corrupt_cap_error(count: int, cfg: DataConfig, last: str | None = None) -> U
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one thread per worker for OpenCV and torch, so
-    workers do not oversubscribe the cores, and deaf to SIGTERM/SIGINT.
+    """DataLoader ``worker_init_fn``: one torch thread per worker, so workers do not
+    oversubscribe the cores (OpenCV's single thread they inherit: :func:`loader_options`),
+    and deaf to SIGTERM/SIGINT.
 
     Schedulers and terminals signal the whole process group. A worker that died of it would
     crash the main process mid-iteration; instead the main process finishes the iteration,
     saves, and shuts its workers down.
     """
-    cv2.setNumThreads(1)
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -222,10 +222,12 @@ def _kill_workers_at_exit() -> None:
 
 def loader_options(num_workers: int, prefetch_factor: int, pin_memory: bool = True) -> dict[str, Any]:
     """DataLoader keyword arguments shared by the train stream and the val loader. Pinning
-    happens on CUDA machines only."""
+    happens on CUDA machines only. With workers, OpenCV is made single-threaded here, before
+    they fork, so they inherit it (see :func:`~hooktrain.data.transforms.limit_opencv_threads`)."""
     pin_memory = pin_memory and torch.cuda.is_available()
     if num_workers == 0:
         return {"num_workers": 0, "pin_memory": pin_memory}
+    limit_opencv_threads()
     _kill_workers_at_exit()
     return {
         "num_workers": num_workers,

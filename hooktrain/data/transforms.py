@@ -61,9 +61,10 @@ On the device (``data.train.gpu_augment``)
     training device. 8-bit images only.
 
 Threads
-    OpenCV's own thread pool fights with DataLoader workers, so the first transform call in
-    each process (main process or worker) calls ``cv2.setNumThreads(1)``; see
-    :func:`limit_opencv_threads`. No ``worker_init_fn`` is needed for it.
+    OpenCV's own thread pool fights with DataLoader workers, so OpenCV runs single-threaded:
+    the main process makes it so before DataLoader workers fork (they inherit it), and a
+    transform used in any other process does on its first call; see
+    :func:`limit_opencv_threads`.
 """
 
 from __future__ import annotations
@@ -130,19 +131,17 @@ def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
     return rescaled_size(height, width, target)
 
 
-_THREADS_LIMITED_IN: int | None = None
-
-
 def limit_opencv_threads() -> None:
-    """Make OpenCV single-threaded in the calling process (once per process, cheap after).
+    """Make OpenCV single-threaded in the calling process (cheap once it is).
 
     Parallelism comes from DataLoader workers; OpenCV's pool on top oversubscribes the cores.
+    The train stream and the val loader call it in the main process before their workers
+    fork (:func:`hooktrain.data.reading.loader_options`), so the workers start with one OpenCV
+    thread and never reconfigure a pool: a forked child that does (``cv2.setNumThreads``)
+    while the parent's pool threads ran hangs for ever (OpenCV 5.1's pthreads backend).
     """
-    global _THREADS_LIMITED_IN
-    pid = os.getpid()
-    if _THREADS_LIMITED_IN != pid:
+    if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
-        _THREADS_LIMITED_IN = pid
 
 
 def _convert_table(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
