@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import pydantic
 
@@ -114,6 +114,33 @@ class Runner(Protocol):
         """End the loop after the current iteration, like a finished run (``after_run``
         fires, the final checkpoint is saved, exit code 0); every rank must call it at the
         same iteration."""
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """What hooks may ask of a hook that evaluates (the eval hook, or a plugin's own).
+
+    The checkpoint hook's ``save_best`` and the early_stop hook find evaluators with
+    :func:`evaluators` (``isinstance(hook, Evaluator)``), never by probing attributes; a plugin
+    that evaluates implements these members to work with them.
+    """
+
+    best_key: str  # the metric whose best value it keeps in ``runner.state.best``
+
+    def tracked_metrics(self, recipe: Any = None) -> list[str]:
+        """The scalar metrics every evaluation logs (as ``val/<name>``) for ``recipe``."""
+
+    def computes(self, key: str, recipe: Any = None) -> bool:
+        """Whether evaluations log ``key``: one of :meth:`tracked_metrics`, or a key only known
+        once computed (such as an ``evaluate`` module's ``<module>/<name>``)."""
+
+    def metric_hint(self, key: str) -> str:
+        """How to make it compute a ``key`` it does not (appended to errors), or ``""``."""
+
+
+def evaluators(hooks: list[LoadedHook]) -> list[LoadedHook]:
+    """The hooks of ``hooks`` that evaluate (:class:`Evaluator`), in run order."""
+    return [h for h in hooks if isinstance(h.hook, Evaluator)]
 
 
 class Hook:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from hooktrain.errors import UserError
-from hooktrain.hooks import PRIORITIES, Hook
+from hooktrain.hooks import PRIORITIES, Evaluator, Hook
 
 logger = logging.getLogger("hooktrain")
 
@@ -71,13 +71,13 @@ class CheckpointHook(Hook):
     def _check_eval_hook(self, hooks) -> None:
         """``save_best`` needs an eval hook tracking the same metric, running before this one."""
         names = [h.name for h in hooks]
-        evaluators = [i for i, h in enumerate(hooks) if hasattr(h.hook, "best_key")]
-        if not evaluators:
+        found = [i for i, h in enumerate(hooks) if isinstance(h.hook, Evaluator)]
+        if not found:
             raise UserError(
                 f"checkpoint hook: save_best '{self.save_best}' needs an eval hook in the "
                 "recipe's hooks (e.g. {type: eval, best_key: " + self.save_best + "})"
             )
-        eval_index = evaluators[0]
+        eval_index = found[0]
         eval_hook = hooks[eval_index].hook
         if eval_hook.best_key != self.save_best:
             raise UserError(

@@ -18,14 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from hooktrain.errors import UserError, did_you_mean
-from hooktrain.hooks import PRIORITIES, Hook
+from hooktrain.hooks import PRIORITIES, Hook, evaluators
 
 logger = logging.getLogger("hooktrain")
-
-
-def _evaluators(hooks) -> list:
-    """The hooks that evaluate: those telling which metrics they compute (the eval hook)."""
-    return [h for h in hooks if callable(getattr(h.hook, "tracked_metrics", None))]
 
 
 class EarlyStopHook(Hook):
@@ -71,18 +66,15 @@ class EarlyStopHook(Hook):
     def check_recipe(self, recipe, hooks) -> None:
         """Refuse a recipe without an eval hook, a ``key`` no evaluation computes, and a loss
         watched with ``rule: greater``."""
-        evaluators = _evaluators(hooks)
-        if not evaluators:
+        found = evaluators(hooks)
+        if not found:
             raise UserError(
                 f"early_stop hook: it watches the validation metric '{self.key}' but the recipe has "
                 "no eval hook; add one to hooks (e.g. {type: eval, interval: 1000}) or remove early_stop"
             )
-        tracked = list(dict.fromkeys(name for h in evaluators for name in h.hook.tracked_metrics(recipe)))
-        from_evaluate = "/" in self.key and any(getattr(h.hook, "evaluate_specs", None) for h in evaluators)
-        if self.key not in tracked and not from_evaluate:
-            hint = ""
-            if "loss" in self.key and not any(getattr(h.hook, "loss", False) for h in evaluators):
-                hint = " (validation losses need the eval hook's loss: true)"
+        tracked = list(dict.fromkeys(name for h in found for name in h.hook.tracked_metrics(recipe)))
+        if not any(h.hook.computes(self.key, recipe) for h in found):
+            hint = next((hint for h in found if (hint := h.hook.metric_hint(self.key))), "")
             raise UserError(
                 f"early_stop hook: key '{self.key}' is not a metric the eval hook computes"
                 f"{did_you_mean(self.key, tracked)}; choose one of {tracked}{hint}"
@@ -138,7 +130,7 @@ class EarlyStopHook(Hook):
 
     def after_val(self, runner, metrics: dict[str, Any]) -> None:
         if self.key not in metrics:
-            if len(_evaluators(runner.hooks)) > 1:
+            if len(evaluators(runner.hooks)) > 1:
                 return  # another eval hook's evaluation
             raise UserError(
                 f"early_stop hook: key '{self.key}' is not among the validation metrics; "

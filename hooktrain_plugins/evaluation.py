@@ -107,13 +107,22 @@ class EvalHook(Hook):
             scalars += ["fg" + name[1:] for name in scalars if name.startswith("m")]
         return list(dict.fromkeys(scalars + (["loss"] if self.loss else [])))
 
+    def computes(self, key: str, recipe=None) -> bool:
+        """Whether evaluations log ``key`` (:class:`hooktrain.hooks.Evaluator`): a tracked
+        metric, or an ``<module>/<key>`` of the evaluate modules, known once computed."""
+        return key in self.tracked_metrics(recipe) or (bool(self.evaluate_specs) and "/" in key)
+
+    def metric_hint(self, key: str) -> str:
+        if "loss" in key and not self.loss:
+            return " (validation losses need the eval hook's loss: true)"
+        return ""
+
     def check_recipe(self, recipe, hooks) -> None:
         """Refuse a recipe without validation data, or a ``best_key`` no evaluation computes."""
         if recipe.data.val is None:
             raise UserError("eval hook: the recipe has no data.val section; add one, or remove the eval hook")
         tracked = self.tracked_metrics(recipe)
-        from_evaluate = bool(self.evaluate_specs) and "/" in self.best_key
-        if self.best_key not in tracked and not from_evaluate:
+        if not self.computes(self.best_key, recipe):
             raise UserError(
                 f"eval hook: best_key '{self.best_key}' is not a computed metric"
                 f"{did_you_mean(self.best_key, tracked)}; choose one of {tracked}"

@@ -101,3 +101,51 @@ def test_same_name_from_two_distributions_is_an_error(monkeypatch):
             discover_hooks()
     finally:
         discover_hooks.cache_clear()
+
+
+class OwnEvaluator(Hook):
+    """A plugin's own evaluation hook: it implements the Evaluator protocol, nothing else."""
+
+    best_key = "mBoundaryIoU"
+
+    def tracked_metrics(self, recipe=None) -> list[str]:
+        return ["mBoundaryIoU"]
+
+    def computes(self, key: str, recipe=None) -> bool:
+        return key in self.tracked_metrics(recipe)
+
+    def metric_hint(self, key: str) -> str:
+        return " (OwnEvaluator computes only mBoundaryIoU)"
+
+
+class LooksLikeOne(Hook):
+    best_key = "mIoU"  # an attribute of the same name is not the protocol
+
+
+def test_evaluators_are_found_by_the_declared_protocol_and_others_use_them():
+    """The eval hook and a plugin's own evaluator are Evaluators; a hook with a stray
+    ``best_key`` is not. early_stop and the checkpoint hook's save_best accept a plugin's
+    evaluator, and refuse a key it does not compute with its hint."""
+    from hooktrain.hooks import Evaluator, LoadedHook, evaluators
+
+    own = LoadedHook("own", OwnEvaluator(), 30)
+    stray = LoadedHook("stray", LooksLikeOne(), 30)
+    [eval_hook] = build_hooks([{"type": "eval"}])
+    assert isinstance(eval_hook.hook, Evaluator) and isinstance(own.hook, Evaluator)
+    assert not isinstance(stray.hook, Evaluator)
+    assert evaluators([stray, eval_hook, own]) == [eval_hook, own]
+    assert eval_hook.hook.computes("mIoU") and not eval_hook.hook.computes("loss")
+    assert "loss: true" in eval_hook.hook.metric_hint("loss")
+
+    recipe = SimpleNamespace(data=SimpleNamespace(binary=False, val=object()))
+    [early_stop] = build_hooks([{"type": "early_stop", "key": "mBoundaryIoU"}])
+    early_stop.hook.check_recipe(recipe, [own, early_stop])
+    [watching_other] = build_hooks([{"type": "early_stop", "key": "mDice"}])
+    with pytest.raises(UserError, match="OwnEvaluator computes only mBoundaryIoU"):
+        watching_other.hook.check_recipe(recipe, [own, watching_other])
+    with pytest.raises(UserError, match="no eval hook"):
+        early_stop.hook.check_recipe(recipe, [stray, early_stop])
+    [checkpoint] = build_hooks([{"type": "checkpoint", "save_best": "mBoundaryIoU"}])
+    checkpoint.hook.check_recipe(recipe, [own, checkpoint])
+    with pytest.raises(UserError, match="needs an eval hook"):
+        checkpoint.hook.check_recipe(recipe, [stray, checkpoint])
