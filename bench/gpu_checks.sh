@@ -31,8 +31,8 @@ step() {  # step NAME COMMAND...: run, keep the log, note the exit status
   "$@" 2>&1 | tee "$OUT/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]} in $((SECONDS - start)) s" | tee -a "$OUT/gpu.txt"
 }
-step tests python3 -m pytest -q -p no:cacheprovider tests/test_metrics.py \
-  tests/test_train.py::test_mixed_precision_on_gpu_trains_and_logs_peak_memory
+step tests python3 -m pytest -q -p no:cacheprovider tests/evaluation/test_metrics.py \
+  tests/engine/test_train.py::test_mixed_precision_on_gpu_trains_and_logs_peak_memory
 export HOOKTRAIN_BENCH_RESULTS="$OUT/results"
 step benches python3 bench/run_all.py --device cuda
 for precision in fp16 bf16; do

@@ -120,6 +120,7 @@ def end_to_end(dataset: Path, work_dir: Path, args: argparse.Namespace, extra: l
 def model_only(args: argparse.Namespace, device: torch.device, overrides: dict, fused: bool) -> dict:
     """The recipe's model and optimizer stepping on one random batch already on ``device``."""
     from hooktrain.engine.optim import build_optimizer, param_groups
+    from hooktrain.engine.step import total_loss
     from hooktrain.models import build_recipe_segmentor
     from hooktrain.recipe.schema import load_recipe
 
@@ -141,7 +142,7 @@ def model_only(args: argparse.Namespace, device: torch.device, overrides: dict, 
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = sum(v for k, v in model(image, mask).items() if "loss" in k)
+            loss = total_loss(model(image, mask))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()

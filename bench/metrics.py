@@ -15,7 +15,7 @@ Timing: every side gets the same warm-up (one pass over two images), then the ro
 interleaved (hooktrain, histc, evaluate int64, evaluate uint8; the next round starts one side
 later) and each side's median round counts. Ratios are the baseline's median / hooktrain's.
 
-Bytes handed to the collectives, measured: the real eval hook (``hooktrain_plugins/evaluation.py``) runs
+Bytes handed to the collectives, measured: the real eval hook (its core, ``hooktrain/evaluation/validation.py``) runs
 in this process over N validation images (512x512 masks, 150 classes, the quickstart model at
 a small input scale: predictions come back at the masks' size), with a spy that adds up the
 ``nbytes`` of every tensor passed to ``accelerator.reduce`` / ``gather`` / ``gather_for_metrics``
@@ -58,8 +58,7 @@ from results import write_result
 
 from hooktrain.engine.runner import IterRunner, make_accelerator
 from hooktrain.evaluation.metrics import Areas, intersect_and_union
-from hooktrain.hooks import build_hooks
-from hooktrain.models import build_segmentor
+from hooktrain.models import build_recipe_segmentor
 from hooktrain.recipe.schema import load_recipe
 
 NUM_CLASSES, SIZE, IGNORE = 150, 512, 255
@@ -236,16 +235,16 @@ def count_handed_bytes(recipe, work_dir: Path) -> dict[str, int]:
     on the accelerator's collectives and on the evaluate module's ``add_batch``."""
     accelerator = make_accelerator(recipe.train)
     torch.manual_seed(0)
-    model = build_segmentor(recipe.model, num_classes=NUM_CLASSES, in_channels=recipe.data.in_channels)
+    model = build_recipe_segmentor(recipe)
     model = accelerator.prepare(model)
-    hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in recipe.hooks])
+    hooks = recipe.loaded_hooks()
     runner = IterRunner(recipe=recipe, accelerator=accelerator, model=model, optimizer=None, scheduler=None,
                         train_stream=None, hooks=hooks, work_dir=work_dir)  # fmt: skip
     hook, counts = hooks[0].hook, {"collectives": 0, "masks": 0}
     hook.before_run(runner)  # loads the evaluate module
     for name in ("reduce", "gather", "gather_for_metrics"):
         setattr(accelerator, name, spy(counts, "collectives", getattr(accelerator, name)))
-    metric = hook._evaluate_modules[0].metric
+    metric = hook.evaluation.modules[0].metric
     metric.add_batch = spy(counts, "masks", metric.add_batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's int64 downcast; NaN IoU of absent classes

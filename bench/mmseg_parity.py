@@ -31,7 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from hooktrain.models import build_segmentor
+from hooktrain.engine.step import total_loss
+from hooktrain.models import build_recipe_segmentor
 from hooktrain.recipe.model import InferenceConfig
 from hooktrain.recipe.schema import load_recipe
 
@@ -53,12 +54,7 @@ def sync(device: torch.device) -> None:
 
 def build(name: str, device: torch.device):
     recipe = load_recipe(ROOT / "recipes" / "mmseg" / f"{name}.yaml")
-    encoder = recipe.model.encoder.model_copy(update={"pretrained": False})
-    model = build_segmentor(
-        recipe.model.model_copy(update={"encoder": encoder}),
-        num_classes=recipe.data.num_classes,
-        in_channels=recipe.data.in_channels,
-    )
+    model = build_recipe_segmentor(recipe, pretrained=False)
     return model.to(device), recipe
 
 
@@ -86,7 +82,7 @@ def hooktrain_train_step(name: str, args, device: torch.device) -> float:
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = sum(model(image, mask).values())
+            loss = total_loss(model(image, mask))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from results import write_result
 from torch import nn
 
+from hooktrain.engine.step import total_loss
 from hooktrain.models import ModelConfig, build_segmentor
 
 NUM_CLASSES = 150
@@ -96,7 +97,7 @@ def hooktrain_model() -> nn.Module:
 
 
 def hooktrain_loss(model: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return sum(v for k, v in model(image, mask).items() if "loss" in k)
+    return total_loss(model(image, mask))
 
 
 def plain_loss(model: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

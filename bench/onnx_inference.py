@@ -30,7 +30,7 @@ import torch
 from results import write_result
 
 from hooktrain.deploy.onnx_export import export_onnx
-from hooktrain.models import build_segmentor
+from hooktrain.models import build_recipe_segmentor
 from hooktrain.recipe.schema import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -52,7 +52,7 @@ def measure(name: str, size: int, count: int, rounds: int, directory: Path) -> d
     recipe_file, options, _, _, _ = MODELS[name]
     recipe = load_recipe(RECIPES / recipe_file, options)
     torch.manual_seed(0)
-    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)
+    model = build_recipe_segmentor(recipe)
     model.eval()
     path = export_onnx(model, recipe.data.in_channels, {}, directory / f"{name}.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -30,8 +30,9 @@ from results import write_result
 
 from hooktrain.engine.optim import build_optimizer, build_scheduler
 from hooktrain.engine.runner import IterRunner, make_accelerator
+from hooktrain.engine.step import total_loss
 from hooktrain.hooks import build_hooks
-from hooktrain.models import build_segmentor
+from hooktrain.models import build_recipe_segmentor
 from hooktrain.recipe.schema import load_recipe
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -50,7 +51,7 @@ def make_batches(num_classes: int, batch_size: int, size: int, count: int = 4) -
 
 def build_parts(recipe, accelerator):
     torch.manual_seed(0)
-    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)
+    model = build_recipe_segmentor(recipe)
     optimizer = build_optimizer(model, recipe.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
@@ -77,7 +78,7 @@ def hand_written_block(accelerator, model, optimizer, scheduler, batches, steps:
         mask = batch["mask"].to(accelerator.device)
         with accelerator.accumulate(model):
             terms = model(image, mask)
-            loss = sum(v for k, v in terms.items() if "loss" in k)
+            loss = total_loss(terms)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

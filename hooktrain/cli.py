@@ -213,7 +213,7 @@ def train_command(args: argparse.Namespace) -> int:
     from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
-    check_work_dir(Path(recipe.work_dir), force=args.force, resume=bool(args.resume))  # before the slow imports
+    check_work_dir(Path(recipe.work_dir), force=args.force, resume=bool(args.resume))  # before importing torch
     from hooktrain.engine.runner import IterRunner
     from hooktrain.engine.signals import EXIT_CODES
 
@@ -243,7 +243,7 @@ def test_command(args: argparse.Namespace) -> int:
     import json
 
     from hooktrain.checkpoint.weights import read_shapes, weights_file
-    from hooktrain.hooks import resolve_hook_class, validate_hook_options
+    from hooktrain.evaluation.validation import EvalOptions, Evaluation
     from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
@@ -253,12 +253,10 @@ def test_command(args: argparse.Namespace) -> int:
     if args.tta:
         recipe.model.inference = recipe.model.inference.with_tta()
     runner = IterRunner.for_evaluation(recipe, args.checkpoint)
-    eval_class = resolve_hook_class("eval")
-    specs = [s for s in recipe.hooks if s.type == "eval"]
-    options = dict(specs[0].model_extra or {}) if specs else {}
-    evaluator = eval_class(**validate_hook_options(eval_class, options, "eval hook"))
+    specs = [s for s in recipe.hooks if s.type == "eval"]  # the recipe's eval options, if any
+    options = EvalOptions.from_hook_options(specs[0].model_extra or {}) if specs else EvalOptions()
     try:
-        metrics = evaluator.evaluate(runner, name="test")
+        metrics = Evaluation(options).run(runner, name="test")
     finally:
         runner.watch.close()
         runner.accelerator.end_training()

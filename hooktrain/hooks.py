@@ -11,8 +11,9 @@ Then the loop, exactly as ``IterRunner.run`` executes it, with the stage each ho
     try:
         while state.iter < state.max_iters and not (runner.stop_requested or runner.finish_requested):
             before_train_iter(runner)
-            for each of train.grad_accum_steps micro-batches:
+            for each of train.grad_accum_steps micro-batches:   # hooktrain.engine.step.train_step
                 batch = next(train_stream)       # resumable stream; passes are invisible
+                image, mask = model.input_stage(batch, device)  # gpu_augment runs here
                 with accelerator.accumulate(model):
                     outputs = model(image, mask) # dict of named loss terms, summed into "loss"
                     accelerator.backward(loss)
@@ -51,16 +52,20 @@ import importlib.util
 import inspect
 import logging
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pydantic
 
 from hooktrain.errors import UserError, did_you_mean, key_path, locate
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
 
 logger = logging.getLogger("hooktrain")
 
@@ -87,28 +92,54 @@ PRIORITIES = {
 }
 
 
+@dataclass
+class TrainState:
+    """What the loop knows about its progress (``runner.state``); saved with every checkpoint."""
+
+    iter: int = 0
+    max_iters: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)  # latest validation metrics
+    best: dict[str, Any] = field(default_factory=dict)  # e.g. {"mIoU": 0.71, "iter": 4000}
+    nonfinite_skips: int = 0  # optimizer steps skipped in a row (train.on_nonfinite: skip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
 class Runner(Protocol):
     """What a hook may use of the runner (``hooktrain.engine.runner.IterRunner`` implements it)."""
 
-    accelerator: Any  # accelerate.Accelerator
-    model: Any  # the prepared (DDP / FSDP / compiled) model
-    optimizer: Any
-    scheduler: Any
-    train_stream: Any
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared by the accelerator (DDP, compiled, ...)
+    optimizer: torch.optim.Optimizer | None  # None in ``hooktrain test``
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    train_stream: Iterator[dict[str, torch.Tensor]] | None  # a hooktrain.data.stream.TrainStream
     hooks: list[LoadedHook]
-    state: Any  # hooktrain.engine.runner.TrainState
-    recipe: Any  # hooktrain.recipe.schema.Recipe
+    state: TrainState
+    # a hooktrain.recipe.schema.Recipe; not imported here, as the recipe imports this module to
+    # check its hooks' options
+    recipe: Any
     work_dir: Path
-    stop_requested: str | None
+    stop_requested: str | None  # a stop signal's name, once every rank knows it
     finish_requested: str | None  # the reason a hook gave request_finish, once one did
-    error: BaseException | None
+    error: BaseException | None  # what ended the loop, if it failed
 
     @property
-    def unwrapped_model(self) -> Any: ...
+    def unwrapped_model(self) -> torch.nn.Module: ...
 
     def call_hooks(self, stage: str, *args: Any) -> None: ...
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress, hook states and stream position (what a checkpoint adds to Accelerate's)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> str:
+        """Restore :meth:`state_dict`'s parts; returns how the stream resumed."""
 
     def request_finish(self, reason: str) -> None:
         """End the loop after the current iteration, like a finished run (``after_run``
@@ -379,6 +410,18 @@ def call_hooks(
                 f"hook '{loaded.name}' ({type(loaded.hook).__name__}) failed in {stage}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+
+
+def hook_state_keys(hooks: list[LoadedHook]) -> list[tuple[str, LoadedHook]]:
+    """Checkpoint keys of the hooks' states: the hook's name, with ``#k`` for its k-th
+    repetition, so adding or removing other hooks between runs keeps states matched."""
+    seen: dict[str, int] = {}
+    keys = []
+    for loaded in hooks:
+        count = seen.get(loaded.name, 0)
+        seen[loaded.name] = count + 1
+        keys.append((loaded.name if count == 0 else f"{loaded.name}#{count}", loaded))
+    return keys
 
 
 def hooks_info(hooks: list[LoadedHook]) -> str:

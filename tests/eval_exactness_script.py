@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from hooktrain.engine.runner import IterRunner, make_accelerator
-from hooktrain.hooks import build_hooks
 from hooktrain.models import build_segmentor
 from hooktrain.recipe.schema import load_recipe
 
@@ -62,7 +61,7 @@ def main() -> None:
                 [f"data.val.source={source}", f"data.val.batch_size={batch_size}",
                  "data.val.pipeline.scale=[48,32]", "hooks=[{type: eval, num_samples: 0, loss: true}]"],
             )  # fmt: skip
-            hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in case.hooks])
+            hooks = case.loaded_hooks()
             runner = IterRunner(
                 recipe=case, accelerator=accelerator, model=model, optimizer=None,
                 scheduler=None, train_stream=None, hooks=hooks, work_dir=data_root / "wd",

@@ -6,10 +6,11 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
-from hooktrain.hooks import Hook
+from hooktrain.hooks import PRIORITIES, Hook
 
 
 class ProbeHook(Hook):
@@ -202,3 +203,35 @@ class ExampleIdsHook(Hook):
         with open(path + ".tmp", "w") as f:
             json.dump(previous + self.ids, f)
         os.replace(path + ".tmp", path)
+
+
+class LateLog(Hook):
+    """Logs a value at a step below the ones already logged, at the last iteration."""
+
+    priority = PRIORITIES["LOWEST"]
+
+    def after_train_iter(self, runner, outputs) -> None:
+        if runner.state.iter == runner.state.max_iters:
+            runner.log({"probe/late": 1.0}, step=1)
+
+
+class InputProbe(Hook):
+    """Records the dtype and range of every image batch the model trains on, to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: list = []
+
+    def before_run(self, runner) -> None:
+        model = runner.unwrapped_model
+        forward = model.forward
+
+        def recording(image, *args, **kwargs):
+            if model.training:
+                self.seen.append([str(image.dtype), float(image.min()), float(image.max())])
+            return forward(image, *args, **kwargs)
+
+        model.forward = recording
+
+    def after_run(self, runner) -> None:
+        Path(self.path).write_text(json.dumps(self.seen))

@@ -52,7 +52,7 @@ from hooktrain.checkpoint.layout import (  # the layout's names, importable from
     data_state_file,
     random_states_file,
 )
-from hooktrain.hooks import LoadedHook, Runner
+from hooktrain.hooks import Runner
 from hooktrain.recipe.schema import dump_recipe
 
 if TYPE_CHECKING:
@@ -180,52 +180,35 @@ def expected_files(world_size: int) -> list[str]:
 
 def save_state(runner: Runner, directory: Path) -> None:
     """Write everything a resume needs into ``directory`` (every rank calls it; see the
-    module doc for the files)."""
+    module doc for the files): Accelerate's state and the runner's ``state_dict()``."""
     import torch
 
     accelerator = runner.accelerator
     accelerator.save_state(str(directory))
+    state = runner.state_dict()
+    torch.save(state["data"], directory / data_state_file(accelerator.process_index))
     if accelerator.is_main_process:
         give_default_mode(directory / WEIGHTS)
-    torch.save(runner.train_stream.state_dict(), directory / data_state_file(accelerator.process_index))
-    if accelerator.is_main_process:
-        torch.save({key: h.hook.state_dict() for key, h in hook_keys(runner.hooks)}, directory / HOOKS)
-        train_state = {**runner.state.state_dict(), "world_size": accelerator.num_processes}
-        (directory / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+        torch.save(state["hooks"], directory / HOOKS)
+        progress = {**state["progress"], "world_size": accelerator.num_processes}
+        (directory / TRAIN_STATE).write_text(json.dumps(progress, indent=1))
         (directory / RECIPE).write_text(_recipe_text(runner))
 
 
 def load_state(runner: Runner, directory: Path) -> str:
-    """Restore what ``save_state`` wrote: weights, optimizer, scheduler, RNGs, progress, hook
-    states and the data stream's position. Returns how the stream resumed: ``"exact"``, or
+    """Restore what ``save_state`` wrote: Accelerate's state (weights, optimizer, scheduler,
+    RNGs), then the runner's (``runner.load_state_dict``: progress, hook states and every
+    saving rank's stream position). Returns how the stream resumed: ``"exact"``, or
     ``"elastic"`` when the number of processes or workers changed (the pass goes on without
     repeating or skipping an example, in another order)."""
     import torch
 
     runner.accelerator.load_state(str(directory))
-    train_state = json.loads((directory / TRAIN_STATE).read_text())
-    saved_world = train_state.pop("world_size", 1)
-    train_state.pop("max_iters", None)  # the recipe decides how long this run goes
-    runner.state.load_state_dict(train_state)
-    hook_states = torch.load(directory / HOOKS, weights_only=True)
-    for key, loaded in hook_keys(runner.hooks):
-        if hook_states.get(key):
-            loaded.hook.load_state_dict(hook_states[key])
-    data_states = [torch.load(directory / data_state_file(rank), weights_only=True)
-                   for rank in range(saved_world)]  # fmt: skip
-    return runner.train_stream.resume(data_states)
-
-
-def hook_keys(hooks: list[LoadedHook]) -> list[tuple[str, LoadedHook]]:
-    """Checkpoint keys of the hooks' states: the hook's name, with ``#k`` for its k-th
-    repetition, so adding or removing other hooks between runs keeps states matched."""
-    seen: dict[str, int] = {}
-    keys = []
-    for loaded in hooks:
-        count = seen.get(loaded.name, 0)
-        seen[loaded.name] = count + 1
-        keys.append((loaded.name if count == 0 else f"{loaded.name}#{count}", loaded))
-    return keys
+    progress = json.loads((directory / TRAIN_STATE).read_text())
+    saved_world = progress.pop("world_size", 1)
+    data = [torch.load(directory / data_state_file(rank), weights_only=True) for rank in range(saved_world)]
+    hooks = torch.load(directory / HOOKS, weights_only=True)
+    return runner.load_state_dict({"progress": progress, "hooks": hooks, "data": data})
 
 
 # -- saving -----------------------------------------------------------------------------

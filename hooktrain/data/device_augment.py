@@ -19,7 +19,7 @@ How close to the CPU (OpenCV) path it is. OpenCV picks its colour kernels by the
 time (SSE2, AVX2 or AVX-512 steps of 16, 32 or 64 pixels, with or without fused multiply-add,
 each row's last pixels converted one by one and rounded), so its own output differs by a uint8
 step between machines; this module follows its vector loop and states bounds that hold on
-every CPU (tests/test_device_augment.py checks them against OpenCV's optimised and its
+every CPU (tests/data/test_device_augment.py checks them against OpenCV's optimised and its
 ``cv2.setUseOptimized(False)`` path):
     * brightness and contrast are mmseg's ``convert``: float32 multiply or add, clip to
       0..255, truncate to uint8. Exact (IEEE float32, no OpenCV kernel).
@@ -50,7 +50,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +59,6 @@ __all__ = [
     "photometric_normalise",
     "photometric_distort",
     "opencv_step_bound",
-    "batch_inputs",
     "rgb_to_hsv",
     "hsv_to_rgb",
 ]
@@ -267,19 +265,3 @@ def photometric_normalise(
         valid = (rows[:, :, None] & cols[:, None, :]).unsqueeze(1)
         out = torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
-
-
-def batch_inputs(batch: dict[str, Any], device: torch.device | str, data) -> tuple[torch.Tensor, torch.Tensor]:
-    """A train batch's ``(image, mask)`` on ``device``: float32 normalised images and int64 masks.
-
-    A ``gpu_augment`` batch (one with ``"photometric"``) is moved as uint8 and distorted and
-    normalised there with ``data.mean`` / ``data.std`` (``data``: the recipe's ``DataConfig``);
-    any other batch is already normalised and only moves. A ``gpu_augment`` mask may come as
-    uint8 and becomes int64 on ``device``.
-    """
-    image = batch["image"].to(device, non_blocking=True)
-    mask = batch["mask"].to(device, non_blocking=True).long()
-    if "photometric" in batch:
-        sizes = batch["image_sizes"].to(device, non_blocking=True)
-        image = photometric_normalise(image, batch["photometric"], data.mean, data.std, sizes)
-    return image, mask

@@ -211,7 +211,7 @@ def collate_train(examples: list[tuple]) -> dict[str, Any]:
     give ``"example_ids": [str]`` and ``"passes": [int]``, for tools such as ``hooktrain
     browse``; training uses only ``image`` and ``mask``. ``gpu_augment`` examples also give
     ``"photometric"``: float32 ``[B, 9]`` and ``"image_sizes"``: int64 ``[B, 2]`` (their image
-    is uint8; :func:`hooktrain.data.device_augment.batch_inputs` finishes it on the device).
+    is uint8; the model's input stage, :class:`hooktrain.models.input_stage.InputStage`, finishes it on the device).
     """
     columns = list(zip(*examples, strict=True))
     images, masks, workers, corrupt = columns[:4]

@@ -41,7 +41,7 @@ Why OpenCV rather than torchvision.transforms.v2
     * saturation and hue each keep their own HSV round trip, as mmseg does: merging them
       into one would save ~0.2 ms per image on average but change pixels, and this module is
       bit-exact with MMSegmentation 1.2.2's own transforms and data preprocessor
-      (tests/test_transforms.py runs them in their own environment with the same draws).
+      (tests/data/test_transforms.py runs them in their own environment with the same draws).
 
 Other channel counts and 16-bit images
     The above is the path of ``uint8`` RGB images (``data.in_channels: 3``). Images of another

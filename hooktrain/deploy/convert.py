@@ -113,7 +113,7 @@ def convert(
     from safetensors.torch import save_file
 
     from hooktrain.deploy.export import FORMAT
-    from hooktrain.models import build_segmentor
+    from hooktrain.models import build_recipe_segmentor
     from hooktrain.recipe.schema import dump_recipe, load_recipe
 
     out = Path(out)
@@ -133,14 +133,7 @@ def convert(
             f"convert {kind}: {source} has {len(err.keys)} keys hooktrain has no counterpart for "
             f"({', '.join(err.keys[:SHOWN])}); is it a {kind} segmentor checkpoint?"
         ) from None
-    encoder_cfg = recipe.model.encoder.model_copy(update={"pretrained": False, "pretrained_path": None})
-    with torch.device("meta"):
-        model = build_segmentor(
-            recipe.model.model_copy(update={"encoder": encoder_cfg}),
-            num_classes=recipe.data.num_classes,
-            ignore_index=recipe.data.ignore_index,
-            in_channels=recipe.data.in_channels,
-        )
+    model = build_recipe_segmentor(recipe, on_meta=True)
     weights = fit_to_model(converted, model, source)
     metadata = {
         "format": FORMAT,

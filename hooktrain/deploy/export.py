@@ -110,17 +110,9 @@ def exported_recipe(text: str) -> Any:
 def build_exported_model(recipe: Any, weights: dict[str, torch.Tensor], *, inference_only: bool = False):
     """The recipe's segmentor with ``weights`` loaded strictly, in eval mode. ``inference_only``
     builds it without ``compile`` and ``channels_last`` (for tracing and exporting)."""
-    from hooktrain.models import build_segmentor
+    from hooktrain.models import build_recipe_segmentor
 
-    model_cfg = recipe.model
-    if inference_only:
-        model_cfg = model_cfg.model_copy(update={"compile": False, "channels_last": False})
-    model = build_segmentor(
-        model_cfg,
-        num_classes=recipe.data.num_classes,
-        ignore_index=recipe.data.ignore_index,
-        in_channels=recipe.data.in_channels,
-    )
+    model = build_recipe_segmentor(recipe, pretrained=False, inference_only=inference_only)
     model.load_state_dict(weights, strict=True)
     return model.eval()
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from hooktrain.checkpoint.weights import Shapes, compare, read_shapes, refuse_misfit, weights_file
 from hooktrain.errors import UserError
-from hooktrain.models import build_segmentor
+from hooktrain.models import build_recipe_segmentor
 from hooktrain.recipe.schema import Recipe
 
 RESUME_FIX = "resume with the recipe the run was trained with, or start a new run with load_from: <that checkpoint>"
@@ -26,18 +24,7 @@ TEST_FIX = "test with the recipe the checkpoint was trained with (its recipe.yam
 
 def model_shapes(recipe: Recipe) -> Shapes:
     """Every parameter and buffer shape of the recipe's model, built on the meta device."""
-    model_cfg = recipe.model.model_copy(deep=True)
-    model_cfg.encoder.pretrained = False
-    model_cfg.encoder.pretrained_path = None
-    model_cfg.compile_mode = "default"  # first: a mode other than the default needs compile: true
-    model_cfg.compile = False
-    with torch.device("meta"):
-        model = build_segmentor(
-            model_cfg,
-            num_classes=recipe.data.num_classes,
-            ignore_index=recipe.data.ignore_index,
-            in_channels=recipe.data.in_channels,
-        )
+    model = build_recipe_segmentor(recipe, on_meta=True)
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,44 +17,27 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from hooktrain.checkpoint.resume import choose_resume
 from hooktrain.checkpoint.state import load_state, save_plain_weights
 from hooktrain.checkpoint.weights import load_weights, recorded_iteration
-from hooktrain.checkpoint.workdir import check_work_dir, prepare_work_dir
+from hooktrain.checkpoint.workdir import prepare_work_dir
 from hooktrain.data import build_train_stream, prepare_data
-from hooktrain.data.device_augment import batch_inputs
 from hooktrain.engine.agreement import Verdict, agree, describe_nonfinite
 from hooktrain.engine.logs import main_process_logs, process_age, setup_logging
 from hooktrain.engine.optim import build_optimizer, build_scheduler
 from hooktrain.engine.preflight import RESUME_FIX, TEST_FIX, preflight
 from hooktrain.engine.signals import EXIT_CODES, StopSignals
+from hooktrain.engine.step import train_step
 from hooktrain.engine.watchdog import RankWatch
 from hooktrain.errors import NonFiniteLoss, UserError
-from hooktrain.hooks import LoadedHook, call_hooks, hooks_info
+from hooktrain.hooks import LoadedHook, TrainState, call_hooks, hook_state_keys, hooks_info
 from hooktrain.models import build_recipe_segmentor
 from hooktrain.recipe.schema import Recipe, TrainConfig, dump_recipe
 
 logger = logging.getLogger("hooktrain")
 
 
-@dataclass
-class TrainState:
-    """What the loop knows about its progress; saved with every checkpoint."""
-
-    iter: int = 0
-    max_iters: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)  # latest validation metrics
-    best: dict[str, Any] = field(default_factory=dict)  # e.g. {"mIoU": 0.71, "iter": 4000}
-    nonfinite_skips: int = 0  # optimizer steps skipped in a row (train.on_nonfinite: skip)
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
 def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
-    """The run's Accelerator, its collectives timing out after ``train.collective_timeout``.
-    fp16 without a CUDA GPU is refused (Accelerate would silently train in fp32)."""
+    """The run's Accelerator, its collectives timing out after ``train.collective_timeout``,
+    saving the plain module's weights (``checkpoint.state.save_plain_weights``). fp16
+    without a CUDA GPU is refused (Accelerate would silently train in fp32)."""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if cfg.mixed_precision == "fp16" and (use_cpu or not torch.cuda.is_available()):
         raise UserError(
@@ -64,13 +45,15 @@ def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
             "use bf16 (autocasts on CPU too) or 'no'"
         )
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[timeout],
         **kwargs,
     )
+    save_plain_weights(accelerator)  # no DDP `module.` prefix in the checkpoints' model.safetensors
+    return accelerator
 
 
 class IterRunner:
@@ -107,6 +90,7 @@ class IterRunner:
         self.finish_requested: str | None = None  # why a hook ended the run early (request_finish)
         self._iteration_open = False  # between before_train_iter and the iteration count's update
         self._loop_started = False  # set when the loop first checks whether to go on
+        self._data_time = 0.0  # seconds this train step waited for batches
         self.error: BaseException | None = None  # what ended the loop, if it failed
         self.signals = StopSignals()
         self.watch = RankWatch(accelerator.process_index, accelerator.num_processes,
@@ -124,35 +108,29 @@ class IterRunner:
 
         ``resume`` is ``"auto"`` (the newest whole checkpoint of the work dir, or a fresh
         start when there is none) or a checkpoint path; ``force`` starts over in a work dir
-        that holds checkpoints (they are moved aside, never deleted).
+        that holds checkpoints (they are moved aside, never deleted). The caller has checked
+        the work dir with ``hooktrain.checkpoint.workdir.check_work_dir`` (``hooktrain
+        RECIPE`` does, before it imports torch), so a run is never started over another.
         """
         accelerator = make_accelerator(recipe.train)
         setup_logging(accelerator.is_main_process)
         work_dir = Path(recipe.work_dir or "work_dirs/run")
-        check_work_dir(work_dir, force=force, resume=bool(resume))
         with main_process_logs(accelerator):
             checkpoint = choose_resume(work_dir, resume) if resume else None
         preflight(recipe, checkpoint=checkpoint, fix=RESUME_FIX)
-        hooks = recipe.build_hooks()
         set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
         with accelerator.main_process_first():
             prepare_data(recipe.data)
-        data = recipe.data
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        stream = build_train_stream(recipe.data, seed=recipe.train.seed, rank=rank, world_size=world_size)
         model = build_recipe_segmentor(recipe)
         if recipe.load_from and checkpoint is None:
             load_weights(model, recipe.load_from, strict=False)
         model = _choose_batch_norm(model, recipe.train.sync_bn, accelerator)
         optimizer = build_optimizer(model, recipe.optimizer, device=accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
-        save_plain_weights(accelerator)  # no DDP `module.` prefix in model.safetensors
         scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
         accelerator.register_for_checkpointing(scheduler)
-        stream = build_train_stream(
-            data,
-            seed=recipe.train.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        )
         runner = cls(
             recipe=recipe,
             accelerator=accelerator,
@@ -160,7 +138,7 @@ class IterRunner:
             optimizer=optimizer,
             scheduler=scheduler,
             train_stream=stream,
-            hooks=hooks,
+            hooks=recipe.loaded_hooks(),  # built when the recipe was validated
             work_dir=work_dir,
         )
         if checkpoint is not None:
@@ -180,10 +158,9 @@ class IterRunner:
         accelerator = make_accelerator(recipe.train)
         setup_logging(accelerator.is_main_process)
         preflight(recipe, checkpoint=checkpoint, fix=TEST_FIX)
-        hooks = recipe.build_hooks()
         with accelerator.main_process_first():
             prepare_data(recipe.data)
-        model = build_recipe_segmentor(recipe)
+        model = build_recipe_segmentor(recipe, pretrained=False)  # the checkpoint has every weight
         load_weights(model, checkpoint, strict=True)
         model = accelerator.prepare(model)
         runner = cls(
@@ -193,7 +170,7 @@ class IterRunner:
             optimizer=None,
             scheduler=None,
             train_stream=None,
-            hooks=hooks,
+            hooks=recipe.loaded_hooks(),
             work_dir=recipe.work_dir or "work_dirs/run",
         )
         runner.state.iter = recorded_iteration(checkpoint) or 0
@@ -236,8 +213,31 @@ class IterRunner:
             else:
                 logger.info("%s; stopping after iteration %d", reason, self.state.iter + self._iteration_open)
 
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part of a checkpoint beyond Accelerate's state (model, optimizer,
+        scheduler, scaler, RNGs): the loop's progress, every stateful hook's state (keyed by
+        ``hook_state_keys``) and the data stream's position."""
+        return {
+            "progress": self.state.state_dict(),
+            "hooks": {key: loaded.hook.state_dict() for key, loaded in hook_state_keys(self.hooks)},
+            "data": self.train_stream.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> str:
+        """Restore what :meth:`state_dict` gave, with ``state["data"]`` holding the stream
+        state of every rank that saved. Returns how the stream resumed: ``"exact"``, or
+        ``"elastic"`` when the number of processes or workers changed."""
+        progress = dict(state["progress"])
+        progress.pop("max_iters", None)  # the recipe decides how long this run goes
+        self.state.load_state_dict(progress)
+        for key, loaded in hook_state_keys(self.hooks):
+            if state["hooks"].get(key):
+                loaded.hook.load_state_dict(state["hooks"][key])
+        return self.train_stream.resume(state["data"])
+
     def resume_from(self, checkpoint: Path) -> None:
-        """Continue the run ``checkpoint`` holds (see ``hooktrain.checkpoint.state.load_state``)."""
+        """Continue the run ``checkpoint`` holds (``hooktrain.checkpoint.state.load_state``
+        reads it back into :meth:`load_state_dict`)."""
         how = load_state(self, checkpoint)
         self._train_iter = _rng_neutral_start(iter(self.train_stream))
         logger.info("resumed from %s at iteration %d%s", checkpoint, self.state.iter,
@@ -287,40 +287,42 @@ class IterRunner:
         ``data_time`` and ``time`` in seconds.
         """
         self.watch.enter("train step", self.state.iter + 1)
-        start, data_time = time.perf_counter(), 0.0
-        totals: dict[str, torch.Tensor] = {}
+        start, self._data_time = time.perf_counter(), 0.0
         lr = self.optimizer.param_groups[self._lr_group]["lr"]
-        accum = self.recipe.train.grad_accum_steps
-        for _ in range(accum):
+        totals, grad_norm = train_step(
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self._micro_batches(),
+            clip_grad_norm=self.recipe.train.clip_grad_norm,
+            accept=self._agree,
+        )
+        self.scheduler.step()
+        outputs: dict[str, Any] = {**totals, "lr": lr, "data_time": self._data_time}
+        outputs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
+        outputs["time"] = time.perf_counter() - start
+        return outputs
+
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        """The next ``train.grad_accum_steps`` batches of the stream, timing the waits."""
+        for _ in range(self.recipe.train.grad_accum_steps):
             fetch = time.perf_counter()
             batch = next(self._train_iter)
-            data_time += time.perf_counter() - fetch
-            # gpu_augment batches are uint8: distorted and normalised on the device here
-            image, mask = batch_inputs(batch, self.accelerator.device, self.recipe.data)
-            with self.accelerator.accumulate(self.model):
-                terms = self.model(image, mask)
-                loss = sum(v for k, v in terms.items() if "loss" in k)
-                self.accelerator.backward(loss)
-            for key, value in {"loss": loss, **terms}.items():
-                totals[key] = totals.get(key, 0) + value.detach() / accum
-        clip = self.recipe.train.clip_grad_norm or math.inf  # inf: only measures the norm
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+            self._data_time += time.perf_counter() - fetch
+            yield batch
+
+    def _agree(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> bool:
+        """Whether the optimizer may step: the ranks agree on a stop signal and on whether every
+        loss term and the gradient norm are finite (``hooktrain.engine.agreement``)."""
         verdict = agree(
             self.accelerator,
             iteration=self.state.iter + 1,
             stop=self.signals.requested,
-            terms=totals,
+            terms=terms,
             # fp16's GradScaler skips steps with overflowing gradients itself
             grad_norm=grad_norm if self.accelerator.scaler is None else None,
         )
-        if self._accept(verdict):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        outputs: dict[str, Any] = {**totals, "lr": lr, "data_time": data_time}
-        outputs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
-        outputs["time"] = time.perf_counter() - start
-        return outputs
+        return self._accept(verdict)
 
     def _accept(self, verdict: Verdict) -> bool:
         """Act on the agreed verdict; whether the optimizer may step."""

@@ -1,8 +1,8 @@
 """The confusion matrix as files: counts as CSV, and a row-normalised heatmap with class names.
 
 Rows are ground-truth classes, columns predicted classes; ignored pixels are not counted. The
-eval hook writes both per evaluation (``<work_dir>/confusion/``) and logs the heatmap to the
-dashboards.
+evaluation (the eval hook's and ``hooktrain test``'s) writes both (``<work_dir>/confusion/``,
+:func:`write_confusion_files`) and logs the heatmap to the dashboards.
 """
 
 from __future__ import annotations
@@ -89,3 +89,16 @@ def write_heatmap(image: np.ndarray, path: str | os.PathLike) -> Path:
         raise OSError(f"could not write {partial}")
     partial.replace(path)
     return path
+
+
+def write_confusion_files(
+    matrix: np.ndarray, class_names: Sequence[str], work_dir: str | os.PathLike, name: str
+) -> np.ndarray:
+    """Write ``<work_dir>/confusion/confusion_<name>.csv`` and ``.png``, as every evaluation
+    does (``name``: ``iter_<N>``, or ``test``); returns the heatmap (RGB) for the dashboards."""
+    directory = Path(work_dir) / "confusion"
+    directory.mkdir(parents=True, exist_ok=True)
+    write_confusion_csv(matrix, class_names, directory / f"confusion_{name}.csv")
+    heatmap = render_heatmap(matrix, class_names, title=f"confusion, {name.replace('_', ' ')} (rows sum to 100%)")
+    write_heatmap(heatmap, directory / f"confusion_{name}.png")
+    return heatmap

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from hooktrain.errors import UserError
 from hooktrain.models.encoder import build_encoder
 from hooktrain.models.heads import DecodeHead, build_head, resize
 from hooktrain.models.inference import predict_logits
+from hooktrain.models.input_stage import InputStage
 from hooktrain.models.losses import HeadLoss
 from hooktrain.recipe.model import InferenceConfig, ModelConfig
 
@@ -22,7 +25,9 @@ class Segmentor(nn.Module):
     ``forward(image, mask)`` returns the weighted loss terms (training); ``forward(image)`` returns
     logits at the input size; ``predict`` runs the configured whole/slide/flip inference. The
     auxiliary head only takes part when a mask is given. Mode (train/eval) and gradient context
-    are the caller's; ``predict`` runs without gradients.
+    are the caller's; ``predict`` runs without gradients. ``input_stage`` turns a train batch
+    into the ``(image, mask)`` that ``forward`` takes, on the device (MMSegmentation's
+    ``data_preprocessor``).
 
     With ``compile_mode`` set (``model.compile``), the training forward (encoder, heads, the
     logits' upsampling inside the losses, the losses) and :meth:`logits` each run as one
@@ -41,6 +46,7 @@ class Segmentor(nn.Module):
         aux_loss: HeadLoss | None = None,
         inference: InferenceConfig | None = None,
         channels_last: bool = False,
+        input_stage: InputStage | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -51,6 +57,7 @@ class Segmentor(nn.Module):
         self.inference = inference or InferenceConfig()
         self.channels_last = channels_last
         self.align_corners = decode_head.align_corners
+        self.input_stage = input_stage or InputStage()  # a train batch to (image, mask) on the device
 
     def _prepare(self, image: torch.Tensor) -> torch.Tensor:
         return image.contiguous(memory_format=torch.channels_last) if self.channels_last else image
@@ -166,13 +173,34 @@ def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 2
     return model
 
 
-def build_recipe_segmentor(recipe) -> Segmentor:
-    """:func:`build_segmentor` for a whole recipe: its ``model`` section with its data's
-    classes, ignore index and input channels."""
+def build_recipe_segmentor(
+    recipe, *, pretrained: bool = True, on_meta: bool = False, inference_only: bool = False
+) -> Segmentor:
+    """The one way to build a recipe's segmentor: :func:`build_segmentor` with the recipe's
+    ``model`` section and its data's classes, ignore index and input channels, and the input
+    stage that finishes ``data.train.gpu_augment`` batches on the device.
+
+    ``pretrained=False`` leaves the encoder's pretrained weights out (no download, no file
+    read: the weights come from a checkpoint, or do not matter). ``on_meta`` builds it on
+    the meta device (shapes only, no memory; implies ``pretrained=False``).
+    ``inference_only`` builds it without ``compile`` and ``channels_last``, for tracing,
+    exporting and measuring with a compile of one's own.
+    """
+    update: dict[str, Any] = {}
+    if not pretrained or on_meta:
+        update["encoder"] = recipe.model.encoder.model_copy(update={"pretrained": False, "pretrained_path": None})
+    if inference_only or on_meta:
+        update.update(compile_mode="default", compile=False)
+    if inference_only:
+        update["channels_last"] = False
+    model_cfg = recipe.model.model_copy(update=update) if update else recipe.model
     data = recipe.data
-    return build_segmentor(
-        recipe.model, num_classes=data.num_classes, ignore_index=data.ignore_index, in_channels=data.in_channels
-    )
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = build_segmentor(
+            model_cfg, num_classes=data.num_classes, ignore_index=data.ignore_index, in_channels=data.in_channels
+        )
+    model.input_stage = InputStage(data.mean, data.std)
+    return model
 
 
 def _contiguous_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:

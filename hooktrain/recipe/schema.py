@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 from hooktrain.errors import UserError, describe
 from hooktrain.hooks import LoadedHook, build_hooks
@@ -102,9 +102,14 @@ class Recipe(Section):
         default_factory=list, description="Hooks in the order they run on equal priority."
     )
 
-    def build_hooks(self) -> list[LoadedHook]:
-        """The recipe's hooks, built and in run order (options checked against each hook)."""
-        return build_hooks([spec.model_dump(exclude_none=True) for spec in self.hooks])
+    _loaded_hooks: list[LoadedHook] | None = PrivateAttr(None)
+
+    def loaded_hooks(self) -> list[LoadedHook]:
+        """The recipe's hooks in run order, their options checked: built once, when the
+        recipe is validated (``check_recipe`` runs on them), and handed to the run."""
+        if self._loaded_hooks is None:
+            self._loaded_hooks = build_hooks([spec.model_dump(exclude_none=True) for spec in self.hooks])
+        return self._loaded_hooks
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what is written to ``<work_dir>/recipe.yaml``)."""
@@ -230,7 +235,7 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(data)
     except pydantic.ValidationError as exc:
         raise UserError(describe(exc, Recipe, data)) from None
-    hooks = recipe.build_hooks()
+    hooks = recipe.loaded_hooks()
     for loaded in hooks:
         loaded.hook.check_recipe(recipe, hooks)
     return recipe

@@ -10,9 +10,10 @@ recipe schema builds:
 - Inference: ``Segmentor.predict`` (the recipe's ``model.inference``, ``scales`` left out), once
   with ``mode: whole`` and once with ``mode: slide``, at the val loader's batch size, on images
   the size the val pipeline gives an image shaped like the training crop.
-- Train step: forward with a mask, ``accelerator.backward``, gradient-norm clipping, optimizer
-  step, at the per-process batch size and the training crop (one optimizer step per batch:
-  ``grad_accum_steps`` is not simulated).
+- Train step: the runner's own step (``hooktrain.engine.step.train_step``: forward with a
+  mask, ``accelerator.backward``, gradient-norm clipping, optimizer step) at the training crop,
+  over ``train.grad_accum_steps`` micro-batches of the per-process batch size (the batch
+  column counts the images of the whole step).
 
 Each measurement runs ``warmup`` untimed then ``iters`` timed iterations (``time.perf_counter``,
 the device synchronised around them). Inputs are random tensors: the data pipeline is not
@@ -125,7 +126,7 @@ def run_benchmark(
     crop = tuple(recipe.data.train.pipeline.crop_size)
     total, trainable = count_parameters(model)
     flops = count_flops(model, crop, device, recipe.data.in_channels)
-    if recipe.model.compile:  # after counting: FlopCounterMode runs the eager model
+    if recipe.model.compile:
         model.compile_mode = recipe.model.compile_mode
     memory = PeakMemory(device)
     timer = Timer(device, memory, iters=iters, warmup=warmup)
@@ -185,13 +186,10 @@ def build_model(recipe: Recipe, checkpoint: str | os.PathLike | None) -> tuple[S
     """The recipe's segmentor, not compiled yet (``Segmentor.compile_mode``), with the
     checkpoint's weights (strict) or random ones, and a description of the weights."""
     from hooktrain.checkpoint.weights import load_weights, recorded_iteration, weights_file
-    from hooktrain.models import build_segmentor
+    from hooktrain.models import build_recipe_segmentor
 
-    model_cfg = recipe.model.model_copy(update={"compile": False})
-    data = recipe.data
-    model = build_segmentor(
-        model_cfg, num_classes=data.num_classes, ignore_index=data.ignore_index, in_channels=data.in_channels
-    )
+    model = build_recipe_segmentor(recipe, pretrained=False)
+    model.compile_mode = None  # the run compiles it after counting FLOPs (FlopCounterMode runs it eagerly)
     if checkpoint is None:
         return model, "random init (encoder pretrained weights and load_from not loaded: speed does not depend on them)"
     load_weights(model, checkpoint, strict=True)
@@ -435,19 +433,22 @@ def train_measurements(
     recipe: Recipe, model: Segmentor, accelerator: Accelerator, timer: Timer, unavailable: str | None
 ) -> list[Measurement]:
     """Train-step images/s in the recipe's precision (with fp32 in its place, and the reason,
-    when the device cannot run it)."""
-    import math
-
+    when the device cannot run it): the runner's step (``hooktrain.engine.step.train_step``)
+    over ``train.grad_accum_steps`` micro-batches of the train batch size."""
     import torch
 
     from hooktrain.engine.optim import build_optimizer
+    from hooktrain.engine.step import train_step
 
     data = recipe.data
     crop = tuple(data.train.pipeline.crop_size)
-    batch = data.train.batch_size
+    micro = accelerator.gradient_accumulation_steps
+    batch = data.train.batch_size * micro
     mixed = recipe.train.mixed_precision
     precision = "fp32" if mixed == "no" or unavailable else mixed
     detail = "forward with mask, backward, clip, optimizer step"
+    if micro > 1:
+        detail += f" ({micro} micro-batches of {data.train.batch_size})"
     rows = []
     if unavailable:
         rows.append(Measurement("train step", mixed, batch, crop, detail, skipped=unavailable))
@@ -455,16 +456,13 @@ def train_measurements(
     prepared, optimizer = accelerator.prepare(model, optimizer)
     prepared.train()
     device = accelerator.device
-    image = torch.randn(batch, data.in_channels, *crop, device=device)
-    mask = torch.randint(0, data.num_labels, (batch, *crop), device=device)
-    clip = recipe.train.clip_grad_norm or math.inf  # inf: only measures the norm, as the runner
+    micro_batch = {
+        "image": torch.randn(data.train.batch_size, data.in_channels, *crop, device=device),
+        "mask": torch.randint(0, data.num_labels, (data.train.batch_size, *crop), device=device),
+    }
 
     def step() -> None:
-        terms = prepared(image, mask)
-        accelerator.backward(sum(v for k, v in terms.items() if "loss" in k))
-        accelerator.clip_grad_norm_(prepared.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(accelerator, prepared, optimizer, [micro_batch] * micro, clip_grad_norm=recipe.train.clip_grad_norm)
 
     rows.append(timer.measure(Measurement("train step", precision, batch, crop, detail), step))
     accelerator.free_memory(prepared, optimizer)

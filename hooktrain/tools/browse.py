@@ -7,8 +7,8 @@ Where the samples come from
     ``--split train``: the real training stream (:func:`hooktrain.data.build_train_stream` with
     ``train.seed``, rank 0 of 1), with ``data.train.num_workers`` set to 0 so browsing starts at
     once (with ``data.train.gpu_augment`` the uint8 batches get their photometric distortion
-    and normalisation from :func:`hooktrain.data.device_augment.batch_inputs` on the CPU, the
-    function training applies on the device). Each example's augmentation is drawn from
+    and normalisation on the CPU from the model's input stage,
+    :class:`hooktrain.models.input_stage.InputStage`, which training runs on the device). Each example's augmentation is drawn from
     ``(seed, pass, shard, row)`` only, so a sample shows exactly the crop, flip and colour
     changes training gives that row in that pass; the *order* is the one of a single-reader
     stream (with workers, each reader owns other rows), so the first samples need not be a
@@ -22,7 +22,7 @@ What each PNG shows (``train_000.png``, ``train_001.png``, ... or ``val_000.png`
 
     * image: the batch's float tensor de-normalised, ``x * std + mean`` with ``data.mean`` /
       ``data.std``, rounded and clipped to 0..255, RGB (1 channel as grey, more than 3 by the
-      first three, 16-bit data stretched: :mod:`hooktrain.tools.preview`). Train samples show the whole crop,
+      first three, 16-bit data stretched: :mod:`hooktrain.data.preview`). Train samples show the whole crop,
       padding included (padding is 0 in the tensor, so it shows as the mean colour); val
       samples are cut out of the batch's padding to the image's own size.
     * label: every class in its ``data.palette`` colour (:attr:`DataConfig.colours`); pixels
@@ -138,15 +138,16 @@ def _without_workers(data: DataConfig) -> DataConfig:
 def train_samples(data: DataConfig, seed: int) -> Generator[Sample, None, None]:
     """The training stream's examples, one by one: the whole padded crop each."""
     from hooktrain.data import build_train_stream, prepare_data
-    from hooktrain.data.device_augment import batch_inputs
+    from hooktrain.models.input_stage import InputStage
 
     prepare_data(data)
     stream = build_train_stream(data, seed=seed, rank=0, world_size=1)
+    input_stage = InputStage(data.mean, data.std)
     number = 0
     try:
         for batch in stream:
             # gpu_augment: the same distortion and normalisation as training, here on the CPU
-            batch["image"], _ = batch_inputs(batch, "cpu", data)
+            batch["image"], _ = input_stage(batch, "cpu")
             for i in range(batch["image"].shape[0]):
                 image = denormalise(batch["image"][i].numpy(), data.mean, data.std)
                 mask = batch["mask"][i].numpy()
@@ -201,8 +202,8 @@ def _details(image: np.ndarray, mask: np.ndarray, data: DataConfig, original: tu
 def denormalise(image: np.ndarray, mean, std) -> np.ndarray:
     """A normalised float ``[C, H, W]`` image back to ``H x W x 3`` uint8 RGB: ``x * std + mean``,
     rounded to the nearest integer, clipped to 0..255; 1 channel shown grey, more than 3 by
-    the first three, 16-bit data stretched to 0..255 (:func:`hooktrain.tools.preview.preview`)."""
-    from hooktrain.tools.preview import preview
+    the first three, 16-bit data stretched to 0..255 (:func:`hooktrain.data.preview.preview`)."""
+    from hooktrain.data.preview import preview
 
     return preview(image, mean, std)
 

@@ -1,5 +1,5 @@
 """Run inside the MMSegmentation environment (``MmsegEnv.run``): MMSegmentation's own binary
-segmentation (one output channel), for ``tests/test_binary.py``.
+segmentation (one output channel), for ``tests/models/test_binary.py``.
 
     binary_reference.py IN.pt OUT.pt
 

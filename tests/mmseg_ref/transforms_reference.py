@@ -1,5 +1,5 @@
 """Run inside the MMSegmentation environment (``MmsegEnv.run``): MMSegmentation 1.2.2's own
-ADE20K train pipeline and data preprocessor, for ``tests/test_transforms.py``.
+ADE20K train pipeline and data preprocessor, for ``tests/data/test_transforms.py``.
 
     transforms_reference.py INPUTS.npz OUT.npz --seeds N --scale L S --ratio LO HI --crop H W
 

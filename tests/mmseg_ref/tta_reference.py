@@ -1,5 +1,5 @@
 """Run inside the MMSegmentation environment (``MmsegEnv.run``): MMSegmentation's own test-time
-augmentation, for ``tests/test_tta.py``.
+augmentation, for ``tests/evaluation/test_tta.py``.
 
     tta_reference.py predict CONFIG IMAGE OUT --seed N [--slide H W SH SW] [--ratios 0.5,0.75,...]
     tta_reference.py sizes OUT.json

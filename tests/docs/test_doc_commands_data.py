@@ -1,0 +1,332 @@
+"""The commands of docs/checkpoints.md, plugins.md, datasets.md, data-check.md, your-own-data.md,
+migrating-from-mmseg.md and benchmarks.md run here as written (see tests/doc_commands.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import ROOT
+from doc_commands import (
+    TINY_ADE,
+    Doc,
+    assert_trained_and_evaluated,
+    history,
+    run,
+    write_ade_challenge_folder,
+)
+
+pytestmark = pytest.mark.spread  # independent runs: the test workers share them
+
+# -- docs/checkpoints.md and docs/plugins.md -------------------------------------------------
+
+EXPORT_BEST = Doc("hooktrain export work_dirs/run/checkpoints/best model.safetensors")
+PREDICT_FILES = Doc(
+    "python -m hooktrain predict model.safetensors photo.jpg more_images/ --out masks/"
+)
+PLUGIN_INSTALL = Doc("pip install ./examples/hooktrain-ema")
+PLUGIN_RUN = Doc(
+    "python -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/plugin-test --cfg-options "
+    "train.max_iters=4 data.train.num_workers=0 data.train.pipeline.crop_size=[64,64] "
+    '"hooks=[{type: ema, momentum: 0.1}, {type: eval, interval: 4}]"'
+)
+# Shortens the quickstart to seconds for the runs that only set up what a command works on.
+SHORT = (
+    "--cfg-options train.max_iters=2 data.train.num_workers=0 data.train.pipeline.crop_size=[32,32]"
+)
+
+
+def test_checkpoint_export_and_predict_commands(shapes_sandbox):
+    sandbox = shapes_sandbox
+    setup = Doc("python -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/run " + SHORT +
+                ' "hooks=[{type: eval, interval: 2}, {type: checkpoint, interval: 2, save_best: mIoU}]"')  # fmt: skip
+    run(setup, sandbox)
+    run(EXPORT_BEST, sandbox)
+    (sandbox / "more_images").mkdir()
+    for name in ("photo.jpg", "more_images/a.png", "more_images/b.jpg"):
+        cv2.imwrite(str(sandbox / name), np.full((24, 40, 3), 120, np.uint8))
+    run(PREDICT_FILES, sandbox)
+    written = sorted(p.name for p in (sandbox / "masks").iterdir())
+    assert written == [
+        "a.png",
+        "a_label.png",
+        "b.png",
+        "b_label.png",
+        "photo.png",
+        "photo_label.png",
+    ]
+
+
+def test_plugin_commands_install_and_run_the_example(shapes_sandbox):
+    sandbox = shapes_sandbox
+    run(PLUGIN_INSTALL, sandbox)
+    result = run(PLUGIN_RUN, sandbox)
+    assert "ema(" in result.output and "validation at iter 4 on 200 images" in result.output
+
+
+# -- docs/inference.md: ONNX and safetensors exports of one trained checkpoint, predict with both --
+
+EXPORT_ONNX = Doc("hooktrain export work_dirs/run/checkpoints/latest model.onnx")
+EXPORT_SAFETENSORS = Doc("hooktrain export work_dirs/run/checkpoints/latest model.safetensors")
+PREDICT_ONNX = Doc("hooktrain predict model.onnx photos/ --out masks_onnx/")
+PREDICT_SAFETENSORS = Doc("hooktrain predict model.safetensors photos/ --out masks/")
+
+
+def test_inference_page_commands(shapes_sandbox):
+    """A two-iteration quickstart exported both ways; the two exports write the same labels."""
+    sandbox = shapes_sandbox
+    run(Doc("python -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/run " + SHORT +
+            ' "hooks=[{type: checkpoint, interval: 2}]"'), sandbox)  # fmt: skip
+    assert "verified by onnxruntime" in run(EXPORT_ONNX, sandbox).output
+    run(EXPORT_SAFETENSORS, sandbox)
+    (sandbox / "photos").mkdir()
+    for i, (h, w) in enumerate([(96, 96), (60, 130)]):
+        image = cv2.GaussianBlur(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 2)
+        cv2.imwrite(str(sandbox / "photos" / f"p{i}.png"), image)
+    run(PREDICT_ONNX, sandbox)
+    run(PREDICT_SAFETENSORS, sandbox)
+    for i in range(2):
+        labels = [cv2.imread(str(sandbox / out / f"p{i}_label.png"), cv2.IMREAD_UNCHANGED)
+                  for out in ("masks_onnx", "masks")]  # fmt: skip
+        np.testing.assert_array_equal(*labels)
+
+
+# -- docs/datasets.md: Cityscapes and VOC 2012 aug on tiny copies of the official layouts -----
+
+
+def _cityscapes_source(key: str, split: str, labels: str) -> str:
+    return (f'"data.{key}.source={{type: folder, root: data/cityscapes, images_dir: leftImg8bit/'
+            f'{split}, annotations_dir: gtFine/{split}, img_suffix: _leftImg8bit.png, '
+            f'seg_map_suffix: _gtFine_{labels}.png}}"')  # fmt: skip
+
+
+TINY_DATASET = TINY_ADE + " data.val.num_workers=0"  # the copies' 32x64 and 24x40 images
+CITYSCAPES_FOLDER = Doc(
+    "accelerate launch -m hooktrain recipes/cityscapes.yaml --cfg-options "
+    f"{_cityscapes_source('train', 'train', 'labelIds')} {_cityscapes_source('val', 'val', 'labelIds')}",
+    append=TINY_DATASET,
+)
+CITYSCAPES_TRAIN_IDS = Doc(
+    "accelerate launch -m hooktrain recipes/cityscapes.yaml --cfg-options data.label_map={} "
+    f"{_cityscapes_source('train', 'train', 'labelTrainIds')} "
+    f"{_cityscapes_source('val', 'val', 'labelTrainIds')}",
+    append=TINY_DATASET,
+)
+VOC_FOLDER = Doc(
+    'accelerate launch -m hooktrain recipes/voc12aug.yaml --cfg-options "data.train.source={type: '
+    "folder, root: data/VOCdevkit/VOC2012, images_dir: JPEGImages, img_suffix: .jpg, "
+    "annotations_dir: [SegmentationClass, SegmentationClassAug], split_file: "
+    '[ImageSets/Segmentation/train.txt, ImageSets/Segmentation/aug.txt]}" "data.val.source={type: '
+    "folder, root: data/VOCdevkit/VOC2012, images_dir: JPEGImages, img_suffix: .jpg, "
+    'annotations_dir: SegmentationClass, split_file: ImageSets/Segmentation/val.txt}"',
+    append=TINY_DATASET,
+)
+
+
+def test_dataset_page_commands_on_tiny_official_layouts(sandbox):
+    from dataset_layouts import write_cityscapes_folder, write_voc_folder
+
+    write_cityscapes_folder(sandbox / "data" / "cityscapes")
+    write_voc_folder(sandbox / "data" / "VOCdevkit")
+    for doc, name in ((CITYSCAPES_FOLDER, "cityscapes"), (CITYSCAPES_TRAIN_IDS, "cityscapes"),
+                      (VOC_FOLDER, "voc12aug")):  # fmt: skip
+        result = run(doc, sandbox)
+        work_dir = sandbox / "work_dirs" / name
+        assert_trained_and_evaluated(work_dir)
+        assert "validation at iter 2 on" in result.output
+        label_map = (work_dir / "recipe.yaml").read_text().split("label_map:", 1)[1].split("\n", 1)[0]
+        assert (label_map.strip() == "{}") == (doc is not CITYSCAPES_FOLDER)
+        work_dir.rename(work_dir.with_name(f"{name}-{id(doc)}"))  # each command starts afresh
+
+
+# -- docs/data-check.md: checking the quickstart and a tiny ADE20K folder; colour masks ------
+
+DATA_CHECK = Doc("hooktrain data check recipes/quickstart.yaml")
+DATA_CHECK_VAL = Doc("hooktrain data check recipes/quickstart.yaml --split val --limit 50")
+DATA_CHECK_ADE = Doc(
+    'hooktrain data check recipes/ade20k.yaml --cfg-options "data.train.source={type: folder, '
+    'root: data/ADEChallengeData2016, split: training}"'
+)
+CONVERT_PALETTE = Doc(
+    "hooktrain data convert data/colour_dataset data/colour_dataset_parquet --palette "
+    "recipes/quickstart.yaml"
+)
+CONVERT_PALETTE_FILE = Doc(
+    "hooktrain data convert data/photos data/photos_parquet --annotations data/photo_masks "
+    "--palette colours.json"
+)
+
+
+def _paint_colour_masks(images: Path, masks: Path, palette: np.ndarray, seed: int) -> dict:
+    """Random images and RGB masks painted with ``palette``; returns {stem: class indices}."""
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    painted = {}
+    for i in range(3):
+        rng = np.random.default_rng([seed, i])
+        index = cv2.resize(rng.integers(0, len(palette), (3, 4), dtype=np.uint8), (40, 24),
+                           interpolation=cv2.INTER_NEAREST)  # fmt: skip
+        cv2.imwrite(str(images / f"{i}.jpg"), rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+        cv2.imwrite(str(masks / f"{i}.png"), cv2.cvtColor(palette[index], cv2.COLOR_RGB2BGR))
+        painted[f"{i}.png"] = index
+    return painted
+
+
+def _converted_masks(out: Path, split: str) -> dict:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted((out / "data").glob(f"{split}-*.parquet")))
+    return {cell["path"]: cv2.imdecode(np.frombuffer(cell["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+            for cell in table.column("annotation").to_pylist()}  # fmt: skip
+
+
+def test_data_check_page_commands(shapes_sandbox):
+    from hooktrain.recipe.schema import load_recipe
+
+    sandbox = shapes_sandbox
+    for doc in (DATA_CHECK, DATA_CHECK_VAL):
+        assert "Result: no problems" in run(doc, sandbox).stdout
+    write_ade_challenge_folder(sandbox / "data" / "ADEChallengeData2016")
+    checked = run(DATA_CHECK_ADE, sandbox).stdout
+    assert "Classes (after reduce_zero_label; 150 classes" in checked
+    assert "Result: no problems" in checked
+
+    palette = np.asarray(load_recipe(ROOT / "recipes" / "quickstart.yaml").data.palette, np.uint8)
+    root = sandbox / "data" / "colour_dataset"
+    painted = {split: _paint_colour_masks(root / "images" / split, root / "annotations" / split,
+                                          palette, seed)
+               for seed, split in enumerate(("training", "validation"))}  # fmt: skip
+    run(CONVERT_PALETTE, sandbox)
+    for split, name in (("training", "train"), ("validation", "validation")):
+        converted = _converted_masks(sandbox / "data" / "colour_dataset_parquet", name)
+        assert converted.keys() == painted[split].keys()
+        assert all((converted[k] == painted[split][k]).all() for k in converted)
+
+    photos = _paint_colour_masks(sandbox / "data" / "photos", sandbox / "data" / "photo_masks",
+                                 palette, 7)  # fmt: skip
+    (sandbox / "colours.json").write_text(json.dumps(palette.tolist()))
+    run(CONVERT_PALETTE_FILE, sandbox)
+    converted = _converted_masks(sandbox / "data" / "photos_parquet", "train")
+    assert all((converted[k] == photos[k]).all() for k in photos) and len(converted) == 3
+
+
+# -- the inventory -------------------------------------------------------------------------
+
+# -- docs/migrating-from-mmseg.md: bring your MMSegmentation checkpoint -----------------------
+
+ZOO_CHECKPOINT = "upernet_r50_512x512_160k_ade20k_20200615_184328-8534de8d.pth"
+ZOO_CONVERT = Doc(
+    f"hooktrain convert mmseg {ZOO_CHECKPOINT} --recipe recipes/mmseg/upernet_r50_4xb4-160k_ade20k-512x512.yaml "
+    "--out upernet_r50_ade20k.safetensors"
+)
+ZOO_PREDICT = Doc("hooktrain predict upernet_r50_ade20k.safetensors images/ --out masks/")
+
+
+def test_bring_your_mmseg_checkpoint_commands(sandbox, mmseg_zoo_references):
+    """The zoo file here is MMSegmentation's own UPerNet-R50, built and saved in the zoo's format
+    by MMSegmentation 1.2.2 (random weights): the page's two commands, as written."""
+    upernet = mmseg_zoo_references["upernet_r50_4xb4-160k_ade20k-512x512"]
+    (sandbox / ZOO_CHECKPOINT).symlink_to(upernet / "checkpoint.pth")
+    (sandbox / "images").mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    cv2.imwrite(str(sandbox / "images" / "room.jpg"), image)
+    assert "converted" in run(ZOO_CONVERT, sandbox).output
+    run(ZOO_PREDICT, sandbox)
+    label = cv2.imread(str(sandbox / "masks" / "room_label.png"), cv2.IMREAD_UNCHANGED)
+    assert label.shape == (48, 64) and label.max() < 150
+    assert (sandbox / "masks" / "room.png").is_file()
+
+
+# -- docs/benchmarks.md: the benches' smoke run (CI) and the generated tables -----------------
+
+RUN_ALL_QUICK = Doc("python bench/run_all.py --quick")
+# As the page writes it, but only checking: a test never rewrites the committed docs.
+REPORT = Doc("python bench/report.py", append="--check")
+
+
+# The CPU benches of `run_all.py --quick`, one test each so that the test workers share them
+# (the page's command runs them one after another: ~5 minutes on 2 cores).
+QUICK_BENCHES = ["startup", "checkpoint", "metrics", "data_pipeline", "augment_exactness", "runner_overhead",
+                 "model_step", "mmseg_parity", "quickstart", "quickstart_binary", "onnx_inference"]  # fmt: skip
+
+
+def test_the_benchmark_tables_are_current_and_every_cpu_bench_is_run_here():
+    run(REPORT, ROOT)
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from run_all import BENCHES
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert QUICK_BENCHES == [bench.name for bench in BENCHES if "cpu" in bench.devices]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", QUICK_BENCHES)
+def test_benchmark_page_commands(name, mmseg_env, tmp_path):
+    """``run_all.py --quick``, one bench at a time: each CPU bench runs in its quick mode
+    (nothing about speed is asserted), MMSegmentation's side included, writing its results
+    file with where and when it ran."""
+    quick = Doc(RUN_ALL_QUICK.text, env={"HOOKTRAIN_BENCH_RESULTS": str(tmp_path)}, append=f"--only {name}")
+    summary = json.loads(run(quick, ROOT, timeout=900).stdout.strip().splitlines()[-1])
+    assert [entry["bench"] for entry in summary["runs"]] == [name]
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["bench"] == name and record["quick"] is True
+    assert record["machine"]["cpu"]["cores"] >= 1 and record["date"] and record["revision"]
+    if name == "mmseg_parity":
+        assert [row["mode"] for row in record["rows"]] == ["train", "whole"] and all(r["ratio"] > 0 for r in record["rows"])
+    if name == "data_pipeline":
+        assert record["mmseg_same_outputs"] is True  # hooktrain and MMSegmentation 1.2.2 made the same crops
+
+
+# -- docs/your-own-data.md: binary, 4-band and 16-bit quickstarts ------------------------------
+
+
+def _few_examples(iters: int) -> str:
+    """A seconds-long run on a small generated dataset (the pages' recipes generate 2,200 images)."""
+    sources = " ".join(f"data.{split}.source.{key}={value}" for split in ("train", "val")
+                       for key, value in (("num_train", 16), ("num_val", 4), ("train_shards", 2)))  # fmt: skip
+    return (f"--cfg-options train.max_iters={iters} schedule.warmup_iters=1 data.train.num_workers=0 "
+            f"data.train.batch_size=2 hooks.0.interval={iters} hooks.1.interval={iters} hooks.2.interval={iters} "
+            f"{sources}")  # fmt: skip
+
+
+BINARY_QUICKSTART = Doc("python -m hooktrain recipes/quickstart_binary.yaml", append=_few_examples(4))
+FOUR_BAND_QUICKSTART = Doc("python -m hooktrain recipes/quickstart_4band.yaml", append=_few_examples(2))
+SIXTEEN_BIT_QUICKSTART = Doc(
+    "python -m hooktrain recipes/quickstart_4band.yaml --cfg-options data.train.source.bit_depth=16 "
+    "data.val.source.bit_depth=16 data.train.source.root=data/shapes_4band16 data.val.source.root=data/shapes_4band16 "
+    "'data.mean=[32800,33400,30700,23100]' 'data.std=[19400,19500,19700,16100]'",
+    append=_few_examples(2) + " --work-dir work_dirs/four_band_16",
+)
+
+
+def test_your_own_data_page_commands(sandbox):
+    run(BINARY_QUICKSTART, sandbox)
+    final = history(sandbox / "work_dirs" / "quickstart_binary")[-1]
+    assert final["iter"] == 4 and len(final["val/per_class"]["IoU"]) == 2 and "val/fgIoU" in final
+    run(FOUR_BAND_QUICKSTART, sandbox)
+    assert "in_channels: 4" in (sandbox / "work_dirs" / "quickstart_4band" / "recipe.yaml").read_text()
+    run(SIXTEEN_BIT_QUICKSTART, sandbox)
+    assert "val/mIoU" in history(sandbox / "work_dirs" / "four_band_16")[-1]
+    import pyarrow.parquet as pq
+
+    from hooktrain.data.labels import decode_image
+
+    shard = pq.read_table(next((sandbox / "data" / "shapes_4band16").rglob("*.parquet")))
+    image = decode_image(shard.column("image")[0].as_py(), channels=4)
+    assert image.dtype == np.uint16 and image.shape[2] == 4 and image.max() > 255
+
+
+RUN_HERE = [
+    EXPORT_BEST, PREDICT_FILES, PLUGIN_INSTALL, PLUGIN_RUN,
+    CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,
+    DATA_CHECK, DATA_CHECK_VAL, DATA_CHECK_ADE, CONVERT_PALETTE, CONVERT_PALETTE_FILE,
+    ZOO_CONVERT, ZOO_PREDICT, RUN_ALL_QUICK, REPORT,
+    BINARY_QUICKSTART, FOUR_BAND_QUICKSTART, SIXTEEN_BIT_QUICKSTART,
+    EXPORT_ONNX, EXPORT_SAFETENSORS, PREDICT_ONNX, PREDICT_SAFETENSORS,
+]  # fmt: skip
