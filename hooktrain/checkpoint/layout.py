@@ -11,6 +11,7 @@ from __future__ import annotations
 RECIPE = "recipe.yaml"  # the resolved recipe (also inside each checkpoint and ``best/``)
 HISTORY_FILE = "metrics.jsonl"  # the logger hook's metric history, read by ``hooktrain plot``
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".hooktrain.lock"  # held by the run training in the work dir (``checkpoint.lock``)
 
 # <work_dir>/checkpoints/
 LATEST = "latest"  # a text file naming the newest complete checkpoint

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from hooktrain.checkpoint.files import write_atomically
-from hooktrain.checkpoint.layout import HISTORY_FILE, RECIPE
+from hooktrain.checkpoint.layout import HISTORY_FILE, LOCK_FILE, RECIPE
 from hooktrain.checkpoint.state import clean_stale, complete_checkpoints
 from hooktrain.errors import UserError
 
@@ -45,7 +45,7 @@ def move_previous_run(work_dir: Path) -> Path | None:
     """Move every file of the run in ``work_dir`` (not the runs moved aside before) into
     ``work_dir/previous-<time>/``; nothing is deleted. Returns that directory, or None when
     there was nothing to move."""
-    entries = [p for p in work_dir.iterdir() if not p.name.startswith(PREVIOUS_PREFIX)]
+    entries = [p for p in work_dir.iterdir() if not p.name.startswith(PREVIOUS_PREFIX) and p.name != LOCK_FILE]
     if not entries:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
