@@ -42,10 +42,10 @@ class FirstIteration(Exception):
 
 
 def trace_route(package_dir: Path) -> list[tuple[int, str, str]]:
-    """``(depth, module, function)`` of every hooktrain function called directly by
-    ``cli.train_command`` (depth 1) or, transitively, by hooktrain code it called (code run
-    by imports or by a library calling back is not on the route), in call order, until the
-    first train step. A resumed generator is not a new stop."""
+    """``(depth, module, function)`` of every hooktrain function called by
+    ``cli.train_command`` (depth 1) or, transitively, by hooktrain code it called, also through
+    a library (a context manager's ``__enter__``), in call order, until the first train step.
+    Module bodies run by imports are not on the route; a resumed generator is not a new stop."""
     package = str(package_dir) + os.sep
     stops: list[tuple[int, str, str]] = []
     depths: dict[int, int] = {}  # id(frame) -> depth, for the open frames on the route
@@ -62,8 +62,11 @@ def trace_route(package_dir: Path) -> list[tuple[int, str, str]]:
             if code.co_name == "train_command":
                 depths[id(frame)] = 0
                 return
-            parent = depths.get(id(frame.f_back)) if frame.f_back is not None else None
-            if parent is None:
+            caller = frame.f_back  # the nearest hooktrain caller, through library frames
+            while caller is not None and not caller.f_code.co_filename.startswith(package):
+                caller = caller.f_back
+            parent = depths.get(id(caller)) if caller is not None else None
+            if parent is None or code.co_name == "<module>":  # imports are not on the route
                 return
             if code.co_name == "train_step":
                 raise FirstIteration

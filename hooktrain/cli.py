@@ -209,18 +209,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @command("train")
 def train_command(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
-
-    from hooktrain.checkpoint.lock import lock_work_dir
-    from hooktrain.checkpoint.workdir import check_work_dir
+    from hooktrain.checkpoint.workdir import claim_work_dir
     from hooktrain.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.cfg_options, args.work_dir)
-    work_dir = Path(recipe.work_dir)
-    # One run per work dir, locked by the main process before anything reads or moves it
-    # (before importing torch, so a second run is refused at once).
-    with lock_work_dir(work_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
-        check_work_dir(work_dir, force=args.force, resume=bool(args.resume))
+    main_process = os.environ.get("RANK", "0") == "0"
+    # Before importing torch, so that a second run into this work dir is refused at once.
+    with claim_work_dir(Path(recipe.work_dir), force=args.force, resume=bool(args.resume), main_process=main_process):
         from hooktrain.engine.runner import IterRunner
         from hooktrain.engine.signals import EXIT_CODES
 

@@ -22,6 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # The test workers share the cores: each worker, and every process it starts, gets its
+    # share of them. Torch's OpenMP threads spinning on a core another worker uses run several
+    # times slower than one thread each (before torch is imported here).
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 from mmseg_ref.fixtures import mmseg_env, mmseg_zoo_references  # noqa: E402,F401  (session fixtures)
 

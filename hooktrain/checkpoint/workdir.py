@@ -1,13 +1,17 @@
-"""The run directory: refusing to overwrite a run, ``--force``, and the resolved recipe."""
+"""The run directory: one run at a time, refusing to overwrite a run, ``--force``, and the
+resolved recipe."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from hooktrain.checkpoint.files import write_atomically
 from hooktrain.checkpoint.layout import HISTORY_FILE, LOCK_FILE, RECIPE
+from hooktrain.checkpoint.lock import lock_work_dir
 from hooktrain.checkpoint.state import clean_stale, complete_checkpoints
 from hooktrain.errors import UserError
 
@@ -15,6 +19,16 @@ logger = logging.getLogger("hooktrain")
 
 
 PREVIOUS_PREFIX = "previous-"  # --force moves an earlier run's files into previous-<time>/
+
+
+@contextmanager
+def claim_work_dir(work_dir: Path, *, force: bool, resume: bool, main_process: bool = True) -> Iterator[None]:
+    """Hold ``work_dir`` for the run inside the block: the main process locks it
+    (:func:`hooktrain.checkpoint.lock.lock_work_dir`; the other processes hold nothing), then
+    :func:`check_work_dir` refuses what would clobber a run. The lock goes when the block ends."""
+    with lock_work_dir(work_dir) if main_process else nullcontext():
+        check_work_dir(work_dir, force=force, resume=resume)
+        yield
 
 
 def check_work_dir(work_dir: Path, *, force: bool, resume: bool) -> None:

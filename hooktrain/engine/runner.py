@@ -108,9 +108,10 @@ class IterRunner:
 
         ``resume`` is ``"auto"`` (the newest whole checkpoint of the work dir, or a fresh
         start when there is none) or a checkpoint path; ``force`` starts over in a work dir
-        that holds checkpoints (they are moved aside, never deleted). The caller has checked
-        the work dir with ``hooktrain.checkpoint.workdir.check_work_dir`` (``hooktrain
-        RECIPE`` does, before it imports torch), so a run is never started over another.
+        that holds checkpoints (they are moved aside, never deleted). The caller has claimed
+        the work dir with ``hooktrain.checkpoint.workdir.claim_work_dir`` (its lock, then the
+        checks; ``hooktrain RECIPE`` does, before it imports torch), so a run is never
+        started over another.
         """
         accelerator = make_accelerator(recipe.train)
         setup_logging(accelerator.is_main_process)

@@ -25,5 +25,6 @@ def test_the_route_to_the_first_iteration_is_short(tmp_path):
     # the traced route: the CLI reads the recipe, then the runner builds data before the model
     assert order[0] == "hooktrain.recipe.schema" and "hooktrain.engine.runner" in order
     assert order.index("hooktrain.data.stream") < order.index("hooktrain.models.segmentor")
-    # docs/architecture.md's figures: 27 stops in 12 modules, 8 climbs back (29, 12, 11 before)
-    assert route["stops"] <= 27 and route["modules"] <= 12 and route["climbs_back"] <= 8, route
+    # docs/architecture.md's figures: 30 stops in 12 modules, 9 climbs back (30, 12, 12 before
+    # issue 31, which also added the work dir's lock: 3 stops)
+    assert route["stops"] <= 30 and route["modules"] <= 12 and route["climbs_back"] <= 9, route
