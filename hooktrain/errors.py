@@ -10,6 +10,8 @@ keys of the mapping it sits in.
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 import typing
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -56,6 +58,75 @@ class NonFiniteLoss(RunError):
     """A loss term or the gradient norm was NaN or infinite (``train.on_nonfinite``)."""
 
     exit_code = 3
+
+
+class DiskFull(RunError):
+    """A file of the run could not be written for want of space (:func:`disk_full`)."""
+
+    per_rank = True
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+NEARLY_FULL_BYTES = 1 << 20  # less than this free after a failed write: the write ran out of space
+
+
+RESUME_WHEN_FREE = "earlier checkpoints are whole; free some space, then --resume continues from the last checkpoint"
+
+
+def disk_full(
+    exc: BaseException,
+    path: str | os.PathLike | None = None,
+    *,
+    what: str = "a file",
+    near: str | os.PathLike | None = None,
+    fix: str = RESUME_WHEN_FREE,
+) -> DiskFull | None:
+    """``exc`` as a one-line :class:`DiskFull` when it (or its cause) is a write that ran out of
+    space, else None. The message names the file (``path``, else the one the ``OSError``
+    names) and the file system it is on (``near`` when no file is known). Some writers do not
+    say they ran out of space (torch's zip writer fails with ``unexpected pos``): then less
+    than :data:`NEARLY_FULL_BYTES` left where the file goes decides."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    said = any(
+        (isinstance(e, OSError) and e.errno in _FULL_ERRNOS) or any(t in str(e) for t in _FULL_TEXTS) for e in chain
+    )
+    if path is None:
+        path = next((e.filename for e in chain if isinstance(e, OSError) and e.filename), None)
+    usage = _usage(path or near)
+    if not said and (usage is None or usage.free >= NEARLY_FULL_BYTES):
+        return None
+    disk = "its disk"
+    if usage is not None:
+        disk = f"{mount_point(path or near)} ({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB)"
+    target = f"{what} {path}" if path else what
+    return DiskFull(f"no space left on {disk}: {target} could not be written; nothing partial is left under its name; {fix}")
+
+
+def _usage(path):
+    import shutil
+
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path)
+    except OSError:
+        return None
+
+
+def mount_point(path) -> str:
+    """The file system ``path`` is on, for messages: ``the file system at /mnt/x``."""
+    path = os.path.abspath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return f"the file system at {path}"
 
 
 # -- pydantic errors as one line naming the key path ----------------------------------------

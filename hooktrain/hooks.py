@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pydantic
 
-from hooktrain.errors import UserError, did_you_mean, key_path, locate
+from hooktrain.errors import RunError, UserError, did_you_mean, disk_full, key_path, locate
 
 if TYPE_CHECKING:
     import torch
@@ -405,7 +405,13 @@ def call_hooks(
             getattr(loaded.hook, stage)(*args)
         except UserError as exc:
             raise UserError(f"hook '{loaded.name}' ({stage}): {exc}") from exc
+        except RunError:
+            raise
         except Exception as exc:
+            near = getattr(args[0], "work_dir", None) if args else None  # the runner's
+            full = disk_full(exc, what=f"hook '{loaded.name}' ({stage}): a file", near=near)
+            if full is not None:
+                raise full from exc
             raise HookError(
                 f"hook '{loaded.name}' ({type(loaded.hook).__name__}) failed in {stage}: "
                 f"{type(exc).__name__}: {exc}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -64,7 +65,7 @@ class HistoryFile:
                     kept.append(record)
         lines = "".join(json.dumps(r) + "\n" for r in kept)
         write_atomically(self.path, lines)
-        self._file = open(self.path, "ab")  # noqa: SIM115 (open for the whole run)
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (open for the whole run; each line written at once)
         self._size = len(lines.encode())
         if kept:
             self.last_step = kept[-1]["iter"]
@@ -89,8 +90,12 @@ class HistoryFile:
             self._last_offset = self._size
             record = {"iter": step, **record}
         line = (json.dumps(record) + "\n").encode()
-        self._file.write(line)  # appended: the file is open in append mode
-        self._file.flush()
+        try:
+            if self._file.write(line) != len(line):  # appended: the file is open in append mode
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:  # a full disk: no half line stays, and the error names the file
+            os.ftruncate(self._file.fileno(), self._size)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self._size = self._last_offset + len(line)
         self.last_step, self._last_record = step, record
         return True

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hooktrain.errors import disk_full
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -45,6 +47,11 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False, default_mode: b
         if fsync:
             fsync_path(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        full = disk_full(exc, path, fix="free some space and write it again (a training run: --resume continues from its last checkpoint)")
+        if full is not None:
+            raise full from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

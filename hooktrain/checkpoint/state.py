@@ -52,6 +52,7 @@ from hooktrain.checkpoint.layout import (  # the layout's names, importable from
     data_state_file,
     random_states_file,
 )
+from hooktrain.errors import DiskFull, disk_full, mount_point
 from hooktrain.hooks import Runner
 from hooktrain.recipe.schema import dump_recipe
 
@@ -226,8 +227,14 @@ def save_checkpoint(runner: Runner) -> Path:
         if tmp.exists():  # left by a save killed at this same iteration
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    save_state(runner, tmp)
-    fsync_tree(tmp)  # each rank flushes what it wrote (the work dir may be shared by nodes)
+    check_room(accelerator, root, name)
+    try:
+        save_state(runner, tmp)
+        fsync_tree(tmp)  # each rank flushes what it wrote (the work dir may be shared by nodes)
+    except Exception as exc:
+        full = disk_full(exc, root / name, what="checkpoint")  # while the partial files fill the disk
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing partial stays, and its space is free again
+        raise full or exc
     accelerator.wait_for_everyone()
     final = root / name
     if accelerator.is_main_process:
@@ -236,6 +243,29 @@ def save_checkpoint(runner: Runner) -> Path:
         write_atomically(root / LATEST, name + "\n", fsync=True)
     accelerator.wait_for_everyone()  # no rank goes on (or exits) before the rename
     return final
+
+
+def check_room(accelerator: Accelerator, root: Path, name: str) -> None:
+    """Refuse a save the disk has no room for, before writing anything: the newest complete
+    checkpoint's size (a new one is as big) against the space free where ``root`` is. Every
+    rank gets the main process's answer, so they stop together."""
+    from accelerate.utils import broadcast_object_list
+
+    problem = [None]
+    if accelerator.is_main_process and (previous := complete_checkpoints(root.parent)):
+        needed = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())
+        free = shutil.disk_usage(root).free
+        if free < needed:
+            problem[0] = (
+                f"no space left on {mount_point(root)} for checkpoint {name}: it needs about "
+                f"{needed / 2**20:.0f} MiB (the size of {previous[-1].name}) and {free / 2**20:.0f} MiB are free; "
+                "nothing was written and the earlier checkpoints are whole; free some space, then "
+                "--resume continues from the last checkpoint"
+            )
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise DiskFull(problem[0])
 
 
 def prune_checkpoints(work_dir: Path, max_keep: int, keep: Path) -> list[Path]:
@@ -259,11 +289,16 @@ def save_best(runner: Runner, best: dict[str, Any]) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     state = runner.unwrapped_model.state_dict()
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
-    give_default_mode(tmp / WEIGHTS)
-    (tmp / BEST_RECORD).write_text(json.dumps(best, indent=1))
-    (tmp / RECIPE).write_text(_recipe_text(runner))
-    fsync_tree(tmp)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
+        give_default_mode(tmp / WEIGHTS)
+        (tmp / BEST_RECORD).write_text(json.dumps(best, indent=1))
+        (tmp / RECIPE).write_text(_recipe_text(runner))
+        fsync_tree(tmp)
+    except Exception as exc:
+        full = disk_full(exc, root / BEST, what="the best checkpoint")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise full or exc
     final = root / BEST
     replace_dir(tmp, final)
     return final

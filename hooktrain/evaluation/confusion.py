@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hooktrain.checkpoint.files import atomic_path, write_atomically
+
 CORNER = "ground truth \\ prediction"
 
 
@@ -21,13 +23,11 @@ def write_confusion_csv(matrix: np.ndarray, class_names: Sequence[str], path: st
     """Pixel counts, one row per ground-truth class, one column per predicted class, with the
     class names as the first row and the first column. Written atomically."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", newline="") as out:
+    with atomic_path(path) as partial, open(partial, "w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow([CORNER, *class_names])
         for name, row in zip(class_names, np.asarray(matrix, dtype=np.int64), strict=True):
             writer.writerow([name, *row.tolist()])
-    partial.replace(path)
     return path
 
 
@@ -84,10 +84,10 @@ def write_heatmap(image: np.ndarray, path: str | os.PathLike) -> Path:
     import cv2
 
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial.png")
-    if not cv2.imwrite(str(partial), np.ascontiguousarray(image[..., ::-1])):
-        raise OSError(f"could not write {partial}")
-    partial.replace(path)
+    encoded, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not encoded:
+        raise ValueError(f"OpenCV could not encode the heatmap for {path}")
+    write_atomically(path, png.tobytes())
     return path
 
 
