@@ -63,6 +63,7 @@ class WorkDirLock:
         if self._fd < 0:
             return
         self._stop.set()
+        self._heartbeat.join()
         self.path.unlink(missing_ok=True)  # while still locked: no other run holds this inode
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
