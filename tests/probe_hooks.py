@@ -235,3 +235,24 @@ class InputProbe(Hook):
 
     def after_run(self, runner) -> None:
         Path(self.path).write_text(json.dumps(self.seen))
+
+
+class FillDiskHook(Hook):
+    """Another program filling the disk: after iteration ``at_iter`` it writes ``path`` until
+    the file system has no space left (``priority`` decides which of the run's writes, before
+    or after it in that iteration, meets the full disk first)."""
+
+    def __init__(self, path: str, at_iter: int) -> None:
+        self.path = Path(path)
+        self.at_iter = at_iter
+
+    def after_train_iter(self, runner, outputs) -> None:
+        if runner.state.iter != self.at_iter:
+            return
+        with open(self.path, "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * (1 << 20))
+                    filler.flush()
+            except OSError:  # full
+                pass

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import random
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from checkpoint_runs import HOOKS_NO_EVAL, assert_bitwise_equal, options, run, start, train_command, weights
+from checkpoint_runs import HOOKS_NO_EVAL, assert_bitwise_equal, options, run, train_command, weights
 
 from hooktrain.checkpoint.state import complete_checkpoints, expected_files
 
-MIB = 2**20
 # The tiny quickstart's checkpoint is ~41 MiB (weights ~14 MiB, AdamW state ~27 MiB).
 
 
@@ -88,35 +86,22 @@ def test_a_save_that_runs_out_of_space_midway_leaves_nothing_partial(data_root, 
 
 @pytest.mark.slow
 def test_a_disk_filled_by_something_else_at_a_random_moment(data_root, small_disk, tmp_path):
-    """Another program fills the disk while the run trains, evaluates and saves (with best/):
-    whatever write fails first ends the run in one line; after the filler is deleted,
-    ``--resume`` ends where an uninterrupted run does."""
+    """Another program fills the disk while the run trains, evaluates and saves (with best/),
+    after a random iteration, before or after the run's own hooks in it: whatever write meets
+    the full disk first ends the run in one line; after the filler is deleted, ``--resume``
+    ends where an uninterrupted run does."""
     resize(small_disk, 200)
+    rng = random.Random()
+    at_iter, priority = rng.randint(1, 12), rng.choice(["HIGHEST", "LOWEST"])
+    work, filler = small_disk / "run", small_disk / "filler"
     opts = options(data_root, "train.max_iters=14")
-    work = small_disk / "run"
-    seed = random.randrange(1000)
-    moment = random.Random(seed).uniform(0.0, 3.0)
-    running = start(train_command(work, "--cfg-options", *opts))
-    deadline = time.monotonic() + 300
-    while not (work / "checkpoints" / "latest").exists():
-        assert running.poll() is None and time.monotonic() < deadline, running.communicate()[0][-3000:]
-        time.sleep(0.05)
-    time.sleep(moment)
-    filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # until the disk is full, as a runaway log would
-        try:
-            while True:
-                f.write(b"\0" * MIB)
-                f.flush()
-        except OSError:
-            pass
-    output = running.communicate(timeout=300)[0]
-    assert running.returncode == 1, f"seed {seed}: {output[-3000:]}"
-    assert "Traceback" not in output and output.count("hooktrain: error: no space left on the file system at") == 1, output[-3000:]
+    fill = f"{{type: 'probe_hooks:FillDiskHook', path: '{filler}', at_iter: {at_iter}, priority: {priority}}}"
+    result = run(train_command(work, "--cfg-options", *options(data_root, "train.max_iters=14", hooks=fill)))
+    assert_one_line_disk_full(result, str(small_disk))
     assert_nothing_partial(work)
     filler.unlink()
     resumed = run(train_command(work, "--resume", "--cfg-options", *opts))
-    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert resumed.returncode == 0, (at_iter, priority, resumed.output[-3000:])
     reference = run(train_command(tmp_path / "reference", "--cfg-options", *opts))
     assert reference.returncode == 0, reference.output[-3000:]
     last = "iter_14"
