@@ -60,6 +60,14 @@ class NonFiniteLoss(RunError):
     exit_code = 3
 
 
+class SourceOutage(RunError):
+    """The data's server (the Hub) failed for longer than ``data.retry_budget_s``
+    (:mod:`hooktrain.data.retry`). The run saves its last whole iteration and exits with 75,
+    sysexits' ``EX_TEMPFAIL``: a requeue script should try again later."""
+
+    exit_code = 75
+
+
 class DiskFull(RunError):
     """A file of the run could not be written for want of space (:func:`disk_full`)."""
 

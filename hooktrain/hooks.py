@@ -124,7 +124,7 @@ class Runner(Protocol):
     # check its hooks' options
     recipe: Any
     work_dir: Path
-    stop_requested: str | None  # a stop signal's name, once every rank knows it
+    stop_requested: str | None  # a stop signal's name or "data outage", once every rank knows it
     finish_requested: str | None  # the reason a hook gave request_finish, once one did
     error: BaseException | None  # what ended the loop, if it failed
 

@@ -15,6 +15,11 @@ Errors carry the Hub's ``X-Error-Code`` header (``RepoNotFound``, ``RevisionNotF
 A revision is served from a directory; its commit sha is derived from the repo and revision,
 and the sha is accepted wherever a revision is (clients pin the sha after the first call).
 Every request is recorded in :attr:`HubServer.requests` for tests to inspect.
+
+:class:`Faults` make it fail as a real network does: a share of the file-content requests
+answered with 500 or 503 or cut off halfway through the body, and whole-server outages
+(:meth:`HubServer.go_down`) in which new connections are refused, or every request is
+answered 503, while requests on connections already open are dropped unanswered.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import random
 import re
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -55,20 +63,95 @@ class Repo:
         return None
 
 
+@dataclass
+class Faults:
+    """Failures injected into file-content requests (``GET .../resolve/...``)."""
+
+    share: float = 0.0  # of content requests that fail
+    kinds: tuple[str, ...] = ("500", "503", "cut")  # "cut": the body stops halfway
+    seed: int = 0
+    outage_at: int | None = None  # the content request (1-based) that starts an outage
+    outage_s: float = 0.0  # how long it lasts (float("inf"): until come_back)
+    outage: str = "refused"  # or "503": every request answered 503 meanwhile
+    injected: list[str] = field(default_factory=list)  # what was injected, in order
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+
 class HubServer:
     """A threaded HTTP server on 127.0.0.1 serving :class:`Repo` s (use as a context manager)."""
 
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
+        self.faults: Faults | None = None
+        self.down: str | None = None  # the kind of outage under way
+        self._content_requests = 0
+        self._lock = threading.Lock()
+        self._port = 0
+        self._listen()
+
+    def _listen(self) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_class(self))
         self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._port}"
+
+    def go_down(self, kind: str = "refused", seconds: float = float("inf")) -> None:
+        """Start a whole-server outage for ``seconds`` (or until :meth:`come_back`):
+        ``"refused"`` closes the listening socket, ``"503"`` answers every request 503;
+        either way requests on connections already open get no answer."""
+        with self._lock:
+            if self.down is not None:
+                return
+            self.down = kind
+        if kind == "refused":
+            threading.Thread(target=self._stop_listening, daemon=True).start()
+        if seconds != float("inf"):
+            threading.Timer(seconds, self.come_back).start()
+
+    def _stop_listening(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def come_back(self) -> None:
+        """End the outage: listen again on the same port."""
+        with self._lock:
+            kind, self.down = self.down, None
+        if kind == "refused":
+            for _ in range(100):  # the closing thread may still hold the port
+                try:
+                    self._listen()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            self._thread.start()
+
+    def _fault_for(self, handler: BaseHTTPRequestHandler, content: bool) -> str | None:
+        """The fault this request meets: ``"drop"``, ``"503"``, ``"500"``, ``"cut"`` or None."""
+        if self.down is not None:
+            return "503" if self.down == "503" else "drop"
+        faults = self.faults
+        if faults is None or not content:
+            return None
+        with self._lock:
+            self._content_requests += 1
+            count = self._content_requests
+        if count == faults.outage_at:
+            faults.injected.append(f"outage ({faults.outage}, {faults.outage_s:g} s)")
+            self.go_down(faults.outage, faults.outage_s)
+            return "drop"
+        if faults.rng.random() < faults.share:
+            kind = faults.rng.choice(faults.kinds)
+            faults.injected.append(kind)
+            return kind
+        return None
 
     def add(
         self,
@@ -94,8 +177,9 @@ class HubServer:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self.down != "refused":
+            self._server.shutdown()
+            self._server.server_close()
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -137,9 +221,17 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             hub.requests.append((self.command, path, self.headers.get("Range")))
             length = int(self.headers.get("Content-Length") or 0)
             form = parse_qs(self.rfile.read(length).decode()) if length else {}
+            resolve = _RESOLVE.match(urlsplit(self.path).path)
+            fault = hub._fault_for(self, content=bool(resolve) and self.command == "GET")
+            if fault == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             try:
-                if match := _RESOLVE.match(urlsplit(self.path).path):
-                    self._file(match, body=body)
+                if fault in ("500", "503"):
+                    raise _HubError(int(fault), "", "injected fault")
+                if resolve:
+                    self._file(resolve, body=body, cut=fault == "cut")
                 elif match := _API.match(urlsplit(self.path).path):
                     self._json(_api(hub, match, self.command, self._token(), form, self.path))
                 else:
@@ -151,7 +243,7 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             auth = self.headers.get("Authorization", "")
             return auth.removeprefix("Bearer ").strip() or None
 
-        def _file(self, match: re.Match, *, body: bool) -> None:
+        def _file(self, match: re.Match, *, body: bool, cut: bool = False) -> None:
             repo = _repo(hub, match["type"] or "models", match["repo"], self._token())
             sha, directory = _revision(repo, unquote(match["rev"]))
             relative = unquote(match["path"])
@@ -179,7 +271,12 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             for key, value in headers.items():
                 self.send_header(key, value)
             self.end_headers()
-            if body:
+            if body and cut:  # the promised length, half of it sent, then the connection closes
+                self.wfile.write(content[: len(content) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+            elif body:
                 self.wfile.write(content)
 
         def _json(self, payload) -> None:
@@ -194,6 +291,8 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _error(self, err: _HubError, *, body: bool) -> None:
             data = json.dumps({"error": err.message}).encode()
             self.send_response(err.status)
+            if err.status == 503:
+                self.send_header("Retry-After", "1")
             if err.code:
                 self.send_header("X-Error-Code", err.code)
             self.send_header("X-Error-Message", err.message)

@@ -36,9 +36,9 @@ def load_hub(source: HubSource, where: str):
     ``Dataset`` downloaded into the cache. Raises a one-line ``UserError`` on any failure."""
     from datasets import load_dataset_builder
 
-    local = Path(os.path.expanduser(source.path)).is_dir()
+    local = is_local(source)
     if not local:
-        _check_repo(source, where)
+        check_repo(source, where)
     try:
         with _quiet_retries():
             builder = load_dataset_builder(
@@ -110,7 +110,12 @@ def _describe(source: HubSource) -> str:
     return f"'{source.path}{at}'{inside}"
 
 
-def _check_repo(source: HubSource, where: str) -> None:
+def is_local(source: HubSource) -> bool:
+    """Whether ``source.path`` is a local directory rather than a Hub id."""
+    return Path(os.path.expanduser(source.path)).is_dir()
+
+
+def check_repo(source: HubSource, where: str) -> None:
     """Fail fast, before ``datasets`` retries for half a minute, on what one request to the
     repository's info endpoint can tell: the id, offline mode, the network, access, revision."""
     from huggingface_hub import HfApi, constants

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from hooktrain.data.labels import WrongImage, example_name
+from hooktrain.data.retry import Retries, quiet_client_retries
 from hooktrain.data.sources import read_bytes
 from hooktrain.data.transforms import LabelMapper, decode_image, decode_mask, limit_opencv_threads
-from hooktrain.errors import UserError, first_line
+from hooktrain.errors import RunError, UserError, first_line
 from hooktrain.recipe.data import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,15 @@ def _kept_rows(table, first: int, stride: int, offset: int) -> list[int]:
     return list(range((offset - first) % stride, len(table), stride))
 
 
+def _shard_tables(base, num_shards: int, shard: int, first_row: int):
+    """The Arrow tables of ``shard`` of ``base`` from row ``first_row`` on (``datasets``
+    skips the rows before it without converting them)."""
+    ds = base.shard(num_shards=num_shards, index=shard, contiguous=True)
+    if first_row:
+        ds = ds.skip(first_row)
+    return ds.with_format("arrow").iter(batch_size=_ARROW_BATCH)
+
+
 def shard_rows(
     base,
     num_shards: int,
@@ -91,28 +101,32 @@ def shard_rows(
     plan: ReaderPlan,
     start: int = 0,
     leave_out: Callable[[int, int], bool] | None = None,
+    retries: Retries | None = None,
 ):
     """Yield ``(kept_index, RawRow)`` for the plan's rows of ``shard`` from the ``start``-th
     kept row on. Rows before it are skipped by ``datasets`` on Arrow tables, so nothing
     before ``start`` is converted to Python, let alone decoded. Rows for which
-    ``leave_out(shard, row)`` is true keep their kept index but are not converted either."""
-    first = plan.offset + plan.stride * start
-    ds = base.shard(num_shards=num_shards, index=shard, contiguous=True)
-    if first:
-        ds = ds.skip(first)
-    raw, kept = first, start
-    for table in ds.with_format("arrow").iter(batch_size=_ARROW_BATCH):
-        idx = _kept_rows(table, raw, plan.stride, plan.offset)
-        wanted = [(kept + n, i) for n, i in enumerate(idx)
-                  if leave_out is None or not leave_out(shard, raw + i)]  # fmt: skip
-        kept += len(idx)
-        if wanted:
-            sub = table.take([i for _, i in wanted])
-            images = sub.column("image").to_pylist()
-            annotations = sub.column("annotation").to_pylist()
-            for (k, i), image, annotation in zip(wanted, images, annotations, strict=True):
-                yield k, RawRow(shard, raw + i, image, annotation)
-        raw += len(table)
+    ``leave_out(shard, row)`` is true keep their kept index but are not converted either.
+    With ``retries``, a read that fails on the network is re-opened at the next row."""
+
+    def rows_from(kept: int):
+        raw = plan.offset + plan.stride * kept
+        for table in _shard_tables(base, num_shards, shard, raw):
+            idx = _kept_rows(table, raw, plan.stride, plan.offset)
+            wanted = [(kept + n, i) for n, i in enumerate(idx)
+                      if leave_out is None or not leave_out(shard, raw + i)]  # fmt: skip
+            kept += len(idx)
+            if wanted:
+                sub = table.take([i for _, i in wanted])
+                images = sub.column("image").to_pylist()
+                annotations = sub.column("annotation").to_pylist()
+                for (k, i), image, annotation in zip(wanted, images, annotations, strict=True):
+                    yield k + 1, (k, RawRow(shard, raw + i, image, annotation))
+            raw += len(table)
+
+    rows = rows_from(start) if retries is None else retries.read(rows_from, start)
+    for _, row in rows:
+        yield row
 
 
 class CorruptExample(Exception):
@@ -195,6 +209,7 @@ def worker_init(worker_id: int) -> None:
     saves, and shuts its workers down.
     """
     torch.set_num_threads(1)
+    quiet_client_retries()  # inherited when forked, not when spawned
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -238,15 +253,15 @@ def loader_options(num_workers: int, prefetch_factor: int, pin_memory: bool = Tr
     }
 
 
-def reraise_user_error(exc: UserError) -> UserError:
-    """A ``UserError`` re-raised by DataLoader from a worker carries the worker's traceback
-    in its message; return one with the original one-line message."""
+def one_line_error(exc: UserError | RunError) -> UserError | RunError:
+    """A ``UserError`` or ``RunError`` re-raised by DataLoader from a worker carries the
+    worker's traceback in its message; return one of its type with the original line."""
     text = str(exc)
     if "Original Traceback" not in text:
         return exc
     last = [line for line in text.strip().splitlines() if line.strip()][-1]
-    prefix = "UserError: "
-    return UserError(last[last.index(prefix) + len(prefix) :] if prefix in last else last)
+    prefix = f"{type(exc).__name__}: "
+    return type(exc)(last[last.index(prefix) + len(prefix) :] if prefix in last else last)
 
 
 def warn_corrupt(message: str, count: int, cfg: DataConfig) -> None:
@@ -260,30 +275,37 @@ def warn_corrupt(message: str, count: int, cfg: DataConfig) -> None:
     )
 
 
-def strided_rows(base, stride: int, offset: int) -> Iterator[tuple[int, RawRow]]:
+def strided_rows(base, stride: int, offset: int, retries: Retries | None = None) -> Iterator[tuple[int, RawRow]]:
     """Rows of ``base`` whose global index (position in shard order) is ``offset`` modulo
-    ``stride``, with that index. Other rows are read but never converted to Python."""
-    index = 0  # global index of the current table's first row
+    ``stride``, with that index. Other rows are read but never converted to Python. With
+    ``retries``, a read that fails on the network is re-opened at the next table."""
+    index = 0  # global index of the current shard's first row
     for shard in range(base.num_shards):
-        row = 0
-        ds = base.shard(num_shards=base.num_shards, index=shard, contiguous=True)
-        for table in ds.with_format("arrow").iter(batch_size=_ARROW_BATCH):
-            idx = _kept_rows(table, index, stride, offset)
-            if idx:
-                sub = table.take(idx)
-                images = sub.column("image").to_pylist()
-                annotations = sub.column("annotation").to_pylist()
-                for i, image, annotation in zip(idx, images, annotations, strict=True):
-                    yield index + i, RawRow(shard, row + i, image, annotation)
-            index += len(table)
-            row += len(table)
+
+        def tables_from(row: int, shard: int = shard, first: int = index):
+            for table in _shard_tables(base, base.num_shards, shard, row):
+                idx = _kept_rows(table, first + row, stride, offset)
+                found = []
+                if idx:
+                    sub = table.take(idx)
+                    images = sub.column("image").to_pylist()
+                    annotations = sub.column("annotation").to_pylist()
+                    found = [(first + row + i, RawRow(shard, row + i, image, annotation))
+                             for i, image, annotation in zip(idx, images, annotations, strict=True)]  # fmt: skip
+                row += len(table)
+                yield row, found
+
+        rows = 0
+        for rows, found in tables_from(0) if retries is None else retries.read(tables_from):
+            yield from found
+        index += rows
 
 
-def first_rows(base, num_shards: int | None = None) -> Iterator[RawRow]:
+def first_rows(base, num_shards: int | None = None, retries: Retries | None = None) -> Iterator[RawRow]:
     """The first row of each shard of ``base``, or of its first ``num_shards`` shards."""
     shards = base.num_shards if num_shards is None else min(num_shards, base.num_shards)
     for shard in range(shards):
-        rows = shard_rows(base, base.num_shards, shard, ReaderPlan((shard,)))
+        rows = shard_rows(base, base.num_shards, shard, ReaderPlan((shard,)), retries=retries)
         try:
             first = next(rows, None)
         finally:
@@ -293,17 +315,24 @@ def first_rows(base, num_shards: int | None = None) -> Iterator[RawRow]:
 
 
 def check_first_examples(
-    cfg: DataConfig, base, transform: Callable, *, num_shards: int | None = None, world_size: int = 1
+    cfg: DataConfig,
+    base,
+    transform: Callable,
+    *,
+    num_shards: int | None = None,
+    world_size: int = 1,
+    retries: Retries | None = None,
 ) -> int:
     """Decode, label-map and ``transform`` the first example of each shard of ``base`` as the
     loaders do, so that what would stop them later (an unreadable or colour mask, labels out of
     range, an image and mask of different sizes) stops the caller now, with the same one-line
     ``UserError``. Undecodable examples are skipped as the loaders skip them; the cap error is
     raised only when the ``world_size`` processes sharing them cannot all stay within
-    ``data.max_corrupt``. Returns the number of examples checked."""
+    ``data.max_corrupt``. ``retries`` re-reads what fails on the network. Returns the number of
+    examples checked."""
     decode = ExampleDecoder(cfg)
     checked, corrupt = 0, []
-    for raw in first_rows(base, num_shards):
+    for raw in first_rows(base, num_shards, retries):
         checked += 1
         try:
             image, mask = decode(raw)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hooktrain.data.folder import load_folder
-from hooktrain.data.hub import load_hub
+from hooktrain.data.hub import check_repo, is_local, load_hub
+from hooktrain.data.retry import Retries
 from hooktrain.data.shapes import generate_shapes, shapes_files
 from hooktrain.errors import UserError, did_you_mean
 from hooktrain.recipe.data import (
@@ -76,9 +77,20 @@ def open_source(source: Any, *, where: str = "data.train.source"):
     raise TypeError(f"unknown source {source!r}")  # pragma: no cover - the union admits no other
 
 
-def load_source(source: Any, *, where: str = "data.train.source"):
+def load_source(source: Any, *, where: str = "data.train.source", retries: Retries | None = None):
     """Open ``source`` as a ``datasets.IterableDataset`` with raw ``image`` and
-    ``annotation`` columns. ``where`` is the recipe key of the source, used in messages."""
+    ``annotation`` columns. ``where`` is the recipe key of the source, used in messages.
+
+    With ``retries``, a Hub source whose repository answered once is opened again when the
+    Hub fails midway (opening reads the files' metadata); the first question to the Hub is
+    not retried, so a wrong id or ``HF_ENDPOINT`` fails at once."""
+    if retries is not None and isinstance(source, HubSource) and not is_local(source):
+        check_repo(source, where)
+        return retries.call(lambda: _open_columns(source, where))
+    return _open_columns(source, where)
+
+
+def _open_columns(source: Any, where: str):
     from datasets import Image
 
     ds, image_column, annotation_column = open_source(source, where=where)

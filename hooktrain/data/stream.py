@@ -47,15 +47,16 @@ from hooktrain.data.reading import (
     ReaderPlan,
     corrupt_cap_error,
     loader_options,
+    one_line_error,
     plan_reader,
-    reraise_user_error,
     shard_rows,
     warn_corrupt,
     worker_position,
 )
+from hooktrain.data.retry import Retries
 from hooktrain.data.sources import load_source
 from hooktrain.data.transforms import TrainTransform
-from hooktrain.errors import UserError
+from hooktrain.errors import RunError, SourceOutage, UserError
 from hooktrain.recipe.data import DataConfig
 
 _STATE_FORMAT = 1
@@ -87,6 +88,7 @@ class TrainExamples(torch.utils.data.IterableDataset):
         rank: int,
         world_size: int,
         num_workers: int,
+        retries: Retries | None = None,
     ) -> None:
         super().__init__()
         self.base = base
@@ -105,6 +107,7 @@ class TrainExamples(torch.utils.data.IterableDataset):
             ignore_index=cfg.ignore_index,
             in_channels=cfg.in_channels,
         )
+        self.retries = retries or Retries.for_source(cfg.train.source, cfg.retry_budget_s, "data.train.source")
         self._position = _fresh_position()
         self._seen: dict[int, bytearray] = {}  # rows handed out in this pass (elastic resume)
         self._skip: PassSkip | None = None  # rows consumed in this pass before an elastic resume
@@ -147,7 +150,7 @@ class TrainExamples(torch.utils.data.IterableDataset):
         leave_out = self._skip.covers if self._skip is not None else None
         for c in range(cursor, len(order)):
             for kept, raw in shard_rows(self.base, self.num_shards, order[c], plan,
-                                        row if c == cursor else 0, leave_out):  # fmt: skip
+                                        row if c == cursor else 0, leave_out, self.retries):  # fmt: skip
                 yield c, kept, raw
 
     def __iter__(self):
@@ -251,6 +254,8 @@ class TrainStream:
         self._corrupt = [0] * self._workers
         self._loader = self._make_loader()
         self._iter = None
+        self._ahead: list[dict[str, Any]] = []  # batches fetch_ahead took, not yet handed out
+        self._before_ahead: dict[str, Any] | None = None  # the state before them
         self.fingerprint = {
             "rank": dataset.rank,
             "world_size": dataset.world_size,
@@ -278,16 +283,40 @@ class TrainStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self._ahead:
+            batch = self._ahead.pop(0)
+            if not self._ahead:
+                self._before_ahead = None
+            return batch
+        return self._next_batch()
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
             self._iter = iter(self._loader)
         try:
             batch = next(self._iter)
-        except UserError as exc:
-            raise reraise_user_error(exc) from None
+        except (UserError, RunError) as exc:
+            raise one_line_error(exc) from None
         self._corrupt[batch.pop("_worker")] = batch.pop("_corrupt")
         if sum(self._corrupt) > self.cfg.max_corrupt:
             raise corrupt_cap_error(sum(self._corrupt), self.cfg)
         return batch
+
+    def fetch_ahead(self, count: int) -> SourceOutage | None:
+        """Take the next ``count`` batches now; ``next`` hands them out first. Until it has,
+        :meth:`state_dict` still gives the position before them, so a checkpoint taken
+        meanwhile holds the batches trained on and nothing more. Returns the
+        :class:`~hooktrain.errors.SourceOutage` that stopped the fetch, if one did: the
+        position before the fetch then stays the stream's saved position."""
+        if self._ahead:
+            raise RuntimeError("fetch_ahead: the batches fetched before are not used up")
+        self._before_ahead = self._own_state()
+        try:
+            for _ in range(count):
+                self._ahead.append(self._next_batch())
+        except SourceOutage as exc:
+            return exc
+        return None
 
     @property
     def num_corrupt(self) -> int:
@@ -295,7 +324,11 @@ class TrainStream:
         return sum(self._corrupt)
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's position (plain Python data, picklable)."""
+        """This rank's position (plain Python data, picklable): after the last batch ``next``
+        handed out (see :meth:`fetch_ahead`)."""
+        return self._before_ahead if self._before_ahead is not None else self._own_state()
+
+    def _own_state(self) -> dict[str, Any]:
         return {
             "format": _STATE_FORMAT,
             "fingerprint": dict(self.fingerprint),
@@ -359,6 +392,7 @@ class TrainStream:
 
     def close(self) -> None:
         """Stop the worker processes (a later ``next`` starts them again)."""
+        self._ahead, self._before_ahead = [], None
         it, self._iter = self._iter, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
@@ -370,7 +404,8 @@ def build_train_stream(
     """The training stream of process ``rank`` of ``world_size`` (see :class:`TrainStream`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    base = load_source(cfg.train.source, where="data.train.source")
+    retries = Retries.for_source(cfg.train.source, cfg.retry_budget_s, "data.train.source")
+    base = load_source(cfg.train.source, where="data.train.source", retries=retries)
     dataset = TrainExamples(
         base,
         cfg,
@@ -378,5 +413,6 @@ def build_train_stream(
         rank=rank,
         world_size=world_size,
         num_workers=cfg.train.num_workers,
+        retries=retries,
     )
     return TrainStream(dataset, cfg)

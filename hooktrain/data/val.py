@@ -21,15 +21,16 @@ from hooktrain.data.reading import (
     ExampleDecoder,
     corrupt_cap_error,
     loader_options,
-    reraise_user_error,
+    one_line_error,
     strided_rows,
     warn_corrupt,
     worker_position,
 )
+from hooktrain.data.retry import Retries
 from hooktrain.data.sources import load_source
 from hooktrain.data.transforms import ValTransform, pad_stack
-from hooktrain.errors import UserError
-from hooktrain.recipe.data import DataConfig
+from hooktrain.errors import RunError, UserError
+from hooktrain.recipe.data import DataConfig, HubSource
 
 
 class ScaledViews:
@@ -65,12 +66,13 @@ class ValExamples(torch.utils.data.IterableDataset):
         self.scales = None if scales is None else list(scales)
         self.decode = ExampleDecoder(cfg)
         self.transform = ValTransform(cfg.val.pipeline, mean=cfg.mean, std=cfg.std, in_channels=cfg.in_channels)
+        self.retries = Retries.for_source(cfg.val.source, cfg.retry_budget_s, "data.val.source")
 
     def __iter__(self):
         worker, num_workers = worker_position()
         reader = self.rank * num_workers + worker
         corrupt = 0
-        for index, raw in strided_rows(self.base, self.world_size * num_workers, reader):
+        for index, raw in strided_rows(self.base, self.world_size * num_workers, reader, self.retries):
             try:
                 image, mask = self.decode(raw)
             except CorruptExample as exc:
@@ -135,8 +137,8 @@ class ValLoader:
                 if sum(corrupt) > self.cfg.max_corrupt:
                     raise corrupt_cap_error(sum(corrupt), self.cfg)
                 yield batch
-        except UserError as exc:
-            raise reraise_user_error(exc) from None
+        except (UserError, RunError) as exc:
+            raise one_line_error(exc) from None
 
 
 def build_val_loader(
@@ -148,5 +150,21 @@ def build_val_loader(
         raise UserError("the recipe has no data.val section; add one to evaluate")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    base = load_source(cfg.val.source, where="data.val.source")
-    return ValLoader(ValExamples(base, cfg, rank=rank, world_size=world_size, scales=scales), cfg)
+    return ValLoader(ValExamples(val_base(cfg), cfg, rank=rank, world_size=world_size, scales=scales), cfg)
+
+
+_hub_bases: dict[str, Any] = {}
+
+
+def val_base(cfg: DataConfig):
+    """The validation source as :func:`~hooktrain.data.sources.load_source` opens it. A Hub
+    source is opened once per process: opening asks the Hub for its files, which an outage
+    would fail at every evaluation; reading it is retried (``hooktrain.data.retry``)."""
+    source = cfg.val.source
+    if not isinstance(source, HubSource):
+        return load_source(source, where="data.val.source")
+    key = source.model_dump_json()
+    if key not in _hub_bases:
+        retries = Retries.for_source(source, cfg.retry_budget_s, "data.val.source")
+        _hub_bases[key] = load_source(source, where="data.val.source", retries=retries)
+    return _hub_bases[key]

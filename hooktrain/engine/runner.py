@@ -19,19 +19,22 @@ from hooktrain.checkpoint.state import load_state, save_plain_weights
 from hooktrain.checkpoint.weights import load_weights, recorded_iteration
 from hooktrain.checkpoint.workdir import prepare_work_dir
 from hooktrain.data import build_train_stream, prepare_data
-from hooktrain.engine.agreement import Verdict, agree, describe_nonfinite
+from hooktrain.engine.agreement import Verdict, agree, skip_or_stop
 from hooktrain.engine.logs import main_process_logs, process_age, setup_logging
+from hooktrain.engine.lookahead import Lookahead, outage_after_whole_iteration, rng_neutral_start
 from hooktrain.engine.optim import build_optimizer, build_scheduler
 from hooktrain.engine.preflight import RESUME_FIX, TEST_FIX, preflight
 from hooktrain.engine.signals import EXIT_CODES, StopSignals
 from hooktrain.engine.step import train_step
 from hooktrain.engine.watchdog import RankWatch
-from hooktrain.errors import NonFiniteLoss, UserError
+from hooktrain.errors import SourceOutage, UserError
 from hooktrain.hooks import LoadedHook, TrainState, call_hooks, hook_state_keys, hooks_info
 from hooktrain.models import build_recipe_segmentor
 from hooktrain.recipe.schema import Recipe, TrainConfig, dump_recipe
 
 logger = logging.getLogger("hooktrain")
+#: ``stop_requested`` when the data's server failed for longer than ``data.retry_budget_s``.
+DATA_OUTAGE = "data outage"
 
 
 def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
@@ -86,7 +89,8 @@ class IterRunner:
         self.hooks = hooks
         self.work_dir = Path(work_dir)
         self.state = TrainState(max_iters=recipe.train.max_iters)
-        self.stop_requested: str | None = None  # a signal's name, once every rank knows it
+        self.stop_requested: str | None = None  # a signal's name or DATA_OUTAGE, once every rank knows it
+        self.outage: SourceOutage | None = None  # raised once the hooks have run (exit code 75)
         self.finish_requested: str | None = None  # why a hook ended the run early (request_finish)
         self._iteration_open = False  # between before_train_iter and the iteration count's update
         self._loop_started = False  # set when the loop first checks whether to go on
@@ -96,6 +100,7 @@ class IterRunner:
         self.watch = RankWatch(accelerator.process_index, accelerator.num_processes,
                                recipe.train.collective_timeout)  # fmt: skip
         self._train_iter = iter(train_stream) if train_stream is not None else None
+        self._lookahead = Lookahead(accelerator, train_stream, recipe.train.grad_accum_steps)
         # The LR reported in logs: the group without a multiplier (the recipe's lr).
         groups = optimizer.param_groups if optimizer is not None else []
         self._lr_group = next((i for i, g in enumerate(groups) if g.get("lr_mult", 1) == 1), 0)
@@ -240,7 +245,7 @@ class IterRunner:
         """Continue the run ``checkpoint`` holds (``hooktrain.checkpoint.state.load_state``
         reads it back into :meth:`load_state_dict`)."""
         how = load_state(self, checkpoint)
-        self._train_iter = _rng_neutral_start(iter(self.train_stream))
+        self._train_iter = rng_neutral_start(iter(self.train_stream))
         logger.info("resumed from %s at iteration %d%s", checkpoint, self.state.iter,
                     "" if how == "exact" else f" (data stream: {how})")  # fmt: skip
 
@@ -270,13 +275,19 @@ class IterRunner:
                     self._iteration_open = False
                     self.call_hooks("after_train_iter", outputs)
             except BaseException as exc:
-                self.error = exc
-                failure = self.watch.failed(exc)
-                if failure is exc:
-                    raise
-                raise failure from exc
+                self.outage = outage_after_whole_iteration(exc, self.accelerator, self._iteration_open, self.state.iter)
+                if self.outage is not None:
+                    self.stop_requested = self.stop_requested or DATA_OUTAGE
+                else:
+                    self.error = exc
+                    failure = self.watch.failed(exc)
+                    if failure is exc:
+                        raise
+                    raise failure from exc
             finally:
                 self.call_hooks("after_run")
+        if self.outage is not None:
+            raise self.outage
         return self.stop_requested
 
     def train_step(self) -> dict[str, Any]:
@@ -288,7 +299,9 @@ class IterRunner:
         ``data_time`` and ``time`` in seconds.
         """
         self.watch.enter("train step", self.state.iter + 1)
-        start, self._data_time = time.perf_counter(), 0.0
+        start, self._data_time, self._lookahead.seconds = time.perf_counter(), 0.0, 0.0
+        if not self._lookahead.started:
+            self._lookahead.first()
         lr = self.optimizer.param_groups[self._lr_group]["lr"]
         totals, grad_norm = train_step(
             self.accelerator,
@@ -299,7 +312,7 @@ class IterRunner:
             accept=self._agree,
         )
         self.scheduler.step()
-        outputs: dict[str, Any] = {**totals, "lr": lr, "data_time": self._data_time}
+        outputs: dict[str, Any] = {**totals, "lr": lr, "data_time": self._data_time + self._lookahead.seconds}
         outputs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
         outputs["time"] = time.perf_counter() - start
         return outputs
@@ -313,8 +326,10 @@ class IterRunner:
             yield batch
 
     def _agree(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> bool:
-        """Whether the optimizer may step: the ranks agree on a stop signal and on whether every
-        loss term and the gradient norm are finite (``hooktrain.engine.agreement``)."""
+        """Whether the optimizer may step: the ranks agree on a stop signal, on whether every
+        loss term and the gradient norm are finite, and on whether every rank has the next
+        iteration's batches (``hooktrain.engine.agreement``)."""
+        failure = self._lookahead.next(last=self.state.iter + 1 >= self.state.max_iters)
         verdict = agree(
             self.accelerator,
             iteration=self.state.iter + 1,
@@ -322,7 +337,11 @@ class IterRunner:
             terms=terms,
             # fp16's GradScaler skips steps with overflowing gradients itself
             grad_norm=grad_norm if self.accelerator.scaler is None else None,
+            data_failed=failure is not None,
         )
+        if verdict.data_failed and self.outage is None:
+            self.outage = self._lookahead.stop_after(self.state.iter + 1, failure)
+            self.stop_requested = self.stop_requested or DATA_OUTAGE
         return self._accept(verdict)
 
     def _accept(self, verdict: Verdict) -> bool:
@@ -335,24 +354,11 @@ class IterRunner:
         if not verdict.nonfinite:
             self.state.nonfinite_skips = 0
             return True
-        cfg, iteration = self.recipe.train, self.state.iter + 1
-        what = describe_nonfinite(verdict, self.accelerator.num_processes)
-        if cfg.on_nonfinite == "skip" and self.state.nonfinite_skips < cfg.max_nonfinite_skips:
-            self.state.nonfinite_skips += 1
-            if self.accelerator.is_main_process:
-                logger.warning("iteration %d: %s not finite: optimizer step skipped (%d in a row, "
-                               "train.max_nonfinite_skips=%d)", iteration, what,
-                               self.state.nonfinite_skips, cfg.max_nonfinite_skips)  # fmt: skip
-            return False
-        if cfg.on_nonfinite == "skip":
-            reason = f"{what} not finite for more than train.max_nonfinite_skips={cfg.max_nonfinite_skips} iterations in a row"
-        else:
-            reason = f"{what} not finite (train.on_nonfinite: stop)"
-        raise NonFiniteLoss(
-            f"iteration {iteration}: {reason}; stopped before the optimizer step, nothing "
-            "saved; resume from the last checkpoint with a lower learning rate or "
-            "train.clip_grad_norm" + ("" if cfg.on_nonfinite == "skip" else ", or set train.on_nonfinite: skip")
-        )
+        self.state.nonfinite_skips = skip_or_stop(
+            verdict, self.recipe.train, self.state.nonfinite_skips, iteration=self.state.iter + 1,
+            num_processes=self.accelerator.num_processes, warn=self.accelerator.is_main_process,
+        )  # fmt: skip
+        return False
 
 
 def _choose_batch_norm(model: torch.nn.Module, setting: bool | str, accelerator: Accelerator):
@@ -369,17 +375,3 @@ def _choose_batch_norm(model: torch.nn.Module, setting: bool | str, accelerator:
                     "SyncBatchNorm across processes" if sync else "BatchNorm per process",
                     setting, processes, device, "es" if processes > 1 else "")  # fmt: skip
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync else model
-
-
-def _rng_neutral_start(batches: Iterator[dict[str, torch.Tensor]]):
-    """``batches``, but the first ``next`` leaves torch's global RNG as it found it.
-
-    Starting a DataLoader iterator draws its base seed from the global RNG. The run that
-    wrote the checkpoint drew it at iteration 0, before the RNG state was saved; a resumed
-    run would draw again and shift every later dropout mask, so resume would not be exact.
-    """
-    state = torch.get_rng_state()
-    first = next(batches)
-    torch.set_rng_state(state)
-    yield first
-    yield from batches

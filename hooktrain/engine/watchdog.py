@@ -77,7 +77,7 @@ class RankWatch:
         if self._store is None or isinstance(exc, KeyboardInterrupt):
             return exc
         if not isinstance(exc, dist.DistError) and "gloo" not in str(exc).lower():
-            if not isinstance(exc, RunError):  # agreed errors: every rank raises them anyway
+            if not isinstance(exc, RunError) or exc.per_rank:  # agreed errors: every rank raises them
                 self._set(_RAISED, f"rank {self.rank} raised in {self.where()}: "
                                    f"{type(exc).__name__}: {first_line(exc)}")  # fmt: skip
             return exc

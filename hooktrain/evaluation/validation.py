@@ -322,17 +322,20 @@ def check_val_data(data, *, world_size: int = 1) -> None:
     shard) as the evaluation will, so a bad mask or image in the validation split stops the
     run before its first iteration rather than at its first evaluation."""
     from hooktrain.data.reading import check_first_examples
-    from hooktrain.data.sources import load_source
+    from hooktrain.data.retry import Retries
     from hooktrain.data.transforms import ValTransform
+    from hooktrain.data.val import val_base
     from hooktrain.recipe.data import FolderSource
 
     if data.val is None:
         return  # nothing to check (the eval hook's check_recipe refuses such a recipe)
     start = time.perf_counter()
-    base = load_source(data.val.source, where="data.val.source")
+    base = val_base(data)
     transform = ValTransform(data.val.pipeline, mean=data.mean, std=data.std)
     num_shards = 1 if isinstance(data.val.source, FolderSource) else None
-    checked = check_first_examples(data, base, transform, num_shards=num_shards, world_size=world_size)
+    retries = Retries.for_source(data.val.source, data.retry_budget_s, "data.val.source")
+    checked = check_first_examples(data, base, transform, num_shards=num_shards, world_size=world_size,
+                                   retries=retries)  # fmt: skip
     logger.info("eval hook: checked the first example of %d validation shard(s) in %.2fs",
                 checked, time.perf_counter() - start)  # fmt: skip
 

@@ -320,6 +320,11 @@ class DataConfig(Section):
     max_corrupt: int = Field(
         10, ge=0, description="Undecodable images skipped per process before the run stops."
     )
+    retry_budget_s: float = Field(
+        300, ge=0, description="How long the data's server (the Hub) may fail before the run saves its "
+        "last whole iteration and exits with 75; reads are retried with backoff until then, exactly "
+        "where they left off (docs/checkpoints.md, Faults).",
+    )
     mask_scale: int = Field(
         1,
         ge=1,

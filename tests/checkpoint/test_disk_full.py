@@ -93,6 +93,7 @@ def test_a_disk_filled_by_something_else_at_a_random_moment(data_root, small_dis
     resize(small_disk, 200)
     rng = random.Random()
     at_iter, priority = rng.randint(1, 12), rng.choice(["HIGHEST", "LOWEST"])
+    print(f"the draw, to replay a failure: at_iter={at_iter}, priority={priority}")  # shown when it fails
     work, filler = small_disk / "run", small_disk / "filler"
     opts = options(data_root, "train.max_iters=14")
     fill = f"{{type: 'probe_hooks:FillDiskHook', path: '{filler}', at_iter: {at_iter}, priority: {priority}}}"

@@ -142,7 +142,9 @@ def test_train_shards_disjoint_across_two_ranks_with_two_workers(data24):
 
 def test_two_real_processes_read_disjoint_halves(data24):
     cfg = make_cfg(data24, batch=4, workers=0)
-    with mp.get_context("fork").Pool(2) as pool:
+    # Spawned, not forked: a child forked from this many-threaded test process (pyarrow's and
+    # tqdm's threads) can inherit a lock another thread held, and hang.
+    with mp.get_context("spawn").Pool(2) as pool:
         halves = pool.starmap(_rank_ids, [(cfg, 0), (cfg, 1)])
     assert set(halves[0]).isdisjoint(halves[1])
     assert sorted(halves[0] + halves[1]) == list(range(24))

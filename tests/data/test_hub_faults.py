@@ -1,0 +1,255 @@
+"""The Hub failing mid-stream: a local stand-in that fails as a network does, and the real client.
+
+:class:`hub_server.Faults` makes a share of the file-content requests fail (500, 503, or the
+connection cut halfway through the body) and starts whole-server outages: refused connections,
+or 503 to every request. ``recipes/ade20k.yaml`` trains through them, with 0 and 2 DataLoader
+workers, and is compared with a run on a healthy server: bitwise the same weights. The moment
+of each fault is drawn at random; the draw is in every assertion's message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, launch_command
+from hub_replicas import serve_ade20k
+from hub_server import Faults, HubServer
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+MAX_ITERS = 24
+BUDGET_S = 2
+OPTIONS = [
+    f"train.max_iters={MAX_ITERS}", "schedule.warmup_iters=1", "model.encoder.pretrained=false",
+    "data.train.batch_size=2", "data.train.shuffle_buffer=8", "data.train.pipeline.scale=[64,32]",
+    "data.train.pipeline.crop_size=[32,32]", "data.val.pipeline.scale=[64,32]",
+    "data.val.num_workers=0", "hooks[0].interval=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server = HubServer()
+    serve_ade20k(server, tmp_path_factory.mktemp("hub"))
+    with server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def healthy_again(hub):
+    """Each test starts and ends with a server that answers."""
+    hub.faults = None
+    yield
+    hub.faults = None
+    if hub.down is not None:
+        hub.come_back()
+
+
+def command(hub: HubServer, work_dir: Path, workers: int, *extra: str, processes: int = 1, port: int = 0,
+            budget_s: float = BUDGET_S):  # fmt: skip
+    args = ["-m", "hooktrain", "recipes/ade20k.yaml", "--work-dir", str(work_dir), *extra, "--cfg-options",
+            *OPTIONS, f"data.train.num_workers={workers}", f"data.retry_budget_s={budget_s}"]  # fmt: skip
+    if processes > 1:
+        return launch_command(*args, port=port, processes=processes)
+    return [sys.executable, *args]
+
+
+def environment(hub: HubServer, work_dir: Path, processes: int = 1) -> dict[str, str]:
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+           "HF_HOME": str(work_dir.parent / f"{work_dir.name}-hf"), "HF_TOKEN": ""}  # fmt: skip
+    return env | ({"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if processes > 1 else {})
+
+
+def train(hub: HubServer, work_dir: Path, workers: int, *extra: str, processes: int = 1, port: int = 0,
+          budget_s: float = BUDGET_S):  # fmt: skip
+    argv = command(hub, work_dir, workers, *extra, processes=processes, port=port, budget_s=budget_s)
+    return subprocess.run(argv, cwd=ROOT,
+                          env=environment(hub, work_dir, processes), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def healthy(hub, tmp_path_factory):
+    """``healthy(workers, processes)``: the work dir of an uninterrupted run on a healthy server,
+    and the number of file-content requests it made (run once per setting)."""
+    runs: dict[tuple[int, int], tuple[Path, int]] = {}
+
+    def run(workers: int, processes: int = 1) -> tuple[Path, int]:
+        if (workers, processes) not in runs:
+            work_dir = tmp_path_factory.mktemp("healthy") / f"w{workers}p{processes}"
+            before = content_requests(hub)
+            result = train(hub, work_dir, workers, processes=processes, port=29881)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[workers, processes] = work_dir, content_requests(hub) - before
+        return runs[workers, processes]
+
+    return run
+
+
+def content_requests(hub: HubServer) -> int:
+    return sum(1 for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path)
+
+
+def assert_same_run(work_dir: Path, reference: Path, draw: str) -> None:
+    """The final checkpoint's weights are bitwise those of the reference run, and the final
+    evaluation found the same metrics."""
+    final = f"checkpoints/iter_{MAX_ITERS}/model.safetensors"
+    ours, theirs = load_file(work_dir / final), load_file(reference / final)
+    assert ours.keys() == theirs.keys(), draw
+    different = [name for name in ours if not ours[name].equal(theirs[name])]
+    assert not different, (draw, different[:5])
+    assert history(work_dir) == history(reference), draw
+
+
+def history(work_dir: Path) -> dict[int, dict]:
+    """Each iteration's train losses and validation metrics, from ``metrics.jsonl``."""
+    found: dict[int, dict] = {}
+    for line in (work_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        found.setdefault(record["iter"], {}).update(
+            {k: v for k, v in record.items() if k.startswith("val/") or "loss" in k}
+        )
+    return found
+
+
+def outage_warnings(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "retrying for up to" in line]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_flaky_hub_trains_exactly_as_a_healthy_one(hub, healthy, tmp_path, workers):
+    """15% of the content requests fail (500, 503, cut mid-body), and after a random iteration
+    the server answers 503 to everything for 11-14 s, longer than huggingface_hub's own
+    retries of a request (~10 s against a 503 with Retry-After: 1): the run ends exactly as
+    the healthy one, with one warning and no traceback."""
+    reference, _ = healthy(workers)
+    seed = random.randrange(1 << 16)
+    rng = random.Random(seed)
+    at_iter, outage_s = rng.randint(2, MAX_ITERS - 4), rng.uniform(11, 14)
+    hub.faults = Faults(share=0.15, seed=seed)
+    work_dir = tmp_path / "run"
+    _, process = stop_serving_after(hub, at_iter, "503", command(hub, work_dir, workers, budget_s=120),
+                                    environment(hub, work_dir), seconds=outage_s)  # fmt: skip
+    stdout, stderr = process.communicate(timeout=300)
+    draw = f"seed {seed}: 503 for {outage_s:.1f} s after iteration {at_iter}; {hub.faults.injected}"
+    assert process.returncode == 0, (draw, stderr[-3000:])
+    assert hub.faults.injected, draw
+    assert_same_run(work_dir, reference, draw)
+    assert "Traceback" not in stdout + stderr and not stderr.strip(), (draw, stderr[-3000:])
+    assert len(outage_warnings(stdout)) == 1, (draw, outage_warnings(stdout))
+    assert "answers again after" in stdout, draw
+
+
+@pytest.mark.parametrize(("workers", "outage"), [(0, "refused"), (2, "503")])
+def test_an_outage_longer_than_the_budget_saves_and_resume_is_exact(hub, healthy, tmp_path, workers, outage):
+    """The server goes away for good after a random iteration: the run saves its last whole
+    iteration and exits with 75 and one line naming the Hub and the request, within the
+    budget plus one request's own retries. With the server back, --resume ends bitwise where
+    the uninterrupted run ended."""
+    reference, _ = healthy(workers)
+    at_iter = random.randint(3, 9)
+    draw = f"outage ({outage}) after iteration {at_iter}"
+    work_dir = tmp_path / "run"
+    went_down, process = stop_serving_after(hub, at_iter, outage, command(hub, work_dir, workers),
+                                            environment(hub, work_dir))  # fmt: skip
+    stdout, stderr = process.communicate(timeout=120)
+    ended = time.monotonic()
+    assert process.returncode == 75, (draw, stderr[-3000:])
+    assert ended - went_down < BUDGET_S + 45, (draw, ended - went_down)
+    line = one_error_line(stderr, draw)
+    assert f"data.train.source: the Hub at {hub.url} failed for" in line, (draw, line)
+    assert f"data.retry_budget_s={BUDGET_S} (GET {hub.url}/datasets/zhoubolei/scene_parse_150/resolve/" in line
+    saved = int(re.search(r"stopped after iteration (\d+)", line)[1])
+    assert at_iter < saved < MAX_ITERS, (draw, line)
+    assert (work_dir / "checkpoints" / f"iter_{saved}" / "model.safetensors").is_file(), draw
+    assert len(outage_warnings(stdout)) == 1, (draw, outage_warnings(stdout))
+
+    hub.come_back()
+    resumed = train(hub, work_dir, workers, "--resume")
+    assert resumed.returncode == 0, (draw, resumed.stderr[-3000:])
+    assert f"resumed from {work_dir / 'checkpoints' / f'iter_{saved}'} at iteration {saved}\n" in resumed.stdout
+    assert_same_run(work_dir, reference, draw)
+
+
+def test_an_outage_during_the_evaluation_saves_the_whole_iteration(hub, tmp_path):
+    """The last iteration's batches are in hand when the server goes away; the evaluation that
+    follows cannot read the validation split: the iteration is saved, exit code 75."""
+    work_dir = tmp_path / "run"
+    _, process = stop_serving_after(hub, MAX_ITERS - 1, "refused", command(hub, work_dir, 0),
+                                    environment(hub, work_dir))  # fmt: skip
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    line = one_error_line(stderr, "evaluation")
+    assert f"data.val.source: the Hub at {hub.url} failed for" in line, line
+    assert f"stopped after iteration {MAX_ITERS}, which the checkpoint hook saves" in line, line
+    assert (work_dir / "checkpoints" / f"iter_{MAX_ITERS}" / "model.safetensors").is_file()
+
+
+def test_ranks_stop_together_when_one_loses_its_data(hub, healthy, tmp_path):
+    """Two processes: whichever rank meets the outage first, every rank stops after the same
+    iteration (they agree on it with the loss check), the checkpoint is whole, and --resume
+    with the server back ends bitwise where the uninterrupted two-process run ended."""
+    reference, _ = healthy(0, processes=2)
+    at_iter = random.randint(3, 6)
+    draw = f"outage (503) after iteration {at_iter}"
+    work_dir = tmp_path / "run"
+    _, process = stop_serving_after(hub, at_iter, "503", command(hub, work_dir, 0, processes=2, port=29882),
+                                    environment(hub, work_dir, processes=2))  # fmt: skip
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode != 0, draw
+    errors = [line for line in stderr.splitlines() if line.startswith(("hooktrain: error:", "[rank"))]
+    assert len(errors) == 1 and "the Hub at" in errors[0], (draw, errors, stderr[-3000:])
+    saved = int(re.search(r"stopped after iteration (\d+)", errors[0])[1])
+    # torchrun exits with 1 when a rank did not exit with 0, and lists each rank's exit code
+    # (a rank still exiting when another has ended may be sent SIGTERM instead).
+    assert "75" in re.findall(r"exitcode\s*:\s*(-?\d+)", stderr), (draw, stderr[-2000:])
+    assert (work_dir / "checkpoints" / f"iter_{saved}" / "model.safetensors").is_file(), draw
+
+    hub.come_back()
+    resumed = train(hub, work_dir, 0, "--resume", processes=2, port=29883)
+    assert resumed.returncode == 0, (draw, resumed.stderr[-3000:])
+    assert_same_run(work_dir, reference, draw)
+
+
+def stop_serving_after(hub: HubServer, at_iter: int, outage: str, argv: list[str], env: dict,
+                       seconds: float = float("inf")):  # fmt: skip
+    """Start ``argv``; when its log reports iteration ``at_iter``, take the server down for
+    ``seconds``. Returns when it went down and the process (its stdout still to read)."""
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if f" iter {at_iter}/{MAX_ITERS} " in line:
+            hub.go_down(outage, seconds)
+            went_down = time.monotonic()
+            break
+    else:
+        process.wait()
+        raise AssertionError(f"the run ended before iteration {at_iter}: {process.stderr.read()[-3000:]}")
+
+    class Rest:  # the lines read so far, then the rest
+        returncode = None
+
+        def communicate(self, timeout):
+            out, err = process.communicate(timeout=timeout)
+            self.returncode = process.returncode
+            return "".join(lines) + out, err
+
+    return went_down, Rest()
+
+
+def one_error_line(stderr: str, draw: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hooktrain: error: "), (draw, stderr[-3000:])
+    assert "Traceback" not in stderr, draw
+    return lines[0]
