@@ -93,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="the file to write; its suffix picks the format: .safetensors or .onnx")
 
     convert = sub.add_parser(
-        "convert", help="convert an MMSegmentation or transformers checkpoint into one exported file"
+        "convert", help="convert an MMSegmentation, transformers or smp checkpoint into one exported file"
     )
     convert_sub = convert.add_subparsers(dest="convert_kind", required=True)
     sources = {
         "mmseg": "an MMSegmentation model-zoo checkpoint (.pth)",
         "transformers": "a transformers SegFormer: a directory, a weights file or a Hub id",
+        "smp": "a segmentation_models_pytorch Unet state dict (tu-<timm encoder>): a file or a save_pretrained directory",
     }
     for kind, source_help in sources.items():
         kind_parser = convert_sub.add_parser(kind, help=f"convert {source_help}")

@@ -4,7 +4,7 @@ on the pages, run, and the sandboxes it runs in.
 Every shell command in README.md and docs/ runs in a scratch directory, as written, in
 ``test_doc_commands.py`` (README, the quickstart, ADE20K and distributed pages) or
 ``test_doc_commands_data.py`` (checkpoints, plugins, datasets, data check, your own data,
-mmseg checkpoints, benchmarks); two files so that two test workers share the work. Where a
+mmseg and smp checkpoints, benchmarks); two files so that two test workers share the work. Where a
 command needs GPUs, several machines, the Hub or days, its ``Doc`` states exactly what is
 changed to run it on this CPU machine (processes on CPU through gloo, a tiny local ADE20K copy,
 two iterations); nothing else differs from the page.

@@ -1,4 +1,4 @@
-"""``hooktrain convert mmseg|transformers``: another framework's checkpoint -> one exported file.
+"""``hooktrain convert mmseg|transformers|smp``: another framework's checkpoint -> one exported file.
 
 The output is what ``hooktrain export`` writes (weights under plain module keys, the resolved
 recipe in the metadata), so ``predict``, ``test --checkpoint``, ``load_from`` and
@@ -18,7 +18,7 @@ from hooktrain.checkpoint.files import atomic_path
 from hooktrain.errors import UserError
 from hooktrain.models.backbone_keys import StateDict, to_encoder_keys
 from hooktrain.models.hub import WEIGHT_FILES, HubUnavailable, download_weights
-from hooktrain.models.segmentor_keys import UnknownKeys, from_mmseg, from_transformers
+from hooktrain.models.segmentor_keys import UnknownKeys, from_mmseg, from_smp, from_transformers
 
 SHOWN = 5  # offending keys named in an error
 
@@ -72,6 +72,23 @@ def transformers_weights(source: str) -> StateDict:
     return load_torch_file(file, "convert transformers")
 
 
+def smp_weights(source: str) -> StateDict:
+    """The state dict of a segmentation_models_pytorch model: ``model.state_dict()`` saved with
+    ``torch.save`` or safetensors, a checkpoint holding it under ``state_dict`` (PyTorch
+    Lightning, with its ``model.`` prefix), or a ``save_pretrained`` directory."""
+    path = Path(source)
+    if path.is_dir():
+        found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise UserError(f"convert smp: {path} has no model.safetensors or pytorch_model.bin")
+        path = found[0]
+    state = load_torch_file(path, "convert smp")
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if state and all(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    return state
+
+
 def fit_to_model(converted: StateDict, model: torch.nn.Module, source: str) -> StateDict:
     """``converted`` under ``model``'s exact keys; one ``UserError`` line naming the first
     offenders unless it fills every tensor of the model with one of the same shape and
@@ -108,7 +125,7 @@ def fit_to_model(converted: StateDict, model: torch.nn.Module, source: str) -> S
 def convert(
     kind: str, source: str, recipe_path: str, out: str | os.PathLike, cfg_options: list[str] | None = None
 ) -> Path:
-    """Convert ``source`` (``kind`` is ``mmseg`` or ``transformers``) into the model of the recipe
+    """Convert ``source`` (``kind`` is ``mmseg``, ``transformers`` or ``smp``) into the model of the recipe
     at ``recipe_path`` and write it, with the resolved recipe, to the ``.safetensors`` file ``out``."""
     from safetensors.torch import save_file
 
@@ -121,11 +138,11 @@ def convert(
         raise UserError(f"convert: output {out} must end with .safetensors")
     recipe = load_recipe(recipe_path, cfg_options)
     if kind == "mmseg":
-        raw = load_torch_file(Path(source), "convert mmseg")
-        rename = from_mmseg
+        raw, rename = load_torch_file(Path(source), "convert mmseg"), from_mmseg
+    elif kind == "smp":
+        raw, rename = smp_weights(source), from_smp
     else:
-        raw = transformers_weights(source)
-        rename = from_transformers
+        raw, rename = transformers_weights(source), from_transformers
     try:
         converted = rename(raw)
     except UnknownKeys as err:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from hooktrain.models.heads import resize
+from hooktrain.models.head_parts import resize
 from hooktrain.recipe.model import InferenceConfig
 
 # Maps an image batch [B,3,h,w] to logits [B,C,h,w] at the same size.

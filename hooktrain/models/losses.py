@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hooktrain.errors import UserError
-from hooktrain.models.heads import resize
+from hooktrain.models.head_parts import resize
 from hooktrain.recipe.model import CrossEntropyLossConfig, DiceLossConfig, OhemConfig
 
 _EPS = torch.finfo(torch.float32).eps

@@ -8,6 +8,8 @@ needs its NVlabs head mapped onto :class:`hooktrain.models.heads.SegformerMLPHea
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from hooktrain.models.backbone_keys import StateDict, strip_prefix, to_timm
@@ -82,3 +84,34 @@ def from_transformers(state_dict: StateDict) -> StateDict:
     if unknown:
         raise UnknownKeys(unknown)
     return out
+
+
+_SMP_CONV = re.compile(r"\.(conv[12]|center\.\d)\.(0|1)\.")
+
+
+def from_smp(state_dict: StateDict) -> StateDict:
+    """segmentation_models_pytorch's ``Unet`` as hooktrain keys. With a timm encoder
+    (``tu-<name>``), ``encoder.model.`` is the timm feature extractor hooktrain's encoder is;
+    smp's own ResNet encoders (``resnet34``, its default) carry torchvision's names, which are
+    timm's ``resnet*``'s. smp's
+    ``Conv2dReLU`` (``0`` conv, ``1`` BatchNorm) becomes ``conv``/``bn``, ``attention.``
+    wrappers go, ``segmentation_head.0.`` is ``decode_head.conv_seg.``. The attention smp builds
+    for the last block but never applies (it has no skip) has no counterpart and is left out."""
+    blocks = [int(k.split(".")[2]) for k in state_dict if k.startswith("decoder.blocks.")]
+    unused = f"decoder.blocks.{max(blocks, default=0)}.attention1."
+    converted, unknown = {}, []
+    for key, value in state_dict.items():
+        if key.startswith(unused):
+            continue
+        if key.startswith("encoder."):  # a timm encoder (tu-), or smp's own ResNet: timm's names
+            converted["encoder." + key.removeprefix("encoder.").removeprefix("model.")] = value
+        elif key.startswith("segmentation_head.0."):
+            converted["decode_head.conv_seg." + key.removeprefix("segmentation_head.0.")] = value
+        elif key.startswith("decoder."):
+            name = "decode_head." + key.removeprefix("decoder.").replace(".attention.", ".", 1)
+            converted[_SMP_CONV.sub(lambda m: f".{m[1]}.{'conv' if m[2] == '0' else 'bn'}.", name)] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UnknownKeys(unknown)
+    return converted

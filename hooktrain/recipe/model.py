@@ -80,8 +80,7 @@ def _default_losses(weight: float) -> list:
     return [CrossEntropyLossConfig(weight=weight)]
 
 
-class _HeadBase(Section):
-    channels: int = Field(256, ge=1, description="Width of the head's convolutions.")
+class _HeadCommon(Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout2d probability before the classifier.")
     align_corners: bool = Field(
         False, description="align_corners of every bilinear resize of this head, its losses and inference."
@@ -100,6 +99,10 @@ class _HeadBase(Section):
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"each loss type may appear once per head, got {kinds}")
         return losses
+
+
+class _HeadBase(_HeadCommon):
+    channels: int = Field(256, ge=1, description="Width of the head's convolutions.")
 
 
 class _MultiLevelHead(_HeadBase):
@@ -178,6 +181,29 @@ class SegformerMLPHeadConfig(_MultiLevelHead):
     type: Literal["segformer_mlp"] = Field("segformer_mlp", description="Head kind.")
 
 
+class UNetHeadConfig(_HeadCommon):
+    """U-Net decoder as segmentation_models_pytorch's ``Unet`` has it: from the deepest level,
+    per block upsample (to the next level's size, else x2), concatenate that level (the skip),
+    then two 3x3 conv-BN-ReLU; after the last skip, blocks without one climb to the image's
+    size. A 3x3 convolution gives the logits. Works on any encoder whose levels halve in
+    stride (resnet*, convnext*, swin*, efficientnet*, ...)."""
+
+    type: Literal["unet"] = Field("unet", description="Head kind.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout2d probability before the classifier (smp: none).")
+    decoder_channels: list[int] = Field(
+        [256, 128, 64, 32, 16],
+        min_length=1,
+        description="Width of each decoder block, deepest first (smp's decoder_channels); one block per entry.",
+    )
+    attention: Literal["scse"] | None = Field(
+        None, description="scSE attention on each block's concatenated input and output (smp's decoder_attention_type)."
+    )
+    center: bool = Field(False, description="Two 3x3 conv-BN-ReLU on the deepest level first (smp's add_center_block).")
+    interpolation: Literal["nearest", "bilinear"] = Field(
+        "nearest", description="How each block upsamples (smp's decoder_interpolation)."
+    )
+
+
 HeadConfig = Annotated[
     Union[
         FCNHeadConfig,
@@ -188,6 +214,7 @@ HeadConfig = Annotated[
         SepASPPHeadConfig,
         SegformerHeadConfig,
         SegformerMLPHeadConfig,
+        UNetHeadConfig,
     ],
     Field(discriminator="type"),
 ]

@@ -240,6 +240,33 @@ def test_bring_your_mmseg_checkpoint_commands(sandbox, mmseg_zoo_references):
     assert (sandbox / "masks" / "room.png").is_file()
 
 
+# -- docs/models.md: bring a segmentation_models_pytorch checkpoint ---------------------------
+
+SMP_CONVERT = Doc(
+    "hooktrain convert smp unet.pth --recipe recipes/smp/unet-tu-resnet34.yaml --out unet.safetensors "
+    "--cfg-options data.num_classes=4"
+)
+
+
+def test_bring_your_smp_checkpoint_command(sandbox):
+    """An smp ``Unet("tu-resnet34", classes=4)`` saved as its state dict: the page's command, as
+    written, gives a file whose model has smp's logits."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    from hooktrain.deploy.export import load_exported
+
+    torch.manual_seed(0)
+    reference = smp.Unet("tu-resnet34", encoder_weights=None, classes=4).eval()
+    torch.save(reference.state_dict(), sandbox / "unet.pth")
+    assert "converted" in run(SMP_CONVERT, sandbox).output
+    model, _ = load_exported(sandbox / "unet.safetensors")
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = reference(image), model(image)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
 # -- docs/benchmarks.md: the benches' smoke run (CI) and the generated tables -----------------
 
 RUN_ALL_QUICK = Doc("python bench/run_all.py --quick")
@@ -326,7 +353,7 @@ RUN_HERE = [
     EXPORT_BEST, PREDICT_FILES, PLUGIN_INSTALL, PLUGIN_RUN,
     CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,
     DATA_CHECK, DATA_CHECK_VAL, DATA_CHECK_ADE, CONVERT_PALETTE, CONVERT_PALETTE_FILE,
-    ZOO_CONVERT, ZOO_PREDICT, RUN_ALL_QUICK, REPORT,
+    ZOO_CONVERT, ZOO_PREDICT, SMP_CONVERT, RUN_ALL_QUICK, REPORT,
     BINARY_QUICKSTART, FOUR_BAND_QUICKSTART, SIXTEEN_BIT_QUICKSTART,
     EXPORT_ONNX, EXPORT_SAFETENSORS, PREDICT_ONNX, PREDICT_SAFETENSORS,
 ]  # fmt: skip
