@@ -133,7 +133,7 @@ class HubServer:
                     time.sleep(0.05)
             self._thread.start()
 
-    def _fault_for(self, handler: BaseHTTPRequestHandler, content: bool) -> str | None:
+    def _fault_for(self, content: bool) -> str | None:
         """The fault this request meets: ``"drop"``, ``"503"``, ``"500"``, ``"cut"`` or None."""
         if self.down is not None:
             return "503" if self.down == "503" else "drop"
@@ -222,7 +222,7 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             form = parse_qs(self.rfile.read(length).decode()) if length else {}
             resolve = _RESOLVE.match(urlsplit(self.path).path)
-            fault = hub._fault_for(self, content=bool(resolve) and self.command == "GET")
+            fault = hub._fault_for(content=bool(resolve) and self.command == "GET")
             if fault == "drop":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)

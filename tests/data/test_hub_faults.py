@@ -138,8 +138,8 @@ def test_a_flaky_hub_trains_exactly_as_a_healthy_one(hub, healthy, tmp_path, wor
     hub.faults = Faults(share=0.15, seed=seed)
     work_dir = tmp_path / "run"
     _, process = stop_serving_after(hub, at_iter, "503", command(hub, work_dir, workers, budget_s=120),
-                                    environment(hub, work_dir), seconds=outage_s)  # fmt: skip
-    stdout, stderr = process.communicate(timeout=300)
+                                    environment(hub, work_dir), seconds=outage_s, timeout=300)  # fmt: skip
+    stdout, stderr = process.stdout, process.stderr
     draw = f"seed {seed}: 503 for {outage_s:.1f} s after iteration {at_iter}; {hub.faults.injected}"
     assert process.returncode == 0, (draw, stderr[-3000:])
     assert hub.faults.injected, draw
@@ -161,8 +161,8 @@ def test_an_outage_longer_than_the_budget_saves_and_resume_is_exact(hub, healthy
     work_dir = tmp_path / "run"
     went_down, process = stop_serving_after(hub, at_iter, outage, command(hub, work_dir, workers),
                                             environment(hub, work_dir))  # fmt: skip
-    stdout, stderr = process.communicate(timeout=120)
     ended = time.monotonic()
+    stdout, stderr = process.stdout, process.stderr
     assert process.returncode == 75, (draw, stderr[-3000:])
     assert ended - went_down < BUDGET_S + 45, (draw, ended - went_down)
     line = one_error_line(stderr, draw)
@@ -186,7 +186,7 @@ def test_an_outage_during_the_evaluation_saves_the_whole_iteration(hub, tmp_path
     work_dir = tmp_path / "run"
     _, process = stop_serving_after(hub, MAX_ITERS - 1, "refused", command(hub, work_dir, 0),
                                     environment(hub, work_dir))  # fmt: skip
-    stdout, stderr = process.communicate(timeout=120)
+    stderr = process.stderr
     assert process.returncode == 75, stderr[-3000:]
     line = one_error_line(stderr, "evaluation")
     assert f"data.val.source: the Hub at {hub.url} failed for" in line, line
@@ -203,8 +203,8 @@ def test_ranks_stop_together_when_one_loses_its_data(hub, healthy, tmp_path):
     draw = f"outage (503) after iteration {at_iter}"
     work_dir = tmp_path / "run"
     _, process = stop_serving_after(hub, at_iter, "503", command(hub, work_dir, 0, processes=2, port=29882),
-                                    environment(hub, work_dir, processes=2))  # fmt: skip
-    stdout, stderr = process.communicate(timeout=180)
+                                    environment(hub, work_dir, processes=2), timeout=180)  # fmt: skip
+    stderr = process.stderr
     assert process.returncode != 0, draw
     errors = [line for line in stderr.splitlines() if line.startswith(("hooktrain: error:", "[rank"))]
     assert len(errors) == 1 and "the Hub at" in errors[0], (draw, errors, stderr[-3000:])
@@ -221,9 +221,9 @@ def test_ranks_stop_together_when_one_loses_its_data(hub, healthy, tmp_path):
 
 
 def stop_serving_after(hub: HubServer, at_iter: int, outage: str, argv: list[str], env: dict,
-                       seconds: float = float("inf")):  # fmt: skip
-    """Start ``argv``; when its log reports iteration ``at_iter``, take the server down for
-    ``seconds``. Returns when it went down and the process (its stdout still to read)."""
+                       seconds: float = float("inf"), timeout: float = 120):  # fmt: skip
+    """Run ``argv``; when its log reports iteration ``at_iter``, take the server down for
+    ``seconds``. Returns when it went down and the finished process (its whole output)."""
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)  # fmt: skip
     lines = []
@@ -236,16 +236,8 @@ def stop_serving_after(hub: HubServer, at_iter: int, outage: str, argv: list[str
     else:
         process.wait()
         raise AssertionError(f"the run ended before iteration {at_iter}: {process.stderr.read()[-3000:]}")
-
-    class Rest:  # the lines read so far, then the rest
-        returncode = None
-
-        def communicate(self, timeout):
-            out, err = process.communicate(timeout=timeout)
-            self.returncode = process.returncode
-            return "".join(lines) + out, err
-
-    return went_down, Rest()
+    out, err = process.communicate(timeout=timeout)
+    return went_down, subprocess.CompletedProcess(argv, process.returncode, "".join(lines) + out, err)
 
 
 def one_error_line(stderr: str, draw: str) -> str:

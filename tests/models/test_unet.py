@@ -79,7 +79,7 @@ def test_the_center_block_matches_smps_decoder():
     channels = list(ours.encoder.feature_info.channels())
     decoder = UnetDecoder([3, *channels], (256, 128, 64, 32, 16), add_center_block=True)
     randomise(decoder)
-    state = {k: v for k, v in from_smp({f"decoder.{k}": v for k, v in decoder.state_dict().items()}).items()}
+    state = from_smp({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
     missing, unexpected = ours.load_state_dict(state, strict=False)
     assert not unexpected and all(not k.startswith("decode_head.") or "conv_seg" in k for k in missing)
     image = torch.randn(1, 3, 64, 64)
