@@ -14,6 +14,7 @@ from hooktrain.errors import UserError, did_you_mean
 from hooktrain.models.backbone_keys import backbone_state, detect_format, to_encoder_keys, to_timm
 from hooktrain.models.hub import HubUnavailable, download_weights, offline_if_unreachable
 from hooktrain.models.mit import MIT_TO_TIMM, create_mit, hub_repo, is_mit
+from hooktrain.models.vit import build_vit, is_vit
 from hooktrain.recipe.model import EncoderConfig
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
     gives ``channels()`` and ``reduction()`` (stride) of each returned level. ``mit_b0`` ..
     ``mit_b5`` are SegFormer's encoders (:mod:`hooktrain.models.mit`); their ``pretrained``
     weights are NVIDIA's ``nvidia/mit-bX`` from the Hub.
+
+    ViTs (:func:`hooktrain.models.vit.is_vit`) return their ``out_indices`` blocks' patch tokens
+    as maps of one stride (:class:`hooktrain.models.vit.ViTFeatures`), for any input size.
 
     ``in_channels`` other than 3 goes to timm as ``in_chans``. Pretrained RGB weights then get
     their first convolution adapted by ``timm.models.adapt_input_conv`` (1 channel: the sum
@@ -44,6 +48,29 @@ def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if in_channels != 3:
         kwargs["in_chans"] = in_channels
+    if is_vit(cfg.name):
+        kwargs[_VIT_OPTIONS] = dict(
+            norm=cfg.intermediate_norm, class_token=cfg.class_token, pos_embed_resize=cfg.pos_embed_resize
+        )
+    else:
+        for key, default in (("intermediate_norm", False), ("class_token", False), ("pos_embed_resize", "timm")):
+            if getattr(cfg, key) != default:
+                raise UserError(
+                    f"model.encoder.{key} applies to ViT encoders only, and '{cfg.name}' is not one; "
+                    f"drop it, or choose a ViT (vit_*, e.g. vit_small_patch14_reg4_dinov2)"
+                )
+    encoder = _build_weighted(cfg, kwargs)
+    if cfg.grad_checkpointing:
+        if not hasattr(encoder, "set_grad_checkpointing"):
+            raise UserError(
+                f"model.encoder.grad_checkpointing: timm's '{cfg.name}' feature extractor cannot recompute its "
+                "blocks; set it to false"
+            )
+        encoder.set_grad_checkpointing(True)
+    return encoder
+
+
+def _build_weighted(cfg: EncoderConfig, kwargs: dict) -> nn.Module:
     if cfg.pretrained_path is not None:
         return _create_from_file(cfg.name, Path(cfg.pretrained_path), kwargs)
     if cfg.pretrained:
@@ -53,11 +80,17 @@ def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
     return _create(cfg.name, pretrained=False, **kwargs)
 
 
+_VIT_OPTIONS = "vit_options"  # a kwargs entry for ViTs: build_vit's own options, not timm's
+
+
 def _create(name: str, **kwargs) -> nn.Module:
     try:
         if is_mit(name):
             kwargs.pop("pretrained")
             return create_mit(name, **kwargs)
+        if _VIT_OPTIONS in kwargs:
+            options = kwargs.pop(_VIT_OPTIONS)
+            return build_vit(name, list(kwargs.pop("out_indices")), **options, **kwargs)
         return timm.create_model(name, features_only=True, **kwargs)
     except (TypeError, ValueError, AssertionError) as err:
         if "in_chans" in kwargs and "in_chans" in str(err):
@@ -144,13 +177,8 @@ def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
             "use a checkpoint of that architecture (or set model.encoder.name to match it)"
         )
     try:
-        encoder = timm.create_model(
-            name,
-            features_only=True,
-            pretrained=True,
-            pretrained_cfg_overlay=dict(file=str(path)),
-            pretrained_strict=False,
-            **kwargs,
+        encoder = _create(
+            name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), pretrained_strict=False, **kwargs
         )
     except RuntimeError as err:  # e.g. shape mismatches
         raise UserError(
@@ -218,7 +246,7 @@ def _compare_with_full_model(name: str, state_dict: dict, kwargs: dict) -> tuple
     """Missing keys, unexpected keys and the number of matching keys of ``state_dict`` against
     timm's full ``name`` model (classifier aside), after the model's own checkpoint filter (which
     converts e.g. original PVT/SegFormer checkpoints). Built on the meta device: no memory, no init."""
-    full_kwargs = {k: v for k, v in kwargs.items() if k != "out_indices"}
+    full_kwargs = {k: v for k, v in kwargs.items() if k not in ("out_indices", _VIT_OPTIONS)}
     with torch.device("meta"):
         model = timm.create_model(name, **full_kwargs)
     module = importlib.import_module(timm.models.model_entrypoint(name).__module__)

@@ -21,6 +21,7 @@ from hooktrain.recipe.model import (
     ASPPHeadConfig,
     FCNHeadConfig,
     FPNHeadConfig,
+    LinearHeadConfig,
     PSPHeadConfig,
     SegformerHeadConfig,
     SegformerMLPHeadConfig,
@@ -239,6 +240,20 @@ class SegformerMLPHead(DecodeHead):
         return self.linear_fuse(torch.cat(outs[::-1], dim=1))
 
 
+class LinearHead(DecodeHead):
+    """DINOv2's ``BNHead``: the levels resized (bilinear) to the first one's size, concatenated,
+    BatchNorm, then the classifier; no convolution of its own."""
+
+    def __init__(self, cfg: LinearHeadConfig, in_channels: list[int], num_classes: int):
+        width = sum(in_channels[i] for i in cfg.in_index)
+        super().__init__(cfg.in_index, width, num_classes, cfg.dropout, cfg.align_corners)
+        self.bn = nn.BatchNorm2d(width)
+
+    def fuse(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        size = inputs[0].shape[2:]
+        return self.bn(torch.cat([resize(x, size, self.align_corners) for x in inputs], dim=1))
+
+
 def build_head(cfg, in_channels: list[int], strides: list[int], num_classes: int, where: str) -> DecodeHead:
     """Build the head described by ``cfg`` on encoder levels with ``in_channels`` and ``strides``.
 
@@ -277,6 +292,8 @@ def build_head(cfg, in_channels: list[int], strides: list[int], num_classes: int
         return SegformerHead(cfg, in_channels, num_classes)
     if isinstance(cfg, SegformerMLPHeadConfig):
         return SegformerMLPHead(cfg, in_channels, num_classes)
+    if isinstance(cfg, LinearHeadConfig):
+        return LinearHead(cfg, in_channels, num_classes)
     raise TypeError(f"unknown head config {type(cfg).__name__}")
 
 

@@ -1,4 +1,5 @@
-"""The segmentor: a timm encoder, a decode head, an optional auxiliary head, their losses."""
+"""The segmentor: a timm encoder (with optional per-level norms and a neck), a decode head, an
+optional auxiliary head, their losses."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hooktrain.models.heads import DecodeHead, build_head, resize
 from hooktrain.models.inference import predict_logits
 from hooktrain.models.input_stage import InputStage
 from hooktrain.models.losses import HeadLoss
+from hooktrain.models.necks import MultiLevelNeck, OutNorms
 from hooktrain.recipe.model import InferenceConfig, ModelConfig
 
 
@@ -47,9 +49,13 @@ class Segmentor(nn.Module):
         inference: InferenceConfig | None = None,
         channels_last: bool = False,
         input_stage: InputStage | None = None,
+        out_norms: OutNorms | None = None,
+        neck: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
+        self.out_norms = out_norms
+        self.neck = neck
         self.decode_head = decode_head
         self.decode_loss = decode_loss
         self.aux_head = aux_head
@@ -61,6 +67,13 @@ class Segmentor(nn.Module):
 
     def _prepare(self, image: torch.Tensor) -> torch.Tensor:
         return image.contiguous(memory_format=torch.channels_last) if self.channels_last else image
+
+    def features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The levels the heads read: the encoder's, through ``out_norms`` and the ``neck``."""
+        features = self.encoder(image)
+        if self.out_norms is not None:
+            features = self.out_norms(features)
+        return self.neck(features) if self.neck is not None else features
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Decode-head logits resized (bilinear) to the input size."""
@@ -82,11 +95,11 @@ class Segmentor(nn.Module):
 
     def _logits(self, image: torch.Tensor) -> torch.Tensor:
         image = self._prepare(image)
-        out = self.decode_head(self.encoder(image))
+        out = self.decode_head(self.features(image))
         return resize(out, image.shape[-2:], self.align_corners)
 
     def _loss_terms(self, image: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.encoder(self._prepare(image))
+        features = self.features(self._prepare(image))
         terms = {f"decode.{k}": v for k, v in self.decode_loss(self.decode_head(features), mask).items()}
         if self.aux_head is not None:
             terms.update({f"aux.{k}": v for k, v in self.aux_loss(self.aux_head(features), mask).items()})
@@ -135,6 +148,17 @@ def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 2
     encoder = build_encoder(cfg.encoder, in_channels=in_channels)
     channels = list(encoder.feature_info.channels())
     strides = list(encoder.feature_info.reduction())
+    out_norms = OutNorms(channels, cfg.encoder.out_norm_eps) if cfg.encoder.out_norm else None
+    neck = None
+    if cfg.neck is not None:
+        if len(channels) not in (1, len(cfg.neck.scales)):
+            raise UserError(
+                f"model.neck.scales: {len(cfg.neck.scales)} scales for the encoder's {len(channels)} levels; "
+                "give one scale per level of model.encoder.out_indices"
+            )
+        neck = MultiLevelNeck(channels, cfg.neck.out_channels, cfg.neck.scales)
+        strides = [strides[0] / scale for scale in cfg.neck.scales]
+        channels = [cfg.neck.out_channels] * len(cfg.neck.scales)
     head_cfg = cfg.decode_head
     decode_head = build_head(head_cfg, channels, strides, num_classes, where="model.decode_head")
     decode_loss = HeadLoss(
@@ -164,6 +188,8 @@ def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 2
         aux_loss=aux_loss,
         inference=cfg.inference,
         channels_last=cfg.channels_last,
+        out_norms=out_norms,
+        neck=neck,
     )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -31,6 +31,33 @@ class EncoderConfig(Section):
         default_factory=dict,
         description="Extra keyword arguments for timm.create_model, e.g. {output_stride: 8} for a dilated ResNet.",
     )
+    out_norm: Literal["layer_norm"] | None = Field(
+        None,
+        description="A LayerNorm over the channels of each returned level, as MMSegmentation's Swin and "
+        "mmpretrain's ConvNeXt (norm0..norm3) and transformers' backbones (hidden_states_norms) add; "
+        "null = none.",
+    )
+    out_norm_eps: float = Field(1e-6, gt=0, description="Epsilon of the out_norm LayerNorms.")
+    grad_checkpointing: bool = Field(
+        False,
+        description="Recompute the encoder's blocks in the backward pass instead of keeping their "
+        "activations (timm's set_grad_checkpointing): less memory, slower steps.",
+    )
+    intermediate_norm: bool = Field(
+        False,
+        description="ViT encoders: apply the final LayerNorm to every returned block's tokens "
+        "(DINOv2's get_intermediate_layers(norm=True)); false = raw block outputs (MMSegmentation's ViT).",
+    )
+    class_token: bool = Field(
+        False,
+        description="ViT encoders: append the class token to each level's map, broadcast over it, as extra "
+        "channels (DINOv2's linear head with the class token); register tokens are always dropped.",
+    )
+    pos_embed_resize: Literal["timm", "mmseg"] = Field(
+        "timm",
+        description="ViT encoders: how position embeddings are resized to another grid: timm's bicubic "
+        "with antialiasing, or MMSegmentation's VisionTransformer's bicubic without it.",
+    )
 
 
 class CrossEntropyLossConfig(Section):
@@ -204,6 +231,18 @@ class UNetHeadConfig(_HeadCommon):
     )
 
 
+class LinearHeadConfig(_HeadCommon):
+    """DINOv2's linear segmentation head (its ``BNHead``): the selected levels resized to the first
+    one's size and concatenated, then BatchNorm and the 1x1 classifier. On a ViT encoder with
+    ``out_indices`` of the last N blocks (and ``class_token``) this is DINOv2's linear probe."""
+
+    type: Literal["linear"] = Field("linear", description="Head kind.")
+    in_index: list[int] | None = Field(
+        None, description="Encoder levels fed to the head (indices into its outputs); null = all of them."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout2d probability before the classifier.")
+
+
 HeadConfig = Annotated[
     Union[
         FCNHeadConfig,
@@ -215,9 +254,30 @@ HeadConfig = Annotated[
         SegformerHeadConfig,
         SegformerMLPHeadConfig,
         UNetHeadConfig,
+        LinearHeadConfig,
     ],
     Field(discriminator="type"),
 ]
+
+
+class MultiLevelNeckConfig(Section):
+    """MMSegmentation's ``MultiLevelNeck`` (ViT-UPerNet): per level a 1x1 conv to ``out_channels``,
+    a bilinear rescale by ``scales[i]`` and a 3x3 conv, turning one-stride ViT maps into a pyramid."""
+
+    type: Literal["multilevel"] = Field("multilevel", description="Neck kind.")
+    out_channels: int = Field(768, ge=1, description="Width of every output level.")
+    scales: list[float] = Field(
+        default_factory=lambda: [4.0, 2.0, 1.0, 0.5],
+        min_length=1,
+        description="Scale factor of each output level; [4, 2, 1, 0.5] turns stride 16 into strides 4, 8, 16, 32.",
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, scales: list[float]) -> list[float]:
+        if min(scales) <= 0:
+            raise ValueError(f"{scales} has a factor <= 0; give factors > 0, e.g. [4, 2, 1, 0.5]")
+        return scales
 
 
 class AuxHeadConfig(FCNHeadConfig):
@@ -295,6 +355,9 @@ class ModelConfig(Section):
     """The recipe's ``model:`` section."""
 
     encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="timm backbone.")
+    neck: MultiLevelNeckConfig | None = Field(
+        None, description="Between the encoder and the heads: MultiLevelNeck for ViT encoders; null = none."
+    )
     decode_head: HeadConfig = Field(default_factory=FPNHeadConfig, description="Main decode head.")
     aux_head: AuxHeadConfig | None = Field(None, description="Auxiliary FCN head (training only); null = none.")
     inference: InferenceConfig = Field(default_factory=InferenceConfig, description="Prediction mode.")

@@ -1,0 +1,102 @@
+"""timm ViTs (DINOv2, DINOv3, DeiT, AugReg, EVA, ...) as feature extractors: chosen blocks'
+patch tokens as maps of one stride, for a neck (``MultiLevelNeck``) or a single-scale head."""
+
+from __future__ import annotations
+
+import types
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import FeatureInfo
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+# timm modules whose models are plain token transformers with ``forward_intermediates``.
+_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.eva", "timm.models.deit", "timm.models.beit")
+
+
+def is_vit(name: str) -> bool:
+    """Whether timm model ``name`` is a ViT this module serves (not hierarchical, no features_only stages)."""
+    name = name.removeprefix("timm/")
+    return timm.is_model(name) and timm.models.model_entrypoint(name).__module__ in _VIT_MODULES
+
+
+class ViTFeatures(nn.Module):
+    """The patch tokens of ``model``'s blocks ``out_indices`` as NCHW maps (register and class
+    tokens dropped; timm's ``forward_intermediates``).
+
+    ``norm`` applies the model's final LayerNorm to every returned block; ``class_token``
+    appends the class token, broadcast over the map, as ``embed_dim`` more channels (DINOv2's
+    linear head). The inner model is ``self.model``, so parameter names are timm's under
+    ``model.``, as timm's own ``features_only`` ViTs name them. Layers after the last returned
+    block (and the classifier, and the final norm unless ``norm``) are pruned.
+    """
+
+    def __init__(self, model: nn.Module, out_indices: list[int], *, norm: bool = False, class_token: bool = False):
+        super().__init__()
+        if class_token and getattr(model, "cls_token", None) is None:
+            raise ValueError("this ViT has no class token")
+        self.model = model
+        self.indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm, prune_head=True)
+        self.norm = norm
+        self.class_token = class_token
+        stride = model.patch_embed.patch_size[0]
+        width = model.embed_dim * (2 if class_token else 1)
+        self.feature_info = FeatureInfo(
+            [{"num_chs": width, "reduction": stride, "module": f"blocks.{i}"} for i in self.indices],
+            list(range(len(self.indices))),
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks in the backward pass (timm's own switch)."""
+        self.model.set_grad_checkpointing(enable)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.model.forward_intermediates(
+            x,
+            indices=self.indices,
+            norm=self.norm,
+            output_fmt="NCHW",
+            intermediates_only=True,
+            return_prefix_tokens=self.class_token,
+        )
+        if not self.class_token:
+            return list(out)
+        # prefix tokens are [class, registers...]
+        return [torch.cat([maps, prefix[:, 0, :, None, None].expand_as(maps)], dim=1) for maps, prefix in out]
+
+
+def build_vit(name: str, out_indices: list[int], *, norm: bool, class_token: bool, pos_embed_resize: str,
+              **kwargs) -> ViTFeatures:  # fmt: skip
+    """``timm.create_model(name, dynamic_img_size=True, **kwargs)`` as :class:`ViTFeatures`: any
+    input size (position embeddings resized by timm; ``pos_embed_resize="mmseg"``: as
+    MMSegmentation's ``VisionTransformer`` resizes them, bicubic without antialiasing)."""
+    kwargs.setdefault("dynamic_img_pad", True)  # pad the bottom/right to whole patches, as mmseg's 'corner'
+    model = timm.create_model(name, dynamic_img_size=True, **kwargs)
+    if pos_embed_resize == "mmseg":
+        if not isinstance(model, VisionTransformer) or model.reg_token is not None or model.no_embed_class:
+            raise ValueError(
+                "pos_embed_resize 'mmseg' needs a ViT with a class token and position embeddings over it, "
+                "no register tokens (MMSegmentation's VisionTransformer)"
+            )
+        model._pos_embed = types.MethodType(_mmseg_pos_embed, model)
+    return ViTFeatures(model, out_indices, norm=norm, class_token=class_token)
+
+
+def _mmseg_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    """timm ``VisionTransformer._pos_embed`` (class token, position embedding over it and the
+    patches) with MMSegmentation's resize: ``F.interpolate(bicubic, align_corners=False)``, no
+    antialiasing, only when the token count differs from the embedding's."""
+    batch, height, width, channels = x.shape
+    tokens = x.reshape(batch, -1, channels)
+    if self.cls_token is not None:
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
+    pos = self.pos_embed
+    if tokens.shape[1] != pos.shape[1]:
+        grid_h, grid_w = self.patch_embed.grid_size
+        prefix, grid = pos[:, : pos.shape[1] - grid_h * grid_w], pos[:, pos.shape[1] - grid_h * grid_w :]
+        grid = grid.reshape(1, grid_h, grid_w, channels).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+        pos = torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
+    return self.pos_drop(tokens + pos)
