@@ -95,7 +95,13 @@ def checkpoint(r: Result) -> tuple[str, str]:
 PARITY_NAMES = {
     "segformer_mit-b0": "SegFormer-B0", "upernet_r50": "UPerNet R-50", "deeplabv3plus_r50-d8": "DeepLabV3+ R-50-D8",
     "pspnet_r50-d8": "PSPNet R-50-D8", "fcn_r50-d8": "FCN R-50-D8", "fpn_r50": "Semantic FPN R-50",
+    "convnext-tiny_upernet": "UPerNet ConvNeXt-T", "vit_vit-b16_mln_upernet": "UPerNet ViT-B/16 + MLN",
+    "swin-tiny-patch4-window7": "UPerNet Swin-T",
+    "upernet-convnext-tiny": "UPerNet ConvNeXt-T (`recipes/transformers/upernet-convnext-tiny.yaml`)",
+    "upernet-swin-tiny": "UPerNet Swin-T (`recipes/transformers/upernet-swin-tiny.yaml`)",
 }  # fmt: skip
+# rows' ``reference`` (rows without one predate the transformers comparison: MMSegmentation)
+PARITY_REFERENCES = {"mmseg": "MMSegmentation", "transformers": "transformers"}
 
 
 def parity_name(config: str) -> str:
@@ -103,24 +109,46 @@ def parity_name(config: str) -> str:
 
 
 def mmseg_parity(r: Result) -> tuple[str, str]:
-    train = [row for row in r["rows"] if row["mode"] == "train"]
-    infer = [row for row in r["rows"] if row["mode"] != "train"]
-    ratios = [row["ratio"] for row in train]
-    summary = (f"{r['device']} {r['precision']} {r['size']}x{r['size']} b{r['batch']}: train ratio "
-               f"{min(ratios):.2f}-{max(ratios):.2f}; inference ratio {min(x['ratio'] for x in infer):.2f}-"
-               f"{max(x['ratio'] for x in infer):.2f}")  # fmt: skip
-    train_table = table(
-        ["model", "hooktrain s/step", "mmseg s/step", "ratio"],
-        [[parity_name(x["config"]), fmt(x["hooktrain_s"]), fmt(x["mmseg_s"]), fmt(x["ratio"], 2)] for x in train],
-    )
-    infer_table = table(
-        ["model", "inference", "hooktrain img/s", "mmseg img/s", "ratio"],
-        [[parity_name(x["config"]), x["mode"], fmt(x["hooktrain_img_s"], 2), fmt(x["mmseg_img_s"], 2),
-          fmt(x["ratio"], 2)] for x in infer],
-    )  # fmt: skip
+    summaries, blocks = [], []
+    for ref, label in PARITY_REFERENCES.items():
+        rows = [row for row in r["rows"] if row.get("reference", "mmseg") == ref]
+        if not rows:
+            if ref == "transformers" and r.get("references", ["mmseg"]) != ["transformers"]:
+                summaries.append("transformers not measured")
+                blocks.append("transformers' `UperNetForSemanticSegmentation`: not measured in this results file.")
+            continue
+        train = [row for row in rows if row["mode"] == "train"]
+        infer = [row for row in rows if row["mode"] != "train"]
+        span = lambda group: f"{min(x['ratio'] for x in group):.2f}-{max(x['ratio'] for x in group):.2f}"  # noqa: E731
+        summaries.append(f"vs {label} train ratio {span(train) if train else 'n/a'}, inference ratio "
+                         f"{span(infer) if infer else 'n/a'}")  # fmt: skip
+        name = lambda x, wide=1: parity_name(x["config"]) + (  # noqa: E731
+            f" at {x['size']}x{wide * x['size']}" if x.get("size", r["size"]) != r["size"] else "")  # fmt: skip
+        if train:
+            blocks.append(table(
+                ["model", "hooktrain s/step", f"{ref} s/step", "ratio"],
+                [[name(x), fmt(x["hooktrain_s"]), fmt(x[f"{ref}_s"]), fmt(x["ratio"], 2)] for x in train],
+            ))  # fmt: skip
+        if infer:
+            blocks.append(table(
+                ["model", "inference", "hooktrain img/s", f"{ref} img/s", "ratio"],
+                [[name(x, 2), x["mode"], fmt(x["hooktrain_img_s"], 2), fmt(x[f"{ref}_img_s"], 2), fmt(x["ratio"], 2)]
+                 for x in infer],
+            ))  # fmt: skip
+        if ref == "transformers":
+            blocks.append(
+                f"transformers {r.get('transformers_version', '')}: `UperNetForSemanticSegmentation` with the Hub "
+                "checkpoint's architecture, random weights, the recipe's stochastic depth, in the same process. Train "
+                "step: hooktrain's loss terms (CE + 0.4 x the auxiliary head's CE) vs transformers' own "
+                "`model(pixel_values, labels=mask).loss` (the same two terms; hooktrain's heads also apply their "
+                "dropout 0.1, transformers' have none), then backward and AdamW on both; "
+                "inference: whole-image logits at the input size on one image of size x 2*size, transformers' "
+                "auxiliary head left out (its forward would compute it too)."
+            )  # fmt: skip
+    summary = f"{r['device']} {r['precision']} {r['size']}x{r['size']} b{r['batch']}: " + "; ".join(summaries)
     setting = (f"Each side measured in {r.get('rounds', 1)} round(s), the first side alternating; each round "
                f"{r['iters']} timed step(s) after {r.get('warmup', 1)} warm-up.")  # fmt: skip
-    return summary, f"{train_table}\n\n{infer_table}\n\n{setting}"
+    return summary, "\n\n".join([*blocks, setting])
 
 
 def quickstart(r: Result) -> tuple[str, str]:
@@ -287,14 +315,39 @@ def augment_exactness(r: Result) -> tuple[str, str]:
     return summary, text
 
 
+def grad_checkpointing(r: Result) -> tuple[str, str]:
+    summary = (f"peak {r['peak_gib_off']:.2f} -> {r['peak_gib_on']:.2f} GiB ({r['peak_saved_gib']:.2f} GiB saved), "
+               f"step time x{r['step_time_ratio']:.2f}")  # fmt: skip
+    rows = [["off", fmt(r["step_s_off"], 2), fmt(r["peak_gib_off"], 2), "1.00"],
+            ["on", fmt(r["step_s_on"], 2), fmt(r["peak_gib_on"], 2), fmt(r["step_time_ratio"], 2)]]  # fmt: skip
+    setting = (f"{r['model']}, {r['size']}x{r['size']}, batch {r['batch']}, {r['precision']}, median of "
+               f"{r['steps']} steps per process, {r['rounds']} alternating processes per side; peak memory: "
+               f"{r['peak_memory']}")  # fmt: skip
+    header = ["grad_checkpointing", "step seconds", "peak GiB", "x step time"]
+    return summary, table(header, rows) + f"\n\n{setting}."
+
+
+def unet_vs_fpn(r: Result) -> tuple[str, str]:
+    pairs = r["pairs"]
+    summary = ", ".join(f"{name}: U-Net {p['unet']['score']:.3f} vs FPN {p['fpn']['score']:.3f} {p['score']}"
+                        for name, p in pairs.items())  # fmt: skip
+    rows = [[name, f"`{p[side]['recipe']}`", p[side]["iters"], fmt(p["iteration_s"][side], 3),
+             fmt(p[side]["train_seconds"], 1), p["score"], fmt(p[side]["score"], 4)]
+            for name, p in pairs.items() for side in ("fpn", "unet")]  # fmt: skip
+    header = ["data", "recipe", "iterations", "s/iteration", "training seconds", "score", "value"]
+    return summary, table(header, rows)
+
+
 # bench: (what is compared, target, renderer)
 BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "startup": ("time from the command to a one-line error, and to the first iteration, against importing "
                 "torch + timm + datasets in the same run", "errors ~1 s", startup),
     "checkpoint": ("save time; resume early and late in a data pass, same-size and elastic", "late/early ~1",
                    checkpoint),
-    "mmseg_parity": ("each `recipes/mmseg` model against MMSegmentation 1.2.2's own module from the same config: "
-                     "train step and whole/slide inference", "ratio <= 1.0", mmseg_parity),
+    "mmseg_parity": ("each `recipes/mmseg` model against MMSegmentation 1.2.2's own module from the same config, "
+                     "and the `recipes/transformers` UperNets (ConvNeXt-T, Swin-T) against transformers' "
+                     "`UperNetForSemanticSegmentation`: train step and whole/slide inference", "ratio <= 1.0",
+                     mmseg_parity),
     "runner_overhead": ("IterRunner with its per-iteration hooks vs a hand-written Accelerate loop, same model, "
                         "data and optimizer, median step time", "<= 1.03", runner_overhead),
     "data_pipeline": ("the ADE20K train pipeline per core vs MMSegmentation 1.2.2's own (same run, its environment) "
@@ -313,6 +366,11 @@ BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
                        onnx_inference),
     "augment_exactness": ("`data.train.gpu_augment`'s device PhotoMetricDistortion vs the OpenCV path, against "
                           "OpenCV's optimised and baseline kernels", "<= 1 step per HSV step", augment_exactness),
+    "grad_checkpointing": ("ViT-B/16 + MLN + UPerNet at 512x512, one training step with the ViT's blocks "
+                           "recomputed in the backward pass vs without", "less memory, measured cost",
+                           grad_checkpointing),
+    "unet_vs_fpn": ("U-Net vs the quickstarts' FPN (binary, 4-band) for the same training time, same run",
+                    "measured", unet_vs_fpn),
     "gpu_train": ("SegFormer-B0 (`recipes/ade20k.yaml`) on one GPU: end to end per speed switch, model-only, "
                   "and MMSegmentation 1.2.2 on the same card", ">= 500 img/s, data-bound gap < 5%", gpu_train),
 }  # fmt: skip

@@ -55,6 +55,8 @@ BENCHES = (
     Bench("quickstart"),
     Bench("quickstart_binary", script="quickstart", args=("--recipe", "quickstart_binary")),
     Bench("onnx_inference"),
+    Bench("grad_checkpointing", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
+    Bench("unet_vs_fpn"),
     Bench("gpu_train", devices=("cuda",)),
 )
 

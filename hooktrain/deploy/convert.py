@@ -148,7 +148,7 @@ def convert(
     except UnknownKeys as err:
         raise UserError(
             f"convert {kind}: {source} has {len(err.keys)} keys hooktrain has no counterpart for "
-            f"({', '.join(err.keys[:SHOWN])}); is it a {kind} segmentor checkpoint?"
+            f"({', '.join(err.keys[:SHOWN])}); {err.hint or f'is it a {kind} segmentor checkpoint?'}"
         ) from None
     model = build_recipe_segmentor(recipe, on_meta=True)
     weights = fit_to_model(converted, model, source)

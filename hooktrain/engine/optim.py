@@ -12,6 +12,7 @@ import re
 import torch
 from torch import nn
 
+from hooktrain.engine.layer_decay import layer_decay_mults
 from hooktrain.recipe.optim import OptimizerConfig, ParamRule, ScheduleConfig
 
 __all__ = [
@@ -44,14 +45,16 @@ def _rule_matches(rule: ParamRule, name: str, module: nn.Module) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Parameters grouped by their (lr_mult, decay_mult), each group with its lr and decay."""
+    """Parameters grouped by their (lr_mult, decay_mult), each group with its lr and decay.
+    ``cfg.layer_decay`` sets each parameter's multipliers first; ``cfg.param_rules`` multiply them."""
+    layer_mults = layer_decay_mults(model, cfg.layer_decay) if cfg.layer_decay is not None else {}
     groups: dict[tuple[float, float], dict] = {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
             name = f"{module_name}.{param_name}" if module_name else param_name
-            lr_mult = decay_mult = 1.0
+            lr_mult, decay_mult = layer_mults.get(name, (1.0, 1.0))
             for rule in cfg.param_rules:
                 if _rule_matches(rule, name, module):
                     lr_mult *= rule.lr_mult

@@ -14,6 +14,7 @@ from hooktrain.errors import UserError, did_you_mean
 from hooktrain.models.backbone_keys import backbone_state, detect_format, to_encoder_keys, to_timm
 from hooktrain.models.hub import HubUnavailable, download_weights, offline_if_unreachable
 from hooktrain.models.mit import MIT_TO_TIMM, create_mit, hub_repo, is_mit
+from hooktrain.models.swin import create_swin, is_swin
 from hooktrain.models.vit import build_vit, is_vit
 from hooktrain.recipe.model import EncoderConfig
 
@@ -50,10 +51,14 @@ def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
         kwargs["in_chans"] = in_channels
     if is_vit(cfg.name):
         kwargs[_VIT_OPTIONS] = dict(
-            norm=cfg.intermediate_norm, class_token=cfg.class_token, pos_embed_resize=cfg.pos_embed_resize
+            norm=cfg.intermediate_norm,
+            class_token=cfg.class_token,
+            pos_embed_resize=cfg.pos_embed_resize,
+            patch_bias=cfg.patch_bias,
         )
     else:
-        for key, default in (("intermediate_norm", False), ("class_token", False), ("pos_embed_resize", "timm")):
+        vit_only = {"intermediate_norm": False, "class_token": False, "pos_embed_resize": "timm", "patch_bias": True}
+        for key, default in vit_only.items():
             if getattr(cfg, key) != default:
                 raise UserError(
                     f"model.encoder.{key} applies to ViT encoders only, and '{cfg.name}' is not one; "
@@ -91,6 +96,8 @@ def _create(name: str, **kwargs) -> nn.Module:
         if _VIT_OPTIONS in kwargs:
             options = kwargs.pop(_VIT_OPTIONS)
             return build_vit(name, list(kwargs.pop("out_indices")), **options, **kwargs)
+        if is_swin(name):
+            return create_swin(name, **kwargs)
         return timm.create_model(name, features_only=True, **kwargs)
     except (TypeError, ValueError, AssertionError) as err:
         if "in_chans" in kwargs and "in_chans" in str(err):
@@ -216,10 +223,49 @@ def _create_converted(name: str, kwargs: dict, state: dict, source: str, key: st
             f"{key}: {source} ({fmt} format) does not fit encoder '{name}': {problem}; "
             "use a checkpoint of that architecture (timm's pvt_v2 weights do not fit MiT's FFNs)"
         )
-    unused = sorted(state.keys() - expected.keys())
+    # per-level norms belong to the segmentor: load_pretrained_out_norms takes them
+    unused = sorted(k for k in state.keys() - expected.keys() if not k.startswith("out_norms."))
     encoder.load_state_dict({k: state[k] for k in expected})
     _report(source, [], unused)
     return encoder
+
+
+def load_pretrained_out_norms(out_norms: nn.Module | None, path: str) -> None:
+    """Fill ``out_norms`` (``model.encoder.out_norm``) from the per-level norms of the
+    ``model.encoder.pretrained_path`` file: MMSegmentation's Swin and mmpretrain's ConvNeXt
+    ``norm{i}``, which their backbone files carry. Pretrain files have none, or only the last
+    (mmpretrain's ImageNet ConvNeXt files: ``norm3``); the others keep their initialisation, as
+    those libraries' do."""
+    state = backbone_state(timm.models.load_state_dict(path, use_ema=False))
+    if detect_format(state) == "timm":
+        return
+    try:
+        state = to_timm(state)
+    except KeyError:  # build_encoder has refused the file already
+        return
+    norms = {k.removeprefix("out_norms."): v for k, v in state.items() if k.startswith("out_norms.")}
+    if not norms:
+        if out_norms is not None:
+            logger.info("encoder weights from %s: no per-level norms; model.encoder.out_norm starts fresh", path)
+        return
+    if out_norms is None:
+        logger.warning(
+            "encoder weights from %s: its %d per-level norm tensors are unused (model.encoder.out_norm is null)",
+            path,
+            len(norms),
+        )
+        return
+    expected = out_norms.state_dict()
+    if not norms.keys() <= expected.keys() or any(norms[k].shape != expected[k].shape for k in norms):
+        widths = [len(v) for k, v in sorted(norms.items()) if k.endswith(".weight")]
+        raise UserError(
+            f"model.encoder.pretrained_path: '{path}' has per-level norms of {widths} channels, the model's "
+            f"out_norm levels {[norm.normalized_shape[0] for norm in out_norms]}; set model.encoder.out_indices "
+            "to the checkpoint's levels ([0, 1, 2, 3] for a 4-stage Swin or ConvNeXt)"
+        )
+    out_norms.load_state_dict(norms, strict=False)
+    loaded = sorted({k.split(".")[0] for k in norms}, key=int)
+    logger.info("encoder weights: per-level norms out_norms.%s loaded from %s", ", ".join(loaded), path)
 
 
 def adapt_first_conv(state: dict, expected: dict, in_channels: int) -> dict:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hooktrain.errors import UserError
-from hooktrain.models.encoder import build_encoder
+from hooktrain.models.encoder import build_encoder, load_pretrained_out_norms
 from hooktrain.models.heads import DecodeHead, build_head, resize
 from hooktrain.models.inference import predict_logits
 from hooktrain.models.input_stage import InputStage
@@ -146,9 +146,13 @@ def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 2
     if num_classes < 1:
         raise UserError(f"num_classes is {num_classes}; the dataset must declare at least one class")
     encoder = build_encoder(cfg.encoder, in_channels=in_channels)
+    if cfg.encoder.frozen:
+        encoder.requires_grad_(False)
     channels = list(encoder.feature_info.channels())
     strides = list(encoder.feature_info.reduction())
     out_norms = OutNorms(channels, cfg.encoder.out_norm_eps) if cfg.encoder.out_norm else None
+    if cfg.encoder.pretrained_path is not None:
+        load_pretrained_out_norms(out_norms, cfg.encoder.pretrained_path)
     neck = None
     if cfg.neck is not None:
         if len(channels) not in (1, len(cfg.neck.scales)):

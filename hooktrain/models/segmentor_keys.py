@@ -2,8 +2,11 @@
 
 hooktrain's heads carry MMSegmentation's module names, so a zoo checkpoint's head keys pass
 unchanged; only the prefixes move (``auxiliary_head.`` -> ``aux_head.``, the FPN ``neck.`` ->
-``decode_head.neck.``) and the backbone is renamed to timm's keys. A transformers SegFormer
-needs its NVlabs head mapped onto :class:`hooktrain.models.heads.SegformerMLPHead`.
+``decode_head.neck.``; a ViT's ``MultiLevelNeck`` stays ``neck.``) and the backbone is renamed
+to timm's keys. A transformers SegFormer needs its NVlabs head mapped onto
+:class:`hooktrain.models.heads.SegformerMLPHead`.
+A transformers UperNet's heads are mmseg's under other names (``batch_norm``, ``classifier``),
+its backbone's per-level norms hooktrain's ``out_norms``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import re
 
 import torch
 
-from hooktrain.models.backbone_keys import StateDict, strip_prefix, to_timm
+from hooktrain.models.backbone_keys import StateDict, detect_format, strip_prefix, to_timm
 
 _MMSEG_PREFIXES = {"decode_head.": "decode_head.", "neck.": "decode_head.neck.", "auxiliary_head.": "aux_head."}
 
@@ -20,20 +23,19 @@ _MMSEG_PREFIXES = {"decode_head.": "decode_head.", "neck.": "decode_head.neck.",
 class UnknownKeys(ValueError):
     """Source keys no rule maps; ``keys`` lists them."""
 
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[str], hint: str | None = None) -> None:
         super().__init__(f"{len(keys)} keys with no counterpart: {', '.join(keys[:5])}")
         self.keys = keys
-
-
-def _with_prefix(state_dict: StateDict, prefix: str) -> StateDict:
-    return {prefix + k: v for k, v in state_dict.items()}
+        self.hint = hint  # what does convert, when the checkpoint is of a kind that does not
 
 
 def _backbone(state_dict: StateDict, prefix: str) -> StateDict:
     try:
-        return _with_prefix(to_timm(strip_prefix(state_dict, prefix)), "encoder.")
+        converted = to_timm(strip_prefix(state_dict, prefix))
     except KeyError as err:
         raise UnknownKeys([f"{prefix}{err.args[0]}"]) from None
+    # A backbone's per-level norms (mmpretrain ConvNeXt's norm{i}) are the segmentor's out_norms.
+    return {k if k.startswith("out_norms.") else f"encoder.{k}": v for k, v in converted.items()}
 
 
 def from_mmseg(checkpoint: dict) -> StateDict:
@@ -42,23 +44,69 @@ def from_mmseg(checkpoint: dict) -> StateDict:
     state = checkpoint.get("state_dict", checkpoint)
     state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
     out = _backbone(state, "backbone.")
+    prefixes = dict(_MMSEG_PREFIXES)
+    if any(k.startswith("neck.convs.") for k in state):  # a MultiLevelNeck (ViT), not the FPN head's neck
+        prefixes["neck."] = "neck."
     unknown = []
     for key, value in state.items():
         if key.startswith("backbone."):
             continue
-        prefix = next((p for p in _MMSEG_PREFIXES if key.startswith(p)), None)
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
         if prefix is None:
             unknown.append(key)
         else:
-            out[_MMSEG_PREFIXES[prefix] + key[len(prefix) :]] = value
+            out[prefixes[prefix] + key[len(prefix) :]] = value
     if unknown:
         raise UnknownKeys(unknown)
     return out
 
 
 def from_transformers(state_dict: StateDict) -> StateDict:
-    """A transformers ``SegformerForSemanticSegmentation`` state dict (as saved on the Hub) in
-    hooktrain's keys for an ``mit_bX`` encoder and a ``segformer_mlp`` head."""
+    """A transformers segmentor's state dict (as saved on the Hub) in hooktrain's keys, told apart
+    by what it holds: ``SegformerForSemanticSegmentation`` (``segformer.``) or
+    ``UperNetForSemanticSegmentation`` (``backbone.`` with a ``decode_head.classifier``)."""
+    if any(k.startswith("segformer.") for k in state_dict):
+        return _segformer_from_transformers(state_dict)
+    if any(k.startswith("backbone.") for k in state_dict) and "decode_head.classifier.weight" in state_dict:
+        return _upernet_from_transformers(state_dict)
+    raise UnknownKeys(sorted(state_dict))
+
+
+_UPERNET_HEADS = {"decode_head.": "decode_head.", "auxiliary_head.": "aux_head."}
+_UPERNET_BACKBONES = (
+    "hooktrain converts transformers' UperNet with a ConvNext or Swin backbone only "
+    "(openmmlab/upernet-convnext-*, openmmlab/upernet-swin-*)"
+)
+
+
+def _upernet_from_transformers(state_dict: StateDict) -> StateDict:
+    """``UperNetForSemanticSegmentation`` with a ConvNext or Swin backbone, for a ``convnext_*`` /
+    ``swin_*`` encoder with ``out_norm: layer_norm`` and ``upernet`` + ``fcn`` heads.
+
+    transformers' heads are mmseg's with ``batch_norm`` for ``bn`` and ``classifier`` for
+    ``conv_seg``; the backbone's per-level ``hidden_states_norms`` become ``out_norms``."""
+    backbone, out, unknown = {}, {}, []
+    for key, value in state_dict.items():
+        key = re.sub(r"^backbone\.swin\.", "backbone.", key)  # transformers 5 nests SwinBackbone's model
+        if key.startswith("backbone.layernorm."):
+            continue  # SwinModel's final norm, which SwinBackbone loads but never applies
+        elif key.startswith("backbone."):
+            backbone[key] = value
+        elif (prefix := next((p for p in _UPERNET_HEADS if key.startswith(p)), None)) is not None:
+            name = key[len(prefix) :].replace(".batch_norm.", ".bn.")
+            name = re.sub(r"^classifier\.", "conv_seg.", name)
+            out[_UPERNET_HEADS[prefix] + name] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UnknownKeys(unknown)
+    if detect_format(strip_prefix(backbone, "backbone.")) not in ("transformers-convnext", "transformers-swin"):
+        raise UnknownKeys(sorted(backbone), hint=_UPERNET_BACKBONES)
+    return {**_backbone(backbone, "backbone."), **out}
+
+
+def _segformer_from_transformers(state_dict: StateDict) -> StateDict:
+    """``SegformerForSemanticSegmentation`` for an ``mit_bX`` encoder and a ``segformer_mlp`` head."""
     out = _backbone(state_dict, "segformer.")
     unknown = []
     for key, value in state_dict.items():

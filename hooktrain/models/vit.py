@@ -68,12 +68,16 @@ class ViTFeatures(nn.Module):
 
 
 def build_vit(name: str, out_indices: list[int], *, norm: bool, class_token: bool, pos_embed_resize: str,
-              **kwargs) -> ViTFeatures:  # fmt: skip
+              patch_bias: bool, **kwargs) -> ViTFeatures:  # fmt: skip
     """``timm.create_model(name, dynamic_img_size=True, **kwargs)`` as :class:`ViTFeatures`: any
     input size (position embeddings resized by timm; ``pos_embed_resize="mmseg"``: as
-    MMSegmentation's ``VisionTransformer`` resizes them, bicubic without antialiasing)."""
+    MMSegmentation's ``VisionTransformer`` resizes them, bicubic without antialiasing).
+    ``patch_bias=False`` removes the patch embedding's bias after any pretrained weights loaded,
+    as MMSegmentation's ViT (``patch_bias=False``) ignores the pretrained one."""
     kwargs.setdefault("dynamic_img_pad", True)  # pad the bottom/right to whole patches, as mmseg's 'corner'
     model = timm.create_model(name, dynamic_img_size=True, **kwargs)
+    if not patch_bias:
+        model.patch_embed.proj.bias = None
     if pos_embed_resize == "mmseg":
         if not isinstance(model, VisionTransformer) or model.reg_token is not None or model.no_embed_class:
             raise ValueError(

@@ -38,6 +38,12 @@ class EncoderConfig(Section):
         "null = none.",
     )
     out_norm_eps: float = Field(1e-6, gt=0, description="Epsilon of the out_norm LayerNorms.")
+    frozen: bool = Field(
+        False,
+        description="Train the heads only: the encoder's parameters get no gradients and stay out of the "
+        "optimizer (a linear probe, as DINOv2's linear evaluation). BatchNorm statistics inside a frozen "
+        "encoder still update in training.",
+    )
     grad_checkpointing: bool = Field(
         False,
         description="Recompute the encoder's blocks in the backward pass instead of keeping their "
@@ -52,6 +58,11 @@ class EncoderConfig(Section):
         False,
         description="ViT encoders: append the class token to each level's map, broadcast over it, as extra "
         "channels (DINOv2's linear head with the class token); register tokens are always dropped.",
+    )
+    patch_bias: bool = Field(
+        True,
+        description="ViT encoders: a bias in the patch embedding's convolution. MMSegmentation's "
+        "VisionTransformer has none (patch_bias=False; a pretrained bias is dropped, as mmseg drops it).",
     )
     pos_embed_resize: Literal["timm", "mmseg"] = Field(
         "timm",

@@ -33,6 +33,32 @@ class ParamRule(Section):
         return pattern
 
 
+class LayerDecay(Section):
+    """MMSegmentation's layer-wise LR decay (``LearningRateDecayOptimizerConstructor``, and
+    ``LayerDecayOptimizerConstructor`` for BEiT/MAE). Each encoder parameter gets a layer id and the
+    learning rate ``lr * rate ** (num_layers + 1 - id)``; the rest of the model (heads, neck,
+    out_norms, a ViT's final norm) has id ``num_layers + 1``, so the full rate. Weight decay is 0
+    for 1-D parameters and biases (a ViT's cls_token and pos_embed keep theirs, as in mmseg).
+    ``param_rules`` still apply on top (their multipliers multiply); mmseg's constructor has no
+    custom keys, so leave them out for mmseg's exact groups."""
+
+    rate: float = Field(
+        ..., gt=0, le=1, description="Decay per layer (mmseg's paramwise_cfg decay_rate / layer_decay_rate), e.g. 0.9."
+    )
+    num_layers: int = Field(
+        ...,
+        ge=1,
+        description="mmseg's num_layers: 6 in its ConvNeXt-T config, 12 in ConvNeXt-S/B/L/XL's; a ViT's depth "
+        "(12 for ViT-B).",
+    )
+    decay_type: Literal["layer_wise", "stage_wise"] = Field(
+        "layer_wise",
+        description="layer_wise: ConvNeXt's stem/downsamples and blocks numbered as mmseg's get_layer_id_for_convnext "
+        "(stage 2 in groups of 3 blocks), or a ViT's embeddings 0 and block i i+1 (get_layer_id_for_vit); "
+        "stage_wise (ConvNeXt only): stem and downsamples 0, stage i i+1.",
+    )
+
+
 class OptimizerConfig(Section):
     """The optimizer and its per-parameter rules."""
 
@@ -47,6 +73,11 @@ class OptimizerConfig(Section):
         default_factory=list,
         description="Per-parameter multipliers, e.g. [{pattern: head, lr_mult: 10}, "
         "{param_type: norm, decay_mult: 0}].",
+    )
+    layer_decay: LayerDecay | None = Field(
+        None,
+        description="Layer-wise LR decay of a ConvNeXt or ViT encoder, as MMSegmentation's, e.g. "
+        "{rate: 0.9, num_layers: 6, decay_type: stage_wise}.",
     )
 
 

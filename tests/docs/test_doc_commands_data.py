@@ -240,6 +240,50 @@ def test_bring_your_mmseg_checkpoint_commands(sandbox, mmseg_zoo_references):
     assert (sandbox / "masks" / "room.png").is_file()
 
 
+# -- docs/models.md: ConvNeXt and Swin as MMSegmentation has them -------------------------------
+
+CONVNEXT_CHECKPOINT = "upernet_convnext_tiny_fp16_512x512_160k_ade20k_20220227_124553-cad485de.pth"
+CONVNEXT_CONVERT = Doc(
+    f"hooktrain convert mmseg {CONVNEXT_CHECKPOINT} --recipe "
+    "recipes/mmseg/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.yaml "
+    "--out upernet_convnext-tiny_ade20k.safetensors"
+)
+SWIN_CHECKPOINT = (
+    "upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210531_112542-e380ad3e.pth"
+)
+SWIN_CONVERT = Doc(
+    f"hooktrain convert mmseg {SWIN_CHECKPOINT} --recipe "
+    "recipes/mmseg/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.yaml "
+    "--out upernet_swin_tiny_ade20k.safetensors"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "checkpoint", "config"),
+    [
+        (CONVNEXT_CONVERT, CONVNEXT_CHECKPOINT, "convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512"),
+        (SWIN_CONVERT, SWIN_CHECKPOINT, "swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512"),
+    ],
+    ids=["convnext", "swin"],
+)
+def test_bring_your_mmseg_convnext_or_swin_checkpoint_command(sandbox, mmseg_zoo_references, command, checkpoint,
+                                                               config):  # fmt: skip
+    """MMSegmentation's ConvNeXt-T (mmpretrain's backbone) and Swin-T UPerNets, built and saved by
+    MMSegmentation 1.2.2 with random weights: the page's command, as written, gives its logits."""
+    import torch
+
+    from hooktrain.deploy.export import load_exported
+
+    reference = mmseg_zoo_references[config]
+    (sandbox / checkpoint).symlink_to(reference / "checkpoint.pth")
+    assert "converted" in run(command, sandbox).output
+    model, _ = load_exported(sandbox / command.text.split("--out ")[1].split()[0])
+    case = torch.load(reference / "logits.pt")["97x131"]
+    with torch.no_grad():
+        got = model(case["input"])
+    assert ((got - case["logits"]).abs().max() / case["logits"].abs().max()).item() <= 1e-4
+
+
 # -- docs/models.md: bring a segmentation_models_pytorch checkpoint ---------------------------
 
 SMP_CONVERT = Doc(
@@ -267,6 +311,42 @@ def test_bring_your_smp_checkpoint_command(sandbox):
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
 
 
+# -- docs/models.md: bring a transformers UperNet checkpoint -----------------------------------
+
+UPERNET_CONVERT = Doc(
+    "hooktrain convert transformers openmmlab/upernet-convnext-tiny --recipe "
+    "recipes/transformers/upernet-convnext-tiny.yaml --out upernet-convnext-tiny.safetensors"
+)
+
+
+def test_bring_a_transformers_upernet_checkpoint_command(sandbox, monkeypatch):
+    """transformers' UperNet ConvNeXt-T as on the Hub (random weights), served as
+    ``openmmlab/upernet-convnext-tiny`` by the local Hub stand-in: the page's command, as written,
+    downloads it and gives a file whose model has transformers' logits."""
+    import torch
+    import transformers
+    from hub_server import HubServer
+
+    from hooktrain.deploy.export import load_exported
+
+    torch.manual_seed(0)
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    backbone = transformers.ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768], out_features=stages)
+    config = transformers.UperNetConfig(backbone_config=backbone, auxiliary_in_channels=384, num_labels=150)
+    reference = transformers.UperNetForSemanticSegmentation(config).eval()
+    reference.save_pretrained(sandbox / "upernet")
+    with HubServer() as hub:
+        hub.add("openmmlab/upernet-convnext-tiny", sandbox / "upernet", repo_type="model")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        assert "converted" in run(UPERNET_CONVERT, sandbox).output
+    model, _ = load_exported(sandbox / "upernet-convnext-tiny.safetensors")
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected, got = reference(pixel_values=image).logits, model(image)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
 # -- docs/benchmarks.md: the benches' smoke run (CI) and the generated tables -----------------
 
 RUN_ALL_QUICK = Doc("python bench/run_all.py --quick")
@@ -277,7 +357,8 @@ REPORT = Doc("python bench/report.py", append="--check")
 # The CPU benches of `run_all.py --quick`, one test each so that the test workers share them
 # (the page's command runs them one after another: ~5 minutes on 2 cores).
 QUICK_BENCHES = ["startup", "checkpoint", "metrics", "data_pipeline", "augment_exactness", "runner_overhead",
-                 "model_step", "mmseg_parity", "quickstart", "quickstart_binary", "onnx_inference"]  # fmt: skip
+                 "model_step", "mmseg_parity", "quickstart", "quickstart_binary", "onnx_inference",
+                 "grad_checkpointing", "unet_vs_fpn"]  # fmt: skip
 
 
 def test_the_benchmark_tables_are_current_and_every_cpu_bench_is_run_here():
@@ -305,7 +386,9 @@ def test_benchmark_page_commands(name, mmseg_env, tmp_path):
     assert record["bench"] == name and record["quick"] is True
     assert record["machine"]["cpu"]["cores"] >= 1 and record["date"] and record["revision"]
     if name == "mmseg_parity":
-        assert [row["mode"] for row in record["rows"]] == ["train", "whole"] and all(r["ratio"] > 0 for r in record["rows"])
+        modes = [(row.get("reference"), row["mode"]) for row in record["rows"]]
+        assert modes == [("mmseg", "train"), ("mmseg", "whole"), ("transformers", "train"), ("transformers", "whole")]
+        assert all(r["ratio"] > 0 for r in record["rows"])
     if name == "data_pipeline":
         assert record["mmseg_same_outputs"] is True  # hooktrain and MMSegmentation 1.2.2 made the same crops
 
@@ -353,7 +436,7 @@ RUN_HERE = [
     EXPORT_BEST, PREDICT_FILES, PLUGIN_INSTALL, PLUGIN_RUN,
     CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,
     DATA_CHECK, DATA_CHECK_VAL, DATA_CHECK_ADE, CONVERT_PALETTE, CONVERT_PALETTE_FILE,
-    ZOO_CONVERT, ZOO_PREDICT, SMP_CONVERT, RUN_ALL_QUICK, REPORT,
+    ZOO_CONVERT, ZOO_PREDICT, CONVNEXT_CONVERT, SWIN_CONVERT, SMP_CONVERT, UPERNET_CONVERT, RUN_ALL_QUICK, REPORT,
     BINARY_QUICKSTART, FOUR_BAND_QUICKSTART, SIXTEEN_BIT_QUICKSTART,
     EXPORT_ONNX, EXPORT_SAFETENSORS, PREDICT_ONNX, PREDICT_SAFETENSORS,
 ]  # fmt: skip

@@ -1,6 +1,6 @@
 """A throwaway MMSegmentation 1.2.2 environment, outside hooktrain's dependencies.
 
-``pip install --target DIR --no-deps`` puts mmsegmentation, mmengine, mmcv-lite and their
+``pip install --target DIR --no-deps`` puts mmsegmentation, mmengine, mmcv-lite, mmpretrain and their
 pure-Python dependencies (pinned) into a cache directory; torch, numpy and OpenCV come from the
 running interpreter and are never installed there. Scripts run in a subprocess of the same
 interpreter with DIR first on ``PYTHONPATH``, through a launcher module that stubs ``mmcv.ops``
@@ -51,6 +51,16 @@ PACKAGES = [
     "wcwidth==0.2.13",
     "regex==2026.11.19",
     "prettytable==3.18.0",
+    # mmpretrain (the ConvNeXt configs' backbone, `custom_imports` of mmpretrain.models) and what
+    # importing mmpretrain.models needs; model-index is the `modelindex` module (PyPI's
+    # `modelindex` is an empty wheel), importlib_metadata 9+ needs lazy_importer.
+    "mmpretrain==1.2.0",
+    "einops==0.8.2",
+    "importlib_metadata==8.7.0",
+    "zipp==4.1.2",
+    "model-index==0.1.11",
+    "ordered-set==4.1.0",
+    "markdown==3.11.3",
     "scipy==1.17.1; python_version >= '3.11'",
     "scipy==1.15.3; python_version < '3.11'",
 ]

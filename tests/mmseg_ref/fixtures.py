@@ -29,6 +29,7 @@ DEEPLABV3_HEAD = (
     "model.decode_head={type: aspp, in_index: 3, channels: 512, dilations: [1, 12, 24, 36], dropout: 0.1,"
     " losses: [{type: cross_entropy, avg_non_ignore: false}]}"
 )
+# Odd sides; and at 128x160 no Swin stage map (32x40 .. 4x5) is a whole number of 7x7 windows.
 SIZES = "97x131,128x160"
 
 

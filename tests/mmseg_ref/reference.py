@@ -102,10 +102,13 @@ def build_model(name: str, num_classes: int | None = None):
 def randomise(model: torch.nn.Module) -> None:
     """Every parameter and BN statistic random, from the global torch seed, in a fixed order:
     weights (ndim > 1) ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm weights ~ U(0.5, 1.5), BN
-    running_mean ~ N(0, 0.1) and running_var ~ U(0.5, 1.5). Activations stay O(1) through
-    ResNet-50 (eval-mode BN does not renormalise) and no BN is the identity."""
+    running_mean ~ N(0, 0.1) and running_var ~ U(0.5, 1.5); position embeddings ~ N(0, 0.25).
+    Activations stay O(1) through ResNet-50 (eval-mode BN does not renormalise) and no BN is the
+    identity."""
     for name, param in model.named_parameters():
-        if param.ndim > 1:
+        if name.endswith("pos_embed"):  # O(1), so that resizing it differently shows in the logits
+            param.normal_(0, 0.5)
+        elif param.ndim > 1:
             param.normal_(0, param[0].numel() ** -0.5)
         elif name.endswith("bias"):
             param.normal_(0, 0.1)

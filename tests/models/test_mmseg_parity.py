@@ -20,7 +20,9 @@ from hooktrain.deploy.convert import convert
 from hooktrain.deploy.export import load_exported
 from hooktrain.errors import UserError
 from hooktrain.models.encoder import build_encoder
+from hooktrain.models.segmentor import build_segmentor
 from hooktrain.recipe.model import EncoderConfig
+from hooktrain.recipe.schema import load_recipe
 
 TOLERANCE = 1e-4
 
@@ -55,6 +57,11 @@ def test_converted_zoo_model_computes_mmsegmentations_function(mmseg_zoo_referen
         (CONFIGS[0], {"name": "mit_b0"}),
         (CONFIGS[1], {"name": "resnet50c", "out_indices": [1, 2, 3, 4]}),
         (CONFIGS[3], {"name": "resnet50c", "out_indices": [1, 2, 3, 4], "kwargs": {"output_stride": 8}}),
+        (
+            "vit_vit-b16_mln_upernet_8xb2-160k_ade20k-512x512",
+            {"name": "vit_base_patch16_224", "out_indices": [2, 5, 8, 11], "kwargs": {"img_size": 512},
+             "pos_embed_resize": "mmseg", "patch_bias": False},
+        ),  # fmt: skip
     ],
 )
 def test_mmseg_backbone_checkpoints_load_as_pretrained_path(mmseg_zoo_references, name, encoder):
@@ -132,3 +139,68 @@ def test_larger_backbones_match_mmsegmentation(backbone_references, name, encode
     for level, (g, w) in enumerate(zip(got, reference["features"], strict=True)):
         assert g.shape == w.shape, level
         assert relative_error(g, w) <= TOLERANCE, level
+
+
+SWIN = "swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512"
+
+
+def recipe_features(config: str, image: torch.Tensor, options: list[str]) -> list[torch.Tensor]:
+    """The levels the heads of recipes/mmseg/<config>.yaml read (encoder, out_norms, neck)."""
+    recipe = load_recipe(RECIPES / "mmseg" / f"{config}.yaml", options)
+    model = build_segmentor(recipe.model, num_classes=150).eval()
+    with torch.no_grad():
+        return model.features(image)
+
+
+@pytest.mark.slow
+def test_swin_backbone_file_loads_as_pretrained_path_with_its_level_norms(mmseg_zoo_references):
+    """MMSegmentation's Swin backbone file (norm0..3 included) as model.encoder.pretrained_path:
+    the encoder and hooktrain's out_norms give the backbone's features, at 97x131 (stage maps
+    25x33 .. 4x5: padded to whole patches, to even sizes and to whole windows)."""
+    reference = mmseg_zoo_references[SWIN]
+    image = torch.load(reference / "logits.pt")["97x131"]["input"]
+    got = recipe_features(SWIN, image, [f"model.encoder.pretrained_path={reference / 'backbone.pth'}"])
+    want = torch.load(reference / "backbone_features.pt")
+    assert len(got) == len(want) == 4
+    for level, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, level
+        assert relative_error(g, w) <= TOLERANCE, level
+
+
+@pytest.mark.slow
+def test_swin_level_norms_that_do_not_fit_out_indices_are_refused(mmseg_zoo_references):
+    options = [f"model.encoder.pretrained_path={mmseg_zoo_references[SWIN] / 'backbone.pth'}",
+               "model.encoder.out_indices=[1, 2, 3]"]  # fmt: skip
+    message = (
+        r"model\.encoder\.pretrained_path: .*per-level norms of \[96, 192, 384, 768\] channels, "
+        r"the model's out_norm levels \[192, 384, 768\]; set model\.encoder\.out_indices"
+    )
+    with pytest.raises(UserError, match=message):
+        recipe_features(SWIN, torch.zeros(1, 3, 64, 64), options)
+
+
+CONVNEXT = "convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512"
+
+
+@pytest.mark.slow
+def test_mmpretrain_convnext_backbone_file_loads_as_pretrained_path(mmseg_zoo_references, tmp_path):
+    """mmpretrain's ConvNeXt backbone file as model.encoder.pretrained_path: with norm0..3, the
+    encoder and out_norms give the backbone's features; with norm3 only (mmpretrain's ImageNet
+    files) the last level's norm is loaded and the others keep their initialisation."""
+    reference = mmseg_zoo_references[CONVNEXT]
+    image = torch.load(reference / "logits.pt")["97x131"]["input"]
+    got = recipe_features(CONVNEXT, image, [f"model.encoder.pretrained_path={reference / 'backbone.pth'}"])
+    want = torch.load(reference / "backbone_features.pt")
+    assert len(got) == len(want) == 4
+    for level, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, level
+        assert relative_error(g, w) <= TOLERANCE, level
+
+    state = torch.load(reference / "backbone.pth", weights_only=True)["state_dict"]
+    imagenet = {k: v for k, v in state.items() if not k.startswith(("norm0.", "norm1.", "norm2."))}
+    torch.save({"state_dict": imagenet}, tmp_path / "convnext_in1k.pth")
+    option = f"model.encoder.pretrained_path={tmp_path / 'convnext_in1k.pth'}"
+    recipe = load_recipe(RECIPES / "mmseg" / f"{CONVNEXT}.yaml", [option])
+    model = build_segmentor(recipe.model, num_classes=150)
+    assert torch.equal(model.out_norms[3].weight, state["norm3.weight"])
+    assert torch.equal(model.out_norms[0].weight, torch.ones(96))

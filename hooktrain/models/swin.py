@@ -1,0 +1,65 @@
+"""timm's Swin Transformer (v1) as a segmentation encoder: any input size, NCHW levels, and
+shifted-window attention as MMSegmentation's, transformers' and Microsoft's segmentation Swin
+compute it."""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models._features import FeatureGetterNet
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+from torch import nn
+
+
+def is_swin(name: str) -> bool:
+    """Whether timm model ``name`` is a ``timm.models.swin_transformer`` Swin (v1)."""
+    name = name.removeprefix("timm/")
+    return timm.is_model(name) and timm.models.model_entrypoint(name).__module__ == "timm.models.swin_transformer"
+
+
+def create_swin(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, features_only=True, **kwargs)`` set up as MMSegmentation's
+    ``SwinTransformer``: the input padded at the bottom/right to whole patches (its 'corner'
+    padding), attention masks built for each input size, windows never shrunk and shifts never
+    dropped for small maps (``always_partition``), levels returned as NCHW (timm's
+    ``forward_intermediates``, so parameters are timm's names under ``model.``), and each block's
+    window attention padding before it shifts (:func:`_pad_then_shift_attention`)."""
+    kwargs.setdefault("strict_img_size", False)
+    kwargs.setdefault("always_partition", True)
+    kwargs.setdefault("embed_layer", functools.partial(PatchEmbed, dynamic_img_pad=True))
+    kwargs.setdefault("feature_cls", "getter")
+    model = timm.create_model(name, features_only=True, **kwargs)
+    if isinstance(model, FeatureGetterNet):  # the getter lacks the switch its Swin has
+        model.set_grad_checkpointing = model.model.set_grad_checkpointing
+    for module in model.modules():
+        if isinstance(module, SwinTransformerBlock):
+            module._attn = types.MethodType(_pad_then_shift_attention, module)
+    return model
+
+
+def _pad_then_shift_attention(self: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``SwinTransformerBlock._attn`` with the padding to whole windows done before the
+    cyclic shift, as MMSegmentation's ``ShiftWindowMSA``, transformers' ``SwinLayer`` and
+    Microsoft's Swin-Transformer-Semantic-Segmentation do. timm 1.0.31 shifts first and pads
+    after, while its mask (built on the padded size) assumes the opposite order: on maps that
+    are not whole windows (every stage at 512x512), the first rows and columns, wrapped around by
+    the shift, share a window and a mask region with the last ones and attend to them (the order
+    timm issue #2438 reports for Swin V2; V1's blocks have it too)."""
+    _, height, width, channels = x.shape
+    window_h, window_w = self.window_size
+    x = F.pad(x, (0, 0, 0, (window_w - width % window_w) % window_w, 0, (window_h - height % window_h) % window_h))
+    _, padded_h, padded_w, _ = x.shape
+    shift = any(self.shift_size)
+    if shift:
+        x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+    mask = self.get_attn_mask(x) if self.dynamic_mask else self.attn_mask
+    windows = self.attn(window_partition(x, self.window_size).view(-1, self.window_area, channels), mask=mask)
+    x = window_reverse(windows.view(-1, window_h, window_w, channels), self.window_size, padded_h, padded_w)
+    if shift:
+        x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+    return x[:, :height, :width, :].contiguous()
