@@ -106,6 +106,34 @@ def tiny(data_root: Path, iters: int = 6, *extra: str) -> list[str]:
     return options
 
 
+# A seconds-long run of an ADE20K recipe's own model on the replica the local Hub stand-in serves.
+TINY_ADE20K = [
+    "train.max_iters=2", "schedule.warmup_iters=1", "model.encoder.pretrained=false", "data.train.batch_size=2",
+    "data.train.shuffle_buffer=4", "data.train.num_workers=0", "data.train.pipeline.scale=[64,32]",
+    "data.train.pipeline.crop_size=[32,32]", "data.val.pipeline.scale=[64,32]", "data.val.num_workers=0",
+    "hooks.0.interval=1", "hooks.1.interval=2", "hooks.2.interval=2", "train.mixed_precision=no",
+]  # fmt: skip
+
+
+def train_on_ade20k_replica(recipe: Path | str, tmp_path: Path, *extra: str) -> Path:
+    """Train ``recipe`` for two iterations (:data:`TINY_ADE20K` and ``extra`` options) on the
+    ADE20K replica served by a local Hub stand-in, through the real client; asserts the run ends
+    with its iteration-2 checkpoint and returns the work dir."""
+    from hub_replicas import serve_ade20k
+    from hub_server import HubServer
+
+    server = HubServer()
+    serve_ade20k(server, tmp_path / "hub")
+    work_dir = tmp_path / "run"
+    env = {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}  # fmt: skip
+    with server:
+        result = run_cli(str(recipe), "--work-dir", str(work_dir), "--cfg-options", *TINY_ADE20K, *extra, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (work_dir / "checkpoints" / "iter_2" / "model.safetensors").is_file()
+    return work_dir
+
+
 def randomise(model):
     """``model`` in eval mode with weights and BN statistics that give logits of order 1 (a fresh
     head's are ~1e-3, which would make softmax almost linear and tests blind to, say, the order

@@ -4,17 +4,13 @@ pads before it shifts (MMSegmentation's order; parity with its Swin is in test_m
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from conftest import RECIPES, ROOT
-from hub_replicas import serve_ade20k
-from hub_server import HubServer
+from conftest import RECIPES, train_on_ade20k_replica
 from timm.models.swin_transformer import SwinTransformerBlock
 
 from hooktrain.models.backbone_keys import to_timm
@@ -130,21 +126,4 @@ def test_mmseg_swin_keys_become_timms():
 def test_the_swin_recipe_trains(tmp_path):
     """The Swin-T UPerNet recipe's own model trains two iterations and evaluates on the ADE20K
     replica served by the local Hub stand-in (32x32 crops: stage maps 8x8 .. 1x1, all padded)."""
-    options = [
-        "train.max_iters=2", "schedule.warmup_iters=1", "model.encoder.pretrained=false", "data.train.batch_size=2",
-        "data.train.shuffle_buffer=4", "data.train.num_workers=0", "data.train.pipeline.scale=[64,32]",
-        "data.train.pipeline.crop_size=[32,32]", "data.val.pipeline.scale=[64,32]", "data.val.num_workers=0",
-        "hooks.0.interval=1", "hooks.1.interval=2", "hooks.2.interval=2", "train.mixed_precision=no",
-    ]  # fmt: skip
-    server = HubServer()
-    serve_ade20k(server, tmp_path / "hub")
-    work_dir = tmp_path / "run"
-    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
-           "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}  # fmt: skip
-    with server:
-        result = subprocess.run([sys.executable, "-m", "hooktrain", str(SWIN_RECIPE), "--work-dir", str(work_dir),
-                                 "--cfg-options", *options], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (work_dir / "checkpoints" / "iter_2" / "model.safetensors").is_file()
-
+    train_on_ade20k_replica(SWIN_RECIPE, tmp_path)

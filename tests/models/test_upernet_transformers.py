@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_refused, run_cli
-from hub_replicas import serve_ade20k
+from conftest import ROOT, assert_refused, run_cli, train_on_ade20k_replica
 from hub_server import HubServer
 
 from hooktrain.deploy.export import load_exported
@@ -225,17 +224,4 @@ def test_convert_a_upernet_of_another_backbone_is_one_line(tmp_path):
 def test_the_transformers_upernet_recipes_train(recipe, tmp_path):
     """Each recipe's own model trains two iterations and evaluates on the ADE20K replica served
     by the local Hub stand-in (32x32 crops; the ConvNeXt recipe's slide windows clamp to the image)."""
-    options = [
-        "train.max_iters=2", "schedule.warmup_iters=1", "model.encoder.pretrained=false", "data.train.batch_size=2",
-        "data.train.shuffle_buffer=4", "data.train.num_workers=0", "data.train.pipeline.scale=[64,32]",
-        "data.train.pipeline.crop_size=[32,32]", "data.val.pipeline.scale=[64,32]", "data.val.num_workers=0",
-        "hooks.0.interval=1", "hooks.1.interval=2", "hooks.2.interval=2", "train.mixed_precision=no",
-    ]  # fmt: skip
-    server = HubServer()
-    serve_ade20k(server, tmp_path / "hub")
-    env = {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
-           "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}  # fmt: skip
-    with server:
-        result = run_cli(str(RECIPES / recipe), "--work-dir", str(tmp_path / "run"), "--cfg-options", *options, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoints" / "iter_2" / "model.safetensors").is_file()
+    train_on_ade20k_replica(RECIPES / recipe, tmp_path)

@@ -3,17 +3,11 @@ gradient checkpointing, against timm's own forward passes; the ViT recipes train
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, assert_refused, run_cli, tiny
-from hub_replicas import serve_ade20k
-from hub_server import HubServer
+from conftest import assert_refused, run_cli, tiny, train_on_ade20k_replica
 
 from hooktrain.engine.optim import param_groups
 from hooktrain.errors import UserError
@@ -194,23 +188,6 @@ def test_a_misconfigured_vit_recipe_exits_2(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-ADE20K_OPTIONS = [
-    "train.max_iters=2", "schedule.warmup_iters=1", "model.encoder.pretrained=false", "data.train.batch_size=2",
-    "data.train.shuffle_buffer=4", "data.train.num_workers=0", "data.train.pipeline.scale=[64,32]",
-    "data.train.pipeline.crop_size=[32,32]", "data.val.pipeline.scale=[64,32]", "data.val.num_workers=0",
-    "model.inference.mode=whole", "hooks.0.interval=1", "hooks.1.interval=2", "hooks.2.interval=2",
-    "train.mixed_precision=no",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def ade20k_hub(tmp_path_factory):
-    server = HubServer()
-    serve_ade20k(server, tmp_path_factory.mktemp("hub"))
-    with server:
-        yield server
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
@@ -219,19 +196,12 @@ def ade20k_hub(tmp_path_factory):
         "recipes/ade20k_dinov2_upernet.yaml",
     ],
 )
-def test_the_vit_ade20k_recipes_train(recipe, ade20k_hub, tmp_path):
+def test_the_vit_ade20k_recipes_train(recipe, tmp_path):
     """Each recipe's own model (ViT-S/14 linear probe, ViT-B/14 + MLN + UPerNet) trains two
     iterations and evaluates on the ADE20K replica served by the local Hub stand-in. (MMSegmentation's
     ViT-B/16 + MLN + UPerNet recipe is the same code path; tests/models/test_mmseg_parity.py
     builds it from its recipe and checks its logits.)"""
-    work_dir = tmp_path / "run"
-    env = {**os.environ, "HF_ENDPOINT": ade20k_hub.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
-           "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "hooktrain", recipe, "--work-dir", str(work_dir),
-                             "--cfg-options", *ADE20K_OPTIONS], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (work_dir / "checkpoints" / "iter_2" / "model.safetensors").is_file()
+    train_on_ade20k_replica(recipe, tmp_path, "model.inference.mode=whole")
 
 
 @pytest.mark.slow
