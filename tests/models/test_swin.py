@@ -57,7 +57,7 @@ def test_shifted_windows_do_not_attend_across_the_wrap_around(attention):
     with torch.no_grad():
         first_row_change = (forward(moved)[:, 0] - forward(x)[:, 0]).abs().max().item()
     if attention == "hooktrain":
-        assert first_row_change == 0.0
+        assert first_row_change <= 1e-6  # masked (-100) logits: nothing, up to the CPU's attention kernel
     else:
         assert first_row_change > 1e-3
 
