@@ -73,6 +73,7 @@ class Faults:
     outage_at: int | None = None  # the content request (1-based) that starts an outage
     outage_s: float = 0.0  # how long it lasts (float("inf"): until come_back)
     outage: str = "refused"  # or "503": every request answered 503 meanwhile
+    sure_at: int | None = None  # the content request (1-based) that fails whatever the draw
     injected: list[str] = field(default_factory=list)  # what was injected, in order
     rng: random.Random = field(init=False)
 
@@ -147,7 +148,7 @@ class HubServer:
             faults.injected.append(f"outage ({faults.outage}, {faults.outage_s:g} s)")
             self.go_down(faults.outage, faults.outage_s)
             return "drop"
-        if faults.rng.random() < faults.share:
+        if faults.rng.random() < faults.share or count == faults.sure_at:
             kind = faults.rng.choice(faults.kinds)
             faults.injected.append(kind)
             return kind
