@@ -338,6 +338,55 @@ def unet_vs_fpn(r: Result) -> tuple[str, str]:
     return summary, table(header, rows)
 
 
+
+def mask_matching(r: Result) -> tuple[str, str]:
+    def versus(x: Result) -> str:
+        return f", step {x['step_vs_transformers']:.2f}x transformers'" if "step_vs_transformers" in x else ""
+
+    summary = "; ".join(f"{x['queries']} queries: matching {1e3 * x['matching_s_per_image']:.1f} ms/image, "
+                        f"{100 * x['matching_share_of_step']:.0f}% of the criterion step{versus(x)}"
+                        for x in r["runs"])  # fmt: skip
+    rows = [[x["queries"], fmt(1e3 * x["matching_s_per_image"], 1), fmt(1e3 * x["assignment_s_per_image"], 3),
+             fmt(x["matching_peak_mib"], 1), fmt(1e3 * x["point_sampling_s"], 1), fmt(x["point_sampling_peak_mib"], 1),
+             fmt(x["criterion_step_s"], 3), fmt(x["criterion_step_peak_mib"], 1), f"{x['matching_share_of_step']:.1%}",
+             fmt(x["transformers_step_s"], 3) if "transformers_step_s" in x else "not measured",
+             fmt(x["step_vs_transformers"], 2) if "step_vs_transformers" in x else ""]
+            for x in r["runs"]]  # fmt: skip
+    header = ["queries", "matching ms/image", "linear_sum_assignment ms/image", "matching peak MiB",
+              "point sampling ms", "point sampling peak MiB", "criterion step s", "step peak MiB",
+              "matching share of step", "transformers step s", "step ratio"]  # fmt: skip
+    setting = (f"{r['batch']} targets of {r['target_size']}x{r['target_size']} ({joined(r['segments_per_image'])} "
+               f"segments of {r['classes']} classes), mask logits at {r['mask_logits_size']}x{r['mask_logits_size']}, "
+               f"{r['layers']} supervised layers, {r['points']} points, fastest of {r['repeats']} runs, "
+               f"{r['threads']} thread(s); peak memory: {r['peak_memory']}")  # fmt: skip
+    return summary, table(header, rows) + f"\n\n{setting}."
+
+
+def eomt_vs_transformers(r: Result) -> tuple[str, str]:
+    train, infer = r["train"], r["inference"]
+    summary = (f"{r['device']} {r['precision']} {r['size']}x{r['size']} b{r['batch']}: train step ratio "
+               f"{train['ratio']:.2f} fastest, {train['paired_ratio']:.2f} per round; inference ratio "
+               f"{infer['ratio']:.2f} fastest, {infer['paired_ratio']:.2f} per round")  # fmt: skip
+    rows = [[name, fmt(x["hooktrain_s"]), fmt(x["transformers_s"]), fmt(x["ratio"], 2), fmt(x["hooktrain_median_s"]),
+             fmt(x["transformers_median_s"]), fmt(x["median_ratio"], 2), fmt(x["paired_ratio"], 2)]
+            for name, x in (("train step (forward + loss + backward)", train), ("inference (semantic scores)", infer))]
+    header = ["", "hooktrain s (fastest)", "transformers s (fastest)", "ratio", "hooktrain median s",
+              "transformers median s", "ratio of medians", "median of the rounds' ratios"]  # fmt: skip
+    config = r["config"]
+    setting = (f"EoMT, ViT of width {config['hidden_size']}, depth {config['num_hidden_layers']}, "
+               f"{config['num_attention_heads']} heads, patch {config['patch_size']}, "
+               f"{config['num_register_tokens']} registers, {config['num_queries']} queries, {config['num_blocks']} "
+               f"masked blocks, {config['num_labels']} classes ({r['parameters']:,} parameters); batch {r['batch']} "
+               f"at {r['size']}x{r['size']}, {joined(r['segments_per_image'])} segments per image, {r['points']} "
+               f"points; transformers {r['transformers_version']} ({r['attention']} attention), {r['threads']} "
+               f"threads. Seconds are the fastest of {r['rounds']} alternating rounds (medians beside them); each "
+               f"round runs one step of each model back to back. Same "
+               f"weights: semantic scores within {r['scores_max_relative_difference']:.1e} (relative); losses "
+               f"{r['loss']['hooktrain']} (hooktrain) and {r['loss']['transformers']} (transformers: its layers "
+               "draw their random points in another order)")  # fmt: skip
+    return summary, table(header, rows) + f"\n\n{setting}."
+
+
 # bench: (what is compared, target, renderer)
 BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "startup": ("time from the command to a one-line error, and to the first iteration, against importing "
@@ -371,6 +420,12 @@ BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
                            grad_checkpointing),
     "unet_vs_fpn": ("U-Net vs the quickstarts' FPN (binary, 4-band) for the same training time, same run",
                     "measured", unet_vs_fpn),
+    "mask_matching": ("Mask2Former's Hungarian matching inside its criterion (`hooktrain.models.mask_criterion`): "
+                      "its time, share of a criterion step and peak memory at 100 and 200 queries, the step against "
+                      "transformers' `Mask2FormerLoss`", "step ratio <= 1.0", mask_matching),
+    "eomt_vs_transformers": ("hooktrain's EoMT against transformers' `EomtForUniversalSegmentation`, same weights "
+                             "and inputs (ViT-S-like, 512x512): training step with the masks on, inference after "
+                             "annealing", "ratio <= 1.0", eomt_vs_transformers),
     "gpu_train": ("SegFormer-B0 (`recipes/ade20k.yaml`) on one GPU: end to end per speed switch, model-only, "
                   "and MMSegmentation 1.2.2 on the same card", ">= 500 img/s, data-bound gap < 5%", gpu_train),
 }  # fmt: skip

@@ -57,6 +57,8 @@ BENCHES = (
     Bench("onnx_inference"),
     Bench("grad_checkpointing", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
     Bench("unet_vs_fpn"),
+    Bench("mask_matching", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
+    Bench("eomt_vs_transformers", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
     Bench("gpu_train", devices=("cuda",)),
 )
 

@@ -98,13 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert_sub = convert.add_subparsers(dest="convert_kind", required=True)
     sources = {
         "mmseg": "an MMSegmentation model-zoo checkpoint (.pth)",
-        "transformers": "a transformers SegFormer: a directory, a weights file or a Hub id",
+        "transformers": "a transformers EoMT, SegFormer or UperNet: a directory, a weights file or a Hub id",
         "smp": "a segmentation_models_pytorch Unet state dict (tu-<timm encoder>): a file or a save_pretrained directory",
     }
     for kind, source_help in sources.items():
         kind_parser = convert_sub.add_parser(kind, help=f"convert {source_help}")
         kind_parser.add_argument("source", help=source_help)
-        kind_parser.add_argument("--recipe", required=True, help="recipe describing the checkpoint's model")
+        derived = " (default: derived from its config.json)" if kind == "transformers" else ""
+        kind_parser.add_argument(
+            "--recipe", required=not derived, help=f"recipe describing the checkpoint's model{derived}"
+        )
         kind_parser.add_argument("--out", required=True, help="output .safetensors file (as `hooktrain export`)")
         kind_parser.add_argument(
             "--cfg-options", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="override recipe keys"

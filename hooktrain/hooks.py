@@ -21,6 +21,7 @@ Then the loop, exactly as ``IterRunner.run`` executes it, with the stage each ho
             ranks agree: stop signal? non-finite terms? same term names?  (hooktrain.engine.agreement)
             optimizer.step() unless non-finite; optimizer.zero_grad(); scheduler.step()
             state.iter += 1
+            model.schedule(state.iter)           # a family's own schedule (EoMT's mask annealing); also before the loop
             after_train_iter(runner, outputs)    # eval, then checkpoint, then logging
                 before_val(runner)               #   fired by an evaluating hook around
                 after_val(runner, metrics)       #   its validation pass (runner.validate)

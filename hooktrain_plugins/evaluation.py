@@ -91,6 +91,11 @@ class EvalHook(Hook):
         """Refuse a recipe without validation data, or a ``best_key`` no evaluation computes."""
         if recipe.data.val is None:
             raise UserError("eval hook: the recipe has no data.val section; add one, or remove the eval hook")
+        if self.evaluation.options.loss and not hasattr(recipe.model.decode_head, "losses"):
+            raise UserError(
+                f"eval hook: loss: true scores per-pixel losses, and a {recipe.model.decode_head.type} decode head "
+                "has none (its criterion matches queries to segments); set loss: false"
+            )
         tracked = self.tracked_metrics(recipe)
         if not self.computes(self.best_key, recipe):
             raise UserError(

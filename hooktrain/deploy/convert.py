@@ -123,34 +123,40 @@ def fit_to_model(converted: StateDict, model: torch.nn.Module, source: str) -> S
 
 
 def convert(
-    kind: str, source: str, recipe_path: str, out: str | os.PathLike, cfg_options: list[str] | None = None
+    kind: str,
+    source: str,
+    recipe_path: str | None,
+    out: str | os.PathLike,
+    cfg_options: list[str] | None = None,
 ) -> Path:
     """Convert ``source`` (``kind`` is ``mmseg``, ``transformers`` or ``smp``) into the model of the recipe
-    at ``recipe_path`` and write it, with the resolved recipe, to the ``.safetensors`` file ``out``."""
+    at ``recipe_path`` and write it, with the resolved recipe, to the ``.safetensors`` file ``out``.
+
+    A transformers checkpoint with a ``config.json`` (EoMT, SegFormer, UperNet) needs no recipe
+    (``recipe_path`` None): :mod:`hooktrain.deploy.transformers_recipe` derives it; a given recipe
+    must agree with the config (one ``UserError`` line names the first setting that does not)."""
     from safetensors.torch import save_file
 
     from hooktrain.deploy.export import FORMAT
     from hooktrain.models import build_recipe_segmentor
-    from hooktrain.recipe.schema import dump_recipe, load_recipe
+    from hooktrain.recipe.schema import dump_recipe
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"convert: output {out} must end with .safetensors")
-    recipe = load_recipe(recipe_path, cfg_options)
-    if kind == "mmseg":
-        raw, rename = load_torch_file(Path(source), "convert mmseg"), from_mmseg
-    elif kind == "smp":
-        raw, rename = smp_weights(source), from_smp
+    config = None
+    if kind == "transformers":
+        config, recipe = _transformers_recipe(source, recipe_path, cfg_options)
+    elif recipe_path is None:
+        raise UserError(f"convert {kind}: give --recipe, the recipe of the checkpoint's architecture")
     else:
-        raw, rename = transformers_weights(source), from_transformers
-    try:
-        converted = rename(raw)
-    except UnknownKeys as err:
-        raise UserError(
-            f"convert {kind}: {source} has {len(err.keys)} keys hooktrain has no counterpart for "
-            f"({', '.join(err.keys[:SHOWN])}); {err.hint or f'is it a {kind} segmentor checkpoint?'}"
-        ) from None
+        recipe = _load_recipe(recipe_path, cfg_options)
+    converted = _converted_weights(kind, source, config)
     model = build_recipe_segmentor(recipe, on_meta=True)
+    if config is not None:
+        from hooktrain.deploy.transformers_recipe import check_recipe_matches
+
+        check_recipe_matches(config, recipe, model, recipe_path)
     weights = fit_to_model(converted, model, source)
     metadata = {
         "format": FORMAT,
@@ -161,3 +167,59 @@ def convert(
     with atomic_path(out, default_mode=True) as tmp:
         save_file(weights, str(tmp), metadata=metadata)
     return out
+
+
+def _load_recipe(recipe_path: str, cfg_options: list[str] | None):
+    from hooktrain.recipe.schema import load_recipe
+
+    return load_recipe(recipe_path, cfg_options)
+
+
+def _transformers_recipe(source: str, recipe_path: str | None, cfg_options: list[str] | None) -> tuple:
+    """The checkpoint's ``config.json`` (None without one) and the recipe: ``recipe_path``'s, or
+    the one derived from the config."""
+    from hooktrain.deploy.transformers_recipe import check_model_type, recipe_from_transformers, transformers_config
+    from hooktrain.recipe.schema import apply_cfg_options, validate_recipe
+
+    config, preprocessor = transformers_config(source)
+    if config is not None:
+        check_model_type(config, source)
+    if recipe_path is not None:
+        return config, _load_recipe(recipe_path, cfg_options)
+    if config is None:
+        raise UserError(
+            f"convert transformers: {source} has no config.json to derive the recipe from; "
+            "give --recipe, or the checkpoint's directory or Hub id"
+        )
+    data = apply_cfg_options(recipe_from_transformers(config, preprocessor, source), cfg_options or [])
+    return config, validate_recipe(data)
+
+
+def _converted_weights(kind: str, source: str, config: dict | None) -> StateDict:
+    """``source``'s state dict under hooktrain's names."""
+    from hooktrain.deploy.transformers_recipe import EOMT_TYPES
+
+    if kind == "mmseg":
+        raw, rename = load_torch_file(Path(source), "convert mmseg"), from_mmseg
+    elif kind == "smp":
+        raw, rename = smp_weights(source), from_smp
+    elif config is not None and config.get("model_type") in EOMT_TYPES:
+        return _eomt_weights(transformers_weights(source), config, source)
+    else:
+        raw, rename = transformers_weights(source), from_transformers
+    try:
+        return rename(raw)
+    except UnknownKeys as err:
+        raise UserError(
+            f"convert {kind}: {source} has {len(err.keys)} keys hooktrain has no counterpart for "
+            f"({', '.join(err.keys[:SHOWN])}); {err.hint or f'is it a {kind} segmentor checkpoint?'}"
+        ) from None
+
+
+def _eomt_weights(raw: StateDict, config: dict, source: str) -> StateDict:
+    from hooktrain.models.eomt_keys import eomt_keys_from_transformers
+
+    try:
+        return eomt_keys_from_transformers(raw, config)
+    except ValueError as err:
+        raise UserError(f"convert transformers: {source}: {err}; is it the checkpoint of its config.json?") from None

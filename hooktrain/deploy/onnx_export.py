@@ -15,6 +15,10 @@ Slide inference, flip and multi-scale TTA stay in Python (``hooktrain predict`` 
 (:func:`onnx_metadata`): the format, the resolved recipe (YAML), ``in_channels``,
 ``num_classes``, ``mean``, ``std``, ``threshold``, ``class_names``, ``palette`` (JSON).
 
+The graph follows the input size in every encoder, timm's ViTs included: their antialiased
+bicubic resize of the position embeddings to the patch grid, which opset 17 has no operator for,
+is traced as two resize matrices (:func:`antialiased_bicubic_weights`).
+
 Before anything is written the graph runs in onnxruntime on random inputs of batch 2 at sizes
 other than the export size, against PyTorch; a relative difference (``max|ort - torch| /
 max|torch|``) above :data:`TOLERANCE` is a ``UserError`` and no file is written. The file is
@@ -23,10 +27,11 @@ written to a temporary name in the output directory and moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +87,79 @@ class OnnxAdaptiveAvgPool2d(nn.Module):
         rows = self._weights(x[0, 0, :, 0], self.output_size[0], x.dtype)
         cols = self._weights(x[0, 0, 0, :], self.output_size[1], x.dtype)
         return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+def antialiased_bicubic_weights(out_size: torch.Tensor | int, in_size: int) -> torch.Tensor:
+    """``[out_size, in_size]`` matrix ``A`` with ``A @ line`` = PyTorch's antialiased bicubic resize
+    of ``line`` (``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``, one axis).
+
+    As PyTorch's kernel: scale ``s = in/out``; output ``i`` reads inputs ``j`` in
+    ``[floor(c - r + 0.5), floor(c + r + 0.5))`` around its centre ``c = s (i + 0.5)``, radius
+    ``r = 2 max(s, 1)``, weighted by the cubic filter (``a = -0.5``) at ``(j + 0.5 - c) / max(s, 1)``
+    and normalised. ``out_size`` may be a traced size, so the ONNX graph stays dynamic; ONNX's
+    ``Resize`` has no antialiasing before opset 18, so the exporter has no symbolic for the op.
+    """
+    index = torch.arange(out_size, dtype=torch.float32)
+    scale = in_size / torch.ones_like(index).sum()  # out_size as a tensor either way
+    stretch = torch.clamp(scale, min=1.0)
+    centre = scale * (index + 0.5)
+    first = torch.clamp(torch.floor(centre - 2 * stretch + 0.5), min=0.0)
+    end = torch.clamp(torch.floor(centre + 2 * stretch + 0.5), max=float(in_size))
+    source = torch.arange(in_size, dtype=torch.float32)[None, :]
+    x = ((source + 0.5 - centre[:, None]) / stretch).abs()
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    weights = torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+    weights = weights * ((source >= first[:, None]) & (source < end[:, None])).to(weights.dtype)
+    return weights / weights.sum(1, keepdim=True)
+
+
+def _exportable_resample_abs_pos_embed(
+    posemb: torch.Tensor,
+    new_size,
+    old_size=None,
+    num_prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+    verbose: bool = False,
+    align_corners=None,
+) -> torch.Tensor:
+    """timm's ``resample_abs_pos_embed`` with its default antialiased bicubic resize as two
+    matrices (:func:`antialiased_bicubic_weights`), which export to ONNX at any grid size; other
+    resizes go to timm's own."""
+    from timm.layers import pos_embed
+
+    if interpolation != "bicubic" or not antialias or align_corners or old_size is None:
+        return pos_embed.resample_abs_pos_embed(
+            posemb, new_size, old_size, num_prefix_tokens, interpolation, antialias, verbose, align_corners
+        )
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    channels = grid.shape[-1]
+    grid = grid.float().reshape(old_size[0], old_size[1], channels).permute(2, 0, 1)
+    rows = antialiased_bicubic_weights(new_size[0], old_size[0]).to(grid.device)
+    cols = antialiased_bicubic_weights(new_size[1], old_size[1]).to(grid.device)
+    grid = torch.matmul(torch.matmul(rows, grid), cols.transpose(0, 1))  # [C, H, W]
+    grid = grid.permute(1, 2, 0).reshape(1, -1, channels).to(posemb.dtype)
+    return torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
+
+
+@contextlib.contextmanager
+def _exportable_pos_embeds() -> Iterator[None]:
+    """While tracing: timm's ViTs (``vision_transformer``, ``deit``, ``eva``) resize their position
+    embeddings to the input's grid with :func:`_exportable_resample_abs_pos_embed` instead of
+    ``F.interpolate(antialias=True)``, which opset 17 cannot express (DINOv2, DeiT, AugReg, EVA-02)."""
+    from timm.models import deit, eva, vision_transformer
+
+    modules = (vision_transformer, deit, eva)
+    originals = [module.resample_abs_pos_embed for module in modules]
+    for module in modules:
+        module.resample_abs_pos_embed = _exportable_resample_abs_pos_embed
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module.resample_abs_pos_embed = original
 
 
 class _Logits(nn.Module):
@@ -160,7 +238,7 @@ def export_onnx(
     buffer = io.BytesIO()
     dims = {0: "batch", 2: "height", 3: "width"}
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _exportable_pos_embeds():
             # The TorchScript exporter's deprecation notice, and tracer warnings about Python-side
             # shape checks (the verification below runs the graph at other sizes).
             warnings.simplefilter("ignore")

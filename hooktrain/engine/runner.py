@@ -265,6 +265,7 @@ class IterRunner:
         logger.info("starting iteration %d, %.1f s after the command started", self.state.iter + 1, process_age())
         with self.signals:
             try:
+                self._schedule_model()
                 self.call_hooks("before_run")
                 self._loop_started = True
                 while self.state.iter < self.state.max_iters and not (self.stop_requested or self.finish_requested):
@@ -272,6 +273,7 @@ class IterRunner:
                     self.call_hooks("before_train_iter")
                     outputs = self.train_step()
                     self.state.iter += 1
+                    self._schedule_model()
                     self._iteration_open = False
                     self.call_hooks("after_train_iter", outputs)
             except BaseException as exc:
@@ -316,6 +318,14 @@ class IterRunner:
         outputs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm
         outputs["time"] = time.perf_counter() - start
         return outputs
+
+    def _schedule_model(self) -> None:
+        """Set what the model's family schedules by iteration (``SegmentorBase.schedule``: EoMT's mask
+        annealing) for ``state.iter`` steps done: before the first step, and after each, before the
+        hooks, so an evaluation at this iteration sees the values the next step trains with."""
+        schedule = getattr(self.unwrapped_model, "schedule", None)  # a model of one's own may have none
+        if schedule is not None:
+            schedule(self.state.iter)
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
         """The next ``train.grad_accum_steps`` batches of the stream, timing the waits."""

@@ -45,7 +45,7 @@ def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
         )
     kwargs = dict(cfg.kwargs)
     kwargs["out_indices"] = tuple(cfg.out_indices) if cfg.out_indices is not None else (-4, -3, -2, -1)
-    if cfg.drop_path_rate > 0:
+    if cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if in_channels != 3:
         kwargs["in_chans"] = in_channels
@@ -55,9 +55,11 @@ def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
             class_token=cfg.class_token,
             pos_embed_resize=cfg.pos_embed_resize,
             patch_bias=cfg.patch_bias,
+            norm_eps=cfg.norm_eps,
         )
     else:
-        vit_only = {"intermediate_norm": False, "class_token": False, "pos_embed_resize": "timm", "patch_bias": True}
+        vit_only = {"intermediate_norm": False, "class_token": False, "pos_embed_resize": "timm", "patch_bias": True,
+                    "norm_eps": None}  # fmt: skip
         for key, default in vit_only.items():
             if getattr(cfg, key) != default:
                 raise UserError(

@@ -1,11 +1,12 @@
-"""The segmentor: a timm encoder (with optional per-level norms and a neck), a decode head, an
-optional auxiliary head, their losses."""
+"""The encoder-decoder family (:class:`Segmentor`: a timm encoder with optional per-level norms
+and a neck, a decode head, an optional auxiliary head, their losses), and
+:func:`build_segmentor`, which builds whichever family the recipe's decode head belongs to
+(mask classification: :mod:`hooktrain.models.mask_classifier`)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,30 +14,19 @@ from torch import nn
 
 from hooktrain.errors import UserError
 from hooktrain.models.encoder import build_encoder, load_pretrained_out_norms
+from hooktrain.models.eomt import build_eomt
 from hooktrain.models.heads import DecodeHead, build_head, resize
-from hooktrain.models.inference import predict_logits
 from hooktrain.models.input_stage import InputStage
 from hooktrain.models.losses import HeadLoss
 from hooktrain.models.necks import MultiLevelNeck, OutNorms
+from hooktrain.models.segmentor_base import SegmentorBase
 from hooktrain.recipe.model import InferenceConfig, ModelConfig
 
 
-class Segmentor(nn.Module):
-    """Encoder-decoder segmentor.
-
-    ``forward(image, mask)`` returns the weighted loss terms (training); ``forward(image)`` returns
-    logits at the input size; ``predict`` runs the configured whole/slide/flip inference. The
-    auxiliary head only takes part when a mask is given. Mode (train/eval) and gradient context
-    are the caller's; ``predict`` runs without gradients. ``input_stage`` turns a train batch
-    into the ``(image, mask)`` that ``forward`` takes, on the device (MMSegmentation's
-    ``data_preprocessor``).
-
-    With ``compile_mode`` set (``model.compile``), the training forward (encoder, heads, the
-    logits' upsampling inside the losses, the losses) and :meth:`logits` each run as one
-    ``torch.compile``d function (:func:`compiled`).
-    """
-
-    compile_mode: str | None = None
+class Segmentor(SegmentorBase):
+    """The encoder-decoder family: a timm encoder (with optional per-level norms and a neck), a
+    decode head, an optional auxiliary head (it only takes part when a mask is given), their
+    per-pixel losses. Its scores are the decode head's logits resized (bilinear) to the input."""
 
     def __init__(
         self,
@@ -52,7 +42,12 @@ class Segmentor(nn.Module):
         out_norms: OutNorms | None = None,
         neck: nn.Module | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            inference=inference,
+            channels_last=channels_last,
+            align_corners=decode_head.align_corners,
+            input_stage=input_stage,
+        )
         self.encoder = encoder
         self.out_norms = out_norms
         self.neck = neck
@@ -60,13 +55,6 @@ class Segmentor(nn.Module):
         self.decode_loss = decode_loss
         self.aux_head = aux_head
         self.aux_loss = aux_loss
-        self.inference = inference or InferenceConfig()
-        self.channels_last = channels_last
-        self.align_corners = decode_head.align_corners
-        self.input_stage = input_stage or InputStage()  # a train batch to (image, mask) on the device
-
-    def _prepare(self, image: torch.Tensor) -> torch.Tensor:
-        return image.contiguous(memory_format=torch.channels_last) if self.channels_last else image
 
     def features(self, image: torch.Tensor) -> list[torch.Tensor]:
         """The levels the heads read: the encoder's, through ``out_norms`` and the ``neck``."""
@@ -74,24 +62,6 @@ class Segmentor(nn.Module):
         if self.out_norms is not None:
             features = self.out_norms(features)
         return self.neck(features) if self.neck is not None else features
-
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Decode-head logits resized (bilinear) to the input size."""
-        if self.compile_mode is None or torch.compiler.is_compiling():
-            return self._logits(image)
-        return compiled(Segmentor._logits, INFERENCE_COMPILE_MODES[self.compile_mode])(self, image)
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None):
-        """With ``mask`` [B,H,W] (255 = ignore): ``{"decode.loss_ce": ..., "aux.loss_ce": ...}``,
-        each term already multiplied by its weight. Without: logits [B,C,H,W] at the input size."""
-        if mask is None:
-            return self.logits(image)
-        if self.compile_mode is None or torch.compiler.is_compiling():
-            return self._loss_terms(image, mask)
-        if self.compile_mode in CUDA_GRAPH_MODES:
-            # Each call is a new step: the previous step's graph outputs may be overwritten.
-            torch.compiler.cudagraph_mark_step_begin()
-        return compiled(Segmentor._loss_terms, self.compile_mode)(self, image, mask)
 
     def _logits(self, image: torch.Tensor) -> torch.Tensor:
         image = self._prepare(image)
@@ -105,46 +75,31 @@ class Segmentor(nn.Module):
             terms.update({f"aux.{k}": v for k, v in self.aux_loss(self.aux_head(features), mask).items()})
         return terms
 
-    @torch.no_grad()
-    def predict(
-        self, image: torch.Tensor, img_shapes: Sequence[Sequence[int]], ori_shapes: Sequence[Sequence[int]]
-    ) -> list[torch.Tensor]:
-        """Float32 scores ``[C, H_i, W_i]`` per image at its original size ``ori_shapes[i]``: logits,
-        or with ``flip`` the mean class probabilities (MMSegmentation's TTA); argmax is the
-        prediction either way. Multi-scale (``inference.scales``) needs the original images and
-        goes through :func:`hooktrain.models.inference.predict_scales`.
 
-        ``image`` is a padded batch [B,3,h,w] whose i-th image fills the top-left ``img_shapes[i]``;
-        see :func:`hooktrain.models.inference.predict_logits` for the whole/slide/flip details.
-        """
-        return predict_logits(self.logits, image, img_shapes, ori_shapes, self.inference, self.align_corners)
+# decode_head.type -> the builder of a family other than encoder-decoder, (cfg, *, num_classes,
+# ignore_index, in_channels) -> SegmentorBase. A new family is one module and one entry here.
+FAMILY_BUILDERS: dict[str, Callable[..., SegmentorBase]] = {"eomt": build_eomt}
 
 
-# torch.compile modes (``model.compile_mode``). CUDA graphs need the static shapes of training
-# (fixed crop and batch); inference sees every image size, so it compiles without them.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-INFERENCE_COMPILE_MODES = {
-    "default": "default",
-    "reduce-overhead": "default",
-    "max-autotune": "max-autotune-no-cudagraphs",
-    "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
-}
-
-
-@functools.cache
-def compiled(method: Callable, mode: str) -> Callable:
-    """``torch.compile(method, mode=mode)``, once per process, for an unbound ``Segmentor``
-    method. The module is an argument rather than a bound ``self``, so a copy of a model (an
-    EMA average, say) runs its own parameters, and the parameter names, hence checkpoints, are
-    the eager model's."""
-    return torch.compile(method, mode=mode)
-
-
-def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 255, in_channels: int = 3) -> Segmentor:
+def build_segmentor(
+    cfg: ModelConfig, *, num_classes: int, ignore_index: int = 255, in_channels: int = 3
+) -> SegmentorBase:
     """Build the segmentor described by the recipe's ``model:`` section, for images of
-    ``in_channels`` channels (``data.in_channels``)."""
+    ``in_channels`` channels (``data.in_channels``): the mask-classification family for its
+    decode heads (``eomt``), the encoder-decoder family otherwise."""
     if num_classes < 1:
         raise UserError(f"num_classes is {num_classes}; the dataset must declare at least one class")
+    build = FAMILY_BUILDERS.get(cfg.decode_head.type, _build_encoder_decoder)
+    model = build(cfg, num_classes=num_classes, ignore_index=ignore_index, in_channels=in_channels)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        model.register_state_dict_post_hook(_contiguous_state_dict)
+    if cfg.compile:
+        model.compile_mode = cfg.compile_mode
+    return model
+
+
+def _build_encoder_decoder(cfg: ModelConfig, *, num_classes: int, ignore_index: int, in_channels: int) -> Segmentor:
     encoder = build_encoder(cfg.encoder, in_channels=in_channels)
     if cfg.encoder.frozen:
         encoder.requires_grad_(False)
@@ -184,7 +139,7 @@ def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 2
             align_corners=cfg.aux_head.align_corners,
             where="model.aux_head",
         )
-    model = Segmentor(
+    return Segmentor(
         encoder,
         decode_head,
         decode_loss,
@@ -195,17 +150,11 @@ def build_segmentor(cfg: ModelConfig, *, num_classes: int, ignore_index: int = 2
         out_norms=out_norms,
         neck=neck,
     )
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        model.register_state_dict_post_hook(_contiguous_state_dict)
-    if cfg.compile:
-        model.compile_mode = cfg.compile_mode
-    return model
 
 
 def build_recipe_segmentor(
     recipe, *, pretrained: bool = True, on_meta: bool = False, inference_only: bool = False
-) -> Segmentor:
+) -> SegmentorBase:
     """The one way to build a recipe's segmentor: :func:`build_segmentor` with the recipe's
     ``model`` section and its data's classes, ignore index and input channels, and the input
     stage that finishes ``data.train.gpu_augment`` batches on the device.

@@ -3,11 +3,13 @@ patch tokens as maps of one stride, for a neck (``MultiLevelNeck``) or a single-
 
 from __future__ import annotations
 
+import functools
 import types
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm
 from timm.models import FeatureInfo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -57,24 +59,41 @@ class ViTFeatures(nn.Module):
             x,
             indices=self.indices,
             norm=self.norm,
-            output_fmt="NCHW",
+            output_fmt="NLC",
             intermediates_only=True,
             return_prefix_tokens=self.class_token,
         )
+        grid_h = self._grid_height(x.shape[-2])
         if not self.class_token:
-            return list(out)
+            return [self._to_map(tokens, grid_h) for tokens in out]
         # prefix tokens are [class, registers...]
-        return [torch.cat([maps, prefix[:, 0, :, None, None].expand_as(maps)], dim=1) for maps, prefix in out]
+        maps = [(self._to_map(tokens, grid_h), prefix) for tokens, prefix in out]
+        return [torch.cat([m, prefix[:, 0, :, None, None].expand_as(m)], dim=1) for m, prefix in maps]
+
+    def _grid_height(self, height):
+        """Patch rows for an input ``height``. Integer arithmetic only (timm's ``NCHW`` output uses
+        ``math.ceil``), so that an ONNX trace keeps the height dynamic instead of freezing it."""
+        patch = self.model.patch_embed.patch_size[0]
+        return (height + patch - 1) // patch if self.model.patch_embed.dynamic_img_pad else height // patch
+
+    @staticmethod
+    def _to_map(tokens: torch.Tensor, grid_h) -> torch.Tensor:
+        """Patch tokens ``[B, H*W, C]`` as ``[B, C, H, W]`` (row-major tokens, as timm lays them out)."""
+        batch, _, channels = tokens.shape
+        return tokens.reshape(batch, grid_h, -1, channels).permute(0, 3, 1, 2).contiguous()
 
 
 def build_vit(name: str, out_indices: list[int], *, norm: bool, class_token: bool, pos_embed_resize: str,
-              patch_bias: bool, **kwargs) -> ViTFeatures:  # fmt: skip
+              patch_bias: bool, norm_eps: float | None = None, **kwargs) -> ViTFeatures:  # fmt: skip
     """``timm.create_model(name, dynamic_img_size=True, **kwargs)`` as :class:`ViTFeatures`: any
     input size (position embeddings resized by timm; ``pos_embed_resize="mmseg"``: as
     MMSegmentation's ``VisionTransformer`` resizes them, bicubic without antialiasing).
     ``patch_bias=False`` removes the patch embedding's bias after any pretrained weights loaded,
-    as MMSegmentation's ViT (``patch_bias=False``) ignores the pretrained one."""
+    as MMSegmentation's ViT (``patch_bias=False``) ignores the pretrained one; ``norm_eps`` sets
+    every LayerNorm's eps."""
     kwargs.setdefault("dynamic_img_pad", True)  # pad the bottom/right to whole patches, as mmseg's 'corner'
+    if norm_eps is not None:
+        kwargs["norm_layer"] = functools.partial(LayerNorm, eps=norm_eps)
     model = timm.create_model(name, dynamic_img_size=True, **kwargs)
     if not patch_bias:
         model.patch_embed.proj.bias = None

@@ -6,6 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from hooktrain.recipe.mask_heads import MASK_CLASSIFICATION_HEADS, EoMTHeadConfig
 from hooktrain.recipe.section import Section
 
 
@@ -26,7 +27,13 @@ class EncoderConfig(Section):
         description="Feature levels the encoder returns (timm out_indices; negative counts from the end). "
         "null = the last four levels, usually strides 4, 8, 16, 32.",
     )
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Stochastic depth rate, passed to timm when > 0.")
+    drop_path_rate: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Stochastic depth rate, passed to timm; null = the timm model's own default (0 for most, "
+        "0.1 for Swin).",
+    )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments for timm.create_model, e.g. {output_stride: 8} for a dilated ResNet.",
@@ -58,6 +65,12 @@ class EncoderConfig(Section):
         False,
         description="ViT encoders: append the class token to each level's map, broadcast over it, as extra "
         "channels (DINOv2's linear head with the class token); register tokens are always dropped.",
+    )
+    norm_eps: float | None = Field(
+        None,
+        gt=0,
+        description="ViT encoders: the eps of every LayerNorm (e.g. a transformers checkpoint's layer_norm_eps); "
+        "null = the timm model's own.",
     )
     patch_bias: bool = Field(
         True,
@@ -266,6 +279,7 @@ HeadConfig = Annotated[
         SegformerMLPHeadConfig,
         UNetHeadConfig,
         LinearHeadConfig,
+        EoMTHeadConfig,
     ],
     Field(discriminator="type"),
 ]
@@ -384,6 +398,19 @@ class ModelConfig(Section):
         "training step as CUDA graphs, which needs static shapes (a fixed crop and batch, as the train stream "
         "gives) and CUDA; inference then compiles without CUDA graphs, since image sizes vary.",
     )
+
+    @model_validator(mode="after")
+    def _mask_classification_alone(self) -> ModelConfig:
+        if self.decode_head.type not in MASK_CLASSIFICATION_HEADS:
+            return self
+        extras = {"aux_head": self.aux_head, "neck": self.neck, "encoder.out_indices": self.encoder.out_indices}
+        for key, value in extras.items():
+            if value is not None:
+                raise ValueError(
+                    f"model.{key} does not apply to decode_head type {self.decode_head.type}, which reads the "
+                    f"encoder's tokens and trains with its own criterion; set model.{key}: null"
+                )
+        return self
 
     @model_validator(mode="after")
     def _mode_needs_compile(self) -> ModelConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from hooktrain.recipe.section import Section
 
@@ -51,11 +51,15 @@ class LayerDecay(Section):
         description="mmseg's num_layers: 6 in its ConvNeXt-T config, 12 in ConvNeXt-S/B/L/XL's; a ViT's depth "
         "(12 for ViT-B).",
     )
-    decay_type: Literal["layer_wise", "stage_wise"] = Field(
+    decay_type: Literal["layer_wise", "stage_wise", "eomt"] = Field(
         "layer_wise",
         description="layer_wise: ConvNeXt's stem/downsamples and blocks numbered as mmseg's get_layer_id_for_convnext "
         "(stage 2 in groups of 3 blocks), or a ViT's embeddings 0 and block i i+1 (get_layer_id_for_vit); "
-        "stage_wise (ConvNeXt only): stem and downsamples 0, stage i i+1.",
+        "stage_wise (ConvNeXt only): stem and downsamples 0, stage i i+1. "
+        "eomt (ViT only; EoMT's configure_optimizers, num_layers = the ViT's depth): block i gets "
+        "lr * rate ** (num_layers - 1 - i), the ViT's parameters before its blocks (patch_embed, cls_token, "
+        "reg_token, pos_embed) block 0's rate, the ViT's parameters after them (its final norm) and everything "
+        "outside the ViT the full lr; weight decay applies to every parameter, none excluded.",
     )
 
 
@@ -81,10 +85,41 @@ class OptimizerConfig(Section):
     )
 
 
+_DEFAULT_WARMUP_RATIO = 1e-6
+
+
 class ScheduleConfig(Section):
-    """Linear warmup, then poly decay over the whole run (MMSegmentation's PolyLR)."""
+    """Linear warmup, then poly decay over the whole run (MMSegmentation's PolyLR); or, with
+    ``encoder_warmup_iters``, EoMT's two-stage warm-up (its ``TwoStageWarmupPolySchedule``)."""
 
     warmup_iters: int = Field(0, ge=0, description="Iterations of linear warmup.")
-    warmup_ratio: float = Field(1e-6, gt=0, le=1, description="LR factor at iteration 0 of the warmup.")
+    warmup_ratio: float = Field(
+        _DEFAULT_WARMUP_RATIO, gt=0, le=1, description="LR factor at iteration 0 of the warmup."
+    )
     power: float = Field(1.0, ge=0, description="Poly power (0 keeps the LR constant).")
     min_lr: float = Field(0.0, ge=0, description="LR the poly decay ends at (absolute).")
+    encoder_warmup_iters: int | None = Field(
+        None,
+        ge=0,
+        description="EoMT's two-stage warm-up (TwoStageWarmupPolySchedule, warmup_steps [warmup_iters, "
+        "encoder_warmup_iters], poly_power = power, total = train.max_iters): the encoder's parameters "
+        "(encoder.*) keep lr 0 for warmup_iters iterations, warm up linearly from 0 over encoder_warmup_iters, "
+        "then poly-decay to 0 at max_iters; every other parameter warms up linearly from 0 over warmup_iters, "
+        "then poly-decays to 0 at max_iters. min_lr must be 0 and warmup_ratio its default (unused). null = the single "
+        "warmup + poly schedule above.",
+    )
+
+    @model_validator(mode="after")
+    def _two_stage_has_no_floor_or_ratio(self) -> ScheduleConfig:
+        if self.encoder_warmup_iters is not None:
+            if self.min_lr != 0:
+                raise ValueError(
+                    "min_lr must be 0 with encoder_warmup_iters (EoMT's two-stage schedule decays to 0), "
+                    f"got {self.min_lr}"
+                )
+            if self.warmup_ratio != _DEFAULT_WARMUP_RATIO:
+                raise ValueError(
+                    "warmup_ratio must keep its default with encoder_warmup_iters (EoMT's two-stage schedule warms "
+                    f"up from 0), got {self.warmup_ratio}"
+                )
+        return self

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
-    from hooktrain.models.segmentor import Segmentor
+    from hooktrain.models.segmentor_base import SegmentorBase
     from hooktrain.recipe.model import InferenceConfig
     from hooktrain.recipe.schema import Recipe
 
@@ -182,7 +182,7 @@ def build_accelerator(recipe: Recipe) -> tuple[Accelerator, str | None]:
         return make_accelerator(fp32), str(exc).removeprefix("train.mixed_precision: ").split(";")[0]
 
 
-def build_model(recipe: Recipe, checkpoint: str | os.PathLike | None) -> tuple[Segmentor, str]:
+def build_model(recipe: Recipe, checkpoint: str | os.PathLike | None) -> tuple[SegmentorBase, str]:
     """The recipe's segmentor, not compiled yet (``Segmentor.compile_mode``), with the
     checkpoint's weights (strict) or random ones, and a description of the weights."""
     from hooktrain.checkpoint.weights import load_weights, recorded_iteration, weights_file
@@ -203,7 +203,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def count_flops(model: Segmentor, size: tuple[int, int], device: torch.device, channels: int = 3) -> int:
+def count_flops(model: SegmentorBase, size: tuple[int, int], device: torch.device, channels: int = 3) -> int:
     """FLOPs of one fp32 inference forward (logits) of a ``[1, channels, *size]`` image."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -386,7 +386,7 @@ def precision_context(precision: str, accelerator: Accelerator):
 
 def inference_measurements(
     recipe: Recipe,
-    model: Segmentor,
+    model: SegmentorBase,
     accelerator: Accelerator,
     timer: Timer,
     precisions: list[str],
@@ -430,7 +430,7 @@ def inference_measurements(
 
 
 def train_measurements(
-    recipe: Recipe, model: Segmentor, accelerator: Accelerator, timer: Timer, unavailable: str | None
+    recipe: Recipe, model: SegmentorBase, accelerator: Accelerator, timer: Timer, unavailable: str | None
 ) -> list[Measurement]:
     """Train-step images/s in the recipe's precision (with fp32 in its place, and the reason,
     when the device cannot run it): the runner's step (``hooktrain.engine.step.train_step``)

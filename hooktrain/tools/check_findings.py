@@ -274,7 +274,7 @@ def _class_weight_lengths(stats, recipe, source, recipe_arg) -> list[Finding]:
     n_classes = recipe.data.num_classes
     heads = (("decode_head", recipe.model.decode_head), ("aux_head", recipe.model.aux_head))
     for key, head in heads:
-        for i, loss in enumerate(head.losses if head is not None else []):
+        for i, loss in enumerate(getattr(head, "losses", [])):
             if loss.class_weight is not None and len(loss.class_weight) != n_classes:
                 name = f"model.{key}.losses.{i}.class_weight"
                 findings.append(Finding(

@@ -45,6 +45,9 @@ def format_report(stats: DataStats, recipe, findings: list[Finding], *, where: s
         elif weights is None:
             lines.append("Class weights: not computed; fix the problems that change the class "
                          "counts first, then check again")  # fmt: skip
+        elif not hasattr(recipe.model.decode_head, "losses"):
+            lines.append(f"Class weights: a {recipe.model.decode_head.type} decode head classifies masks and takes "
+                         "no per-class weights (only model.decode_head.loss.no_object_weight)")  # fmt: skip
         else:
             options = class_weight_options(weights, recipe.model)
             lines += [textwrap.fill(f"Class weights by {CLASS_WEIGHT_FORMULA}. To use them:",

@@ -125,7 +125,8 @@ def outage_warnings(output: str) -> list[str]:
     return [line for line in output.splitlines() if "retrying for up to" in line]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# With 2 DataLoader workers only: the main-process reader (0 workers) meets outages in the tests below.
+@pytest.mark.parametrize("workers", [2])
 def test_a_flaky_hub_trains_exactly_as_a_healthy_one(hub, healthy, tmp_path, workers):
     """15% of the content requests fail (500, 503, cut mid-body; at least one), and after a random iteration
     the server answers 503 to everything for 11-14 s, longer than huggingface_hub's own

@@ -347,6 +347,49 @@ def test_bring_a_transformers_upernet_checkpoint_command(sandbox, monkeypatch):
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
 
 
+# -- docs/models.md: bring a transformers EoMT checkpoint -------------------------------------
+
+EOMT_CONVERT = Doc(
+    "hooktrain convert transformers tue-mps/ade20k_semantic_eomt_large_512 --out eomt-large-ade20k.safetensors"
+)
+
+
+def test_bring_a_transformers_eomt_checkpoint_command(sandbox, monkeypatch):
+    """A tiny random transformers EoMT served as ``tue-mps/ade20k_semantic_eomt_large_512`` by the
+    local Hub stand-in: the page's command, as written (no recipe), gives a file whose model has
+    transformers' class scores and the checkpoint's classes."""
+    from unittest import mock
+
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from hub_server import HubServer
+    from transformers.models.eomt import modeling_eomt
+
+    from hooktrain.deploy.export import load_exported
+
+    config = transformers.EomtConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, image_size=32,
+                                     patch_size=16, num_queries=5, num_blocks=2, num_labels=3)  # fmt: skip
+    with mock.patch.object(modeling_eomt, "requires_backends", lambda *args, **kwargs: None):  # the loss: scipy
+        torch.manual_seed(0)
+        reference = transformers.EomtForUniversalSegmentation(config).eval()
+    reference.save_pretrained(sandbox / "eomt")
+    with HubServer() as hub:
+        hub.add("tue-mps/ade20k_semantic_eomt_large_512", sandbox / "eomt", repo_type="model")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        assert "converted" in run(EOMT_CONVERT, sandbox).output
+    model, recipe = load_exported(sandbox / "eomt-large-ade20k.safetensors")
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        outputs = reference(pixel_values=image)
+        masks = F.interpolate(outputs.masks_queries_logits, size=(32, 32), mode="bilinear", align_corners=False)
+        expected = torch.einsum("bqc,bqhw->bchw", outputs.class_queries_logits.softmax(-1)[..., :-1], masks.sigmoid())
+        got = model.logits(image)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    assert recipe.data.num_classes == 3 and recipe.model.decode_head.num_queries == 5
+
+
 # -- docs/benchmarks.md: the benches' smoke run (CI) and the generated tables -----------------
 
 RUN_ALL_QUICK = Doc("python bench/run_all.py --quick")
@@ -358,7 +401,7 @@ REPORT = Doc("python bench/report.py", append="--check")
 # (the page's command runs them one after another: ~5 minutes on 2 cores).
 QUICK_BENCHES = ["startup", "checkpoint", "metrics", "data_pipeline", "augment_exactness", "runner_overhead",
                  "model_step", "mmseg_parity", "quickstart", "quickstart_binary", "onnx_inference",
-                 "grad_checkpointing", "unet_vs_fpn"]  # fmt: skip
+                 "grad_checkpointing", "unet_vs_fpn", "mask_matching", "eomt_vs_transformers"]  # fmt: skip
 
 
 def test_the_benchmark_tables_are_current_and_every_cpu_bench_is_run_here():
@@ -436,7 +479,8 @@ RUN_HERE = [
     EXPORT_BEST, PREDICT_FILES, PLUGIN_INSTALL, PLUGIN_RUN,
     CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,
     DATA_CHECK, DATA_CHECK_VAL, DATA_CHECK_ADE, CONVERT_PALETTE, CONVERT_PALETTE_FILE,
-    ZOO_CONVERT, ZOO_PREDICT, CONVNEXT_CONVERT, SWIN_CONVERT, SMP_CONVERT, UPERNET_CONVERT, RUN_ALL_QUICK, REPORT,
+    ZOO_CONVERT, ZOO_PREDICT, CONVNEXT_CONVERT, SWIN_CONVERT, SMP_CONVERT, UPERNET_CONVERT, EOMT_CONVERT,
+    RUN_ALL_QUICK, REPORT,
     BINARY_QUICKSTART, FOUR_BAND_QUICKSTART, SIXTEEN_BIT_QUICKSTART,
     EXPORT_ONNX, EXPORT_SAFETENSORS, PREDICT_ONNX, PREDICT_SAFETENSORS,
 ]  # fmt: skip

@@ -100,6 +100,47 @@ def test_layer_decay_refuses_other_encoders_and_stage_wise_vits():
         param_groups(segmentor({"name": "vit_tiny_patch16_224", "out_indices": [3]}), cfg)
 
 
+# A tiny DINOv2 with registers (4 blocks, width 48) and its final norm, under a linear head: the
+# shape of EoMT's encoder (timm's vit_*_patch14_reg4_dinov2) on hooktrain's names.
+TINY_DINOV2 = [
+    "model.encoder={name: vit_small_patch14_reg4_dinov2, pretrained: false, out_indices: [3], intermediate_norm: true, "
+    "kwargs: {depth: 4, embed_dim: 48, num_heads: 2, img_size: 28}}",
+    "model.decode_head={type: linear}",
+]
+
+
+def test_eomt_numbering_on_a_tiny_dinov2():
+    """EoMT's configure_optimizers with llrd 0.8 over 4 blocks: block i gets 0.8 ** (3 - i), the
+    embeddings (before the blocks) block 0's 0.8 ** 3, the final norm and the head the full lr;
+    AdamW's weight decay on every parameter, biases and norms included."""
+    decay = "optimizer.layer_decay={rate: 0.8, num_layers: 4, decay_type: eomt}"
+    recipe = load_recipe(QUICKSTART, [*TINY_DINOV2, "optimizer.lr=1.0", "optimizer.weight_decay=0.05", decay])
+    model = build_recipe_segmentor(recipe, on_meta=True)
+    got = settings(model, recipe.optimizer)
+    assert sorted(got) == sorted(name for name, _ in model.named_parameters())
+    embeddings = ["cls_token", "reg_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    want = {f"encoder.model.{name}": 0.8**3 for name in embeddings}
+    for name in got:
+        if (match := re.match(r"encoder\.model\.blocks\.(\d)\.", name)) is not None:
+            want[name] = 0.8 ** (3 - int(match[1]))
+    want |= {name: 1.0 for name in got if name.startswith(("encoder.model.norm.", "decode_head."))}
+    assert sorted(want) == sorted(got)
+    assert {name: lr for name, (lr, _) in got.items()} == pytest.approx(want, rel=1e-15)
+    assert {wd for _, wd in got.values()} == {0.05}
+    assert len({lr for lr, _ in got.values()}) == 4  # 0.8 ** 0 is block 3's, the norm's and the head's
+
+
+def test_eomt_numbering_refuses_convnexts_and_too_few_layers():
+    cfg = OptimizerConfig(layer_decay=LayerDecay(rate=0.8, num_layers=6, decay_type="eomt"))
+    with pytest.raises(UserError, match=r"^optimizer\.layer_decay\.decay_type: eomt numbers a ViT's blocks"):
+        param_groups(segmentor({"name": "convnext_atto"}), cfg)
+    recipe = load_recipe(QUICKSTART, TINY_DINOV2)
+    model = build_recipe_segmentor(recipe, on_meta=True)
+    cfg = OptimizerConfig(layer_decay=LayerDecay(rate=0.8, num_layers=3, decay_type="eomt"))
+    with pytest.raises(UserError, match=r"^optimizer\.layer_decay\.num_layers: 3, and the ViT has block 3; "):
+        param_groups(model, cfg)
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [

@@ -394,7 +394,7 @@ def test_training_forward_compiles_to_one_graph_with_the_upsample_and_the_loss(s
 def test_compiled_model_routes_training_and_inference_through_torch_compile(monkeypatch):
     """Training calls the compiled loss function in the recipe's mode (marking a new CUDA-graph
     step in reduce-overhead); inference calls the compiled logits without CUDA graphs."""
-    from hooktrain.models import segmentor
+    from hooktrain.models import segmentor_base
 
     calls, steps = [], []
 
@@ -405,7 +405,7 @@ def test_compiled_model_routes_training_and_inference_through_torch_compile(monk
 
         return run
 
-    monkeypatch.setattr(segmentor, "compiled", fake_compiled)
+    monkeypatch.setattr(segmentor_base, "compiled", fake_compiled)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(len(calls)))
     cfg = ModelConfig.model_validate({**SMALL_COMPILE_MODEL, "compile": True, "compile_mode": "reduce-overhead"})
     model = build_segmentor(cfg, num_classes=4)

@@ -70,6 +70,26 @@ def test_padding_order_only_matters_off_whole_windows():
         torch.testing.assert_close(_pad_then_shift_attention(block, x), block._attn(x), rtol=0, atol=0)
 
 
+def test_shift_masks_are_built_once_per_size_and_are_timms():
+    """The blocks of one model share their shifted-window masks across blocks and forwards: one
+    per padded map size (4 for Swin-T at one input size), each exactly timm's get_attn_mask."""
+    torch.manual_seed(0)
+    encoder = build_encoder(EncoderConfig(name="swin_tiny_patch4_window7_224")).eval()
+    blocks = [m for m in encoder.modules() if isinstance(m, SwinTransformerBlock)]
+    masks = blocks[0].shift_masks
+    assert all(block.shift_masks is masks for block in blocks)
+    image = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        first = encoder(image)
+        assert len(masks._masks) == 4  # stages 1-4, each with its own padded size
+        again = encoder(image)
+    assert len(masks._masks) == 4
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (height, width, *_), mask in masks._masks.items():
+        torch.testing.assert_close(mask, blocks[1].get_attn_mask(torch.zeros(1, height, width, 1)), rtol=0, atol=0)
+
+
 @pytest.fixture(scope="session")
 def swin_pretrain_files(mmseg_env, tmp_path_factory) -> Path:
     """Microsoft's layout and MMSegmentation's swin2mmseg conversion of one random Swin-T, and
@@ -127,3 +147,14 @@ def test_the_swin_recipe_trains(tmp_path):
     """The Swin-T UPerNet recipe's own model trains two iterations and evaluates on the ADE20K
     replica served by the local Hub stand-in (32x32 crops: stage maps 8x8 .. 1x1, all padded)."""
     train_on_ade20k_replica(SWIN_RECIPE, tmp_path)
+
+def test_drop_path_rate_zero_reaches_timm_whose_swin_default_is_not_zero():
+    """``model.encoder.drop_path_rate: 0`` turns stochastic depth off; null keeps timm's default
+    (0.1 for Swin), which would make two training forwards of the same batch differ."""
+
+    def rates(drop_path_rate):
+        encoder = build_encoder(EncoderConfig(name="swin_tiny_patch4_window7_224", drop_path_rate=drop_path_rate))
+        return [getattr(m, "drop_prob", 0.0) for m in encoder.modules() if type(m).__name__ == "DropPath"]
+
+    assert rates(0.0) == [] or max(rates(0.0)) == 0.0
+    assert max(rates(None)) == pytest.approx(0.1)
