@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from conftest import ROOT, run_cli
+from eomt_reference import random_transformers_eomt, semantic_map
 from hub_server import HubServer
 
 from hooktrain.deploy.convert import convert
@@ -28,8 +27,6 @@ from hooktrain.deploy.segmenter import Segmenter
 from hooktrain.errors import UserError
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.eomt import modeling_eomt  # noqa: E402
-from transformers.models.eomt_dinov3 import modeling_eomt_dinov3  # noqa: E402
 
 TOLERANCE = 1e-4
 HUB_ID = "tue-mps/ade20k_semantic_eomt_tiny_64"
@@ -64,24 +61,8 @@ PREPROCESSOR = {"image_processor_type": "EomtImageProcessor", "do_rescale": True
 
 
 def make_eomt(case: str) -> torch.nn.Module:
-    """transformers' EoMT of ``case`` in eval mode, its norms, layer scales, biases and tokens random too
-    (transformers initialises them to constants) so that no mixed-up key goes unnoticed."""
     config_class, kwargs = EOMTS[case]
-    config = getattr(transformers, config_class)(**kwargs, attn_implementation="eager")
-    modeling = modeling_eomt_dinov3 if config_class == "EomtDinov3Config" else modeling_eomt
-    with mock.patch.object(modeling, "requires_backends", lambda *args, **kwargs: None):  # the loss wants scipy
-        torch.manual_seed(0)
-        model = getattr(transformers, config_class.replace("Config", "ForUniversalSegmentation"))(config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith(("upscale_block", "mask_head", "class_predictor")):
-                continue
-            if name.endswith("lambda1") or (param.ndim == 1 and "norm" in name and name.endswith("weight")):
-                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
-            elif param.ndim == 1 or "token" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model.float().eval()
+    return random_transformers_eomt(config_class, **kwargs).eval()
 
 
 @pytest.fixture(scope="module")
@@ -106,19 +87,16 @@ def eomt_error(exported: Path, directory: Path) -> float:
     size = reference.config.image_size
     image = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        outputs = reference(pixel_values=image)
-        masks = F.interpolate(outputs.masks_queries_logits, size=(size, size), mode="bilinear", align_corners=False)
-        want = torch.einsum("bqc,bqhw->bchw", outputs.class_queries_logits.softmax(-1)[..., :-1], masks.sigmoid())
+        want = semantic_map(reference(pixel_values=image), (size, size))
         got = model.logits(image)
     return relative_error(got, want)
 
 
 def make_eomt_from(directory: Path) -> torch.nn.Module:
     config = json.loads((directory / "config.json").read_text())
-    modeling = modeling_eomt_dinov3 if config["model_type"] == "eomt_dinov3" else modeling_eomt
-    model_class = modeling.__dict__[[n for n in vars(modeling) if n.endswith("ForUniversalSegmentation")][0]]
-    with mock.patch.object(modeling, "requires_backends", lambda *args, **kwargs: None):
-        return model_class.from_pretrained(directory).eval()
+    model_class = {"eomt": transformers.EomtForUniversalSegmentation,
+                   "eomt_dinov3": transformers.EomtDinov3ForUniversalSegmentation}[config["model_type"]]  # fmt: skip
+    return model_class.from_pretrained(directory).eval()
 
 
 def test_cli_converts_an_eomt_hub_checkpoint_without_a_recipe(eomt_dirs, tmp_path):

@@ -13,6 +13,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from eomt_reference import random_transformers_eomt
+
 from hooktrain.models.eomt import EoMT
 from hooktrain.models.eomt_keys import (
     build_eomt_from_settings,
@@ -21,8 +23,6 @@ from hooktrain.models.eomt_keys import (
 )
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.eomt import modeling_eomt  # noqa: E402
-from transformers.models.eomt_dinov3 import modeling_eomt_dinov3  # noqa: E402
 
 TOLERANCE = 1e-4
 CASES = {
@@ -53,26 +53,8 @@ MASKING = {"on": 1.0, "off": 0.0, "random": 0.5}
 
 
 def make_reference(case: str) -> torch.nn.Module:
-    """transformers' EoMT of ``case``: random weights, the encoder's norms, layer scales, biases and
-    tokens randomised too (transformers initialises them to 1, 0 or constants), so that no mixed-up
-    key goes unnoticed."""
     config_class, kwargs = CASES[case]
-    config = getattr(transformers, config_class)(**kwargs, attn_implementation="eager")
-    model_class = modeling_eomt_dinov3 if config_class == "EomtDinov3Config" else modeling_eomt
-    # the loss (never used here) asks for scipy on construction
-    with mock.patch.object(model_class, "requires_backends", lambda *args, **kwargs: None):
-        torch.manual_seed(0)
-        model = getattr(transformers, config_class.replace("Config", "ForUniversalSegmentation"))(config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith(("upscale_block", "mask_head", "class_predictor")):
-                continue  # random already; their own norms and biases at 1 and 0 keep the masks mixed
-            if name.endswith("lambda1") or (param.ndim == 1 and "norm" in name and name.endswith("weight")):
-                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
-            elif param.ndim == 1 or "token" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model.float()
+    return random_transformers_eomt(config_class, **kwargs)
 
 
 def convert(reference: torch.nn.Module) -> EoMT:
