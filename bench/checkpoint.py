@@ -91,10 +91,10 @@ def main() -> None:
     parser.add_argument("--early", type=int, default=10)
     parser.add_argument("--late", type=int, help="default: 90%% of the pass")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="256 rows, 1 repeat (CI smoke run)")
+    parser.add_argument("--quick", action="store_true", help="32 rows, resume at 2 and 14, 1 repeat (CI smoke run)")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.repeats = 256, 1
+        args.rows, args.early, args.repeats = 32, 2, 1
     late_iter = args.late or int(0.9 * args.rows / BATCH)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))

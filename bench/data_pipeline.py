@@ -35,7 +35,8 @@ local parquet files. The ratio is the cost of the HTTP path.
 
     python bench/data_pipeline.py [--quick] [--examples N] [--rounds R] [--warmup W] [--seed S]
 
-``--quick`` is a smoke run (16 examples, 2 rounds, MMSegmentation included). Results go to
+``--quick`` is a smoke run (4 examples, 1 round, 2 warm-up images, MMSegmentation included; a
+5-iteration quickstart on a tiny shapes dataset; 20 hand-over batches). Results go to
 ``bench/results/data_pipeline.json`` (``$HOOKTRAIN_BENCH_RESULTS`` overrides the directory;
 ``"quick": true`` marks a smoke run). The last line printed is one JSON object.
 """
@@ -296,9 +297,10 @@ def median_or_none(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def quickstart_data_wait(iterations: int, workers: int) -> float:
+def quickstart_data_wait(iterations: int, workers: int, options: Sequence[str] = ()) -> float:
     """Share of the quickstart's step time spent waiting for the next batch (the runner's
-    ``data_time`` over its ``time``), on this machine with ``workers`` DataLoader workers."""
+    ``data_time`` over its ``time``), on this machine with ``workers`` DataLoader workers.
+    ``options``: more recipe overrides (the smoke run's tiny dataset)."""
     import logging
 
     from hooktrain.engine.runner import IterRunner
@@ -309,7 +311,8 @@ def quickstart_data_wait(iterations: int, workers: int) -> float:
         recipe = load_recipe(
             recipe_path,
             [f"train.max_iters={iterations}", f"data.train.num_workers={workers}", "hooks=[]",
-             f"data.train.source.root={Path(tmp) / 'shapes'}", f"data.val.source.root={Path(tmp) / 'shapes'}"],
+             f"data.train.source.root={Path(tmp) / 'shapes'}", f"data.val.source.root={Path(tmp) / 'shapes'}",
+             *options],
             work_dir=str(Path(tmp) / "run"),
         )  # fmt: skip
         torch.set_num_threads(os.cpu_count() or 1)  # the trainer's own setting, not the bench's
@@ -409,7 +412,7 @@ def serve_shards(examples: Sequence[Example], root: Path):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 examples, 2 rounds: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="4 examples, 1 round: a smoke run")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -419,7 +422,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="iterations of the quickstart for the data-wait share (0 skips it)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    n, rounds = (16, 2) if args.quick else (args.examples, args.rounds)
+    n, rounds = (4, 1) if args.quick else (args.examples, args.rounds)
+    if args.quick:
+        args.warmup = 2
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -463,13 +468,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"(first batch after {http['first_batch_s']:.2f} s)")
     print(f"train stream, 1 worker, local parquet      {local['images_per_s']:6.1f} images/s "
           f"(first batch after {local['first_batch_s']:.2f} s)  -> HTTP path is {stream_ratio:.2f}x")
-    handover = {"float32_int64": handover_rate(torch.float32), "uint8": handover_rate(torch.uint8)}
+    batches = 20 if args.quick else 200
+    handover = {"float32_int64": handover_rate(torch.float32, batches), "uint8": handover_rate(torch.uint8, batches)}
     print(f"worker hand-over alone, 512x512: float32 image + int64 mask "
           f"{handover['float32_int64']:.0f} batches/s, uint8 {handover['uint8']:.0f} batches/s")
     wait = None
     if args.quickstart_iters:
-        iters = 8 if args.quick else args.quickstart_iters
-        wait = quickstart_data_wait(iters, workers=2)
+        iters = 5 if args.quick else args.quickstart_iters
+        tiny = [f"data.{split}.source.{key}" for split in ("train", "val")
+                for key in ("num_train=32", "num_val=2", "train_shards=2", "val_shards=1")]  # fmt: skip
+        wait = quickstart_data_wait(iters, workers=2, options=tiny if args.quick else ())
         print(f"quickstart, 2 workers: {100 * wait:.1f}% of step time waiting for data (target < 5%)")
     result = {
         "bench": "data_pipeline",

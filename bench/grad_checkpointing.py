@@ -12,7 +12,7 @@ the difference between the sides is the activation memory saved. The sides alter
 side's figure is the median over its processes.
 
     python bench/grad_checkpointing.py                # CPU, 512x512, batch 2
-    python bench/grad_checkpointing.py --quick        # smoke run: ViT-S, 128x128, 1 step, 1 round
+    python bench/grad_checkpointing.py --quick        # smoke run: ViT-Ti, 64x64, 1 step, 1 round
     python bench/grad_checkpointing.py --device cuda  # batch 8, bf16 autocast
 
 Results go to bench/results/grad_checkpointing.json (``-cuda.json`` on CUDA); the last line
@@ -48,8 +48,8 @@ def child(args) -> dict:
 
     options = [f"model.encoder.grad_checkpointing={args.child == 'on'}"]
     if args.quick:  # a smoke run of the same code path with a small ViT
-        options += ["model.encoder.name=vit_small_patch16_224", "model.neck.out_channels=96",
-                    "model.decode_head.channels=64", "model.aux_head.channels=32"]  # fmt: skip
+        options += ["model.encoder.name=vit_tiny_patch16_224", "model.neck.out_channels=48",
+                    "model.decode_head.channels=32", "model.aux_head.channels=16"]  # fmt: skip
     recipe = load_recipe(RECIPE, options)
     device = torch.device(args.device)
     model = build_recipe_segmentor(recipe, pretrained=False).to(device).train()
@@ -99,7 +99,7 @@ def main() -> None:
     if args.device == "cuda":
         args.bf16 = True
     if args.quick and not args.child:
-        args.size, args.steps, args.rounds = 128, 1, 1
+        args.size, args.steps, args.rounds = 64, 1, 1
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -119,7 +119,7 @@ def main() -> None:
     peak = {side: statistics.median(r["peak_gib"] for r in runs[side]) for side in runs}
     summary = {
         "device": args.device,
-        "model": ("ViT-S/16 (smoke)" if args.quick else "ViT-B/16")
+        "model": ("ViT-Ti/16 (smoke)" if args.quick else "ViT-B/16")
         + " + MultiLevelNeck + UPerNet (recipes/mmseg/vit_vit-b16_mln_upernet_...)",
         "size": args.size,
         "batch": args.batch,

@@ -26,7 +26,7 @@ one process the hook passes them to ``add_batch``, with several it passes the sa
 ``gather_object``).
 
 Memory: peak RSS growth (VmHWM, reset after setup) while accumulating the areas of 2,000
-images (200 with ``--quick``) in a fresh process.
+images (20 with ``--quick``) in a fresh process.
 
     python bench/metrics.py [--quick]
 
@@ -301,7 +301,7 @@ def main() -> None:
     if args.rss_child:
         return rss_child(args.rss_child)
     torch.set_num_threads(1)
-    num_images, rounds, eval_images, rss_images = (8, 2, 4, 200) if args.quick else (32, 5, 16, 2000)
+    num_images, rounds, eval_images, rss_images = (2, 1, 2, 20) if args.quick else (32, 5, 16, 2000)
 
     rng = np.random.default_rng(0)
     pairs = [make_pair(rng) for _ in range(num_images)]

@@ -28,8 +28,8 @@ first alternating, and the medians are compared. Each row says its ``reference``
 (``mmseg`` or ``transformers``) and its ``size``.
 
     python bench/mmseg_parity.py                       # CPU: 256x256, batch 2
-    python bench/mmseg_parity.py --quick               # CI smoke: SegFormer-B0 at 128x128 (no slide)
-                                                       # and transformers' ConvNeXt-T UperNet at 64x64
+    python bench/mmseg_parity.py --quick               # CI smoke: SegFormer-B0 at 64x64 (no slide)
+                                                       # and transformers' ConvNeXt-T UperNet at 32x32
     python bench/mmseg_parity.py --reference transformers   # only the transformers comparison
     python bench/mmseg_parity.py --device cuda --bf16 --size 512
 
@@ -67,7 +67,7 @@ INFERENCE_CONFIGS = CONFIGS[:2]
 REFERENCE = ROOT / "tests" / "mmseg_ref" / "reference.py"
 # recipes/transformers/<name>.yaml, each against transformers' UperNetForSemanticSegmentation
 TRANSFORMERS_CONFIGS = ["upernet-convnext-tiny", "upernet-swin-tiny"]
-QUICK_TRANSFORMERS_SIZE = 64
+QUICK_SIZE, QUICK_TRANSFORMERS_SIZE = 64, 32
 
 
 def sync(device: torch.device) -> None:
@@ -232,8 +232,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="measurements per side, alternating which goes first")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
     parser.add_argument("--quick", action="store_true",
-                        help=f"SegFormer-B0 only at 128x128 (no slide) and transformers' ConvNeXt-T UperNet only at "
-                             f"{QUICK_TRANSFORMERS_SIZE}x{QUICK_TRANSFORMERS_SIZE}; one timed step")  # fmt: skip
+                        help=f"SegFormer-B0 only at {QUICK_SIZE}x{QUICK_SIZE} (no slide) and transformers' "
+                             f"ConvNeXt-T UperNet only at {QUICK_TRANSFORMERS_SIZE}x{QUICK_TRANSFORMERS_SIZE}; "
+                             "one timed step, no warm-up")  # fmt: skip
     parser.add_argument("--reference", choices=("all", "mmseg", "transformers"), default="all",
                         help="compare against MMSegmentation only, transformers' UperNet only, or both")  # fmt: skip
     args = parser.parse_args()
@@ -243,7 +244,7 @@ def main() -> None:
         modes = ("whole",)
         configs, inference_configs = CONFIGS[:1], CONFIGS[:1]
         transformers_configs, transformers_size = TRANSFORMERS_CONFIGS[:1], QUICK_TRANSFORMERS_SIZE
-        args.size, args.iters, args.warmup, args.rounds = 128, 1, 1, 1
+        args.size, args.iters, args.warmup, args.rounds = QUICK_SIZE, 1, 0, 1
     if args.reference == "transformers":
         configs, inference_configs = [], []
     elif args.reference == "mmseg":

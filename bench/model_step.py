@@ -15,7 +15,7 @@ no peak is reported: the allocator keeps freed memory, so a process-wide RSS pea
 the two sides apart.
 
     python bench/model_step.py                 # CPU, 512x512, batch 2, fp32 and bf16 autocast
-    python bench/model_step.py --quick         # a smoke run: 2 steps at 128x128, fp32
+    python bench/model_step.py --quick         # a smoke run: 2 steps at 64x64, fp32
     python bench/model_step.py --device cuda   # also images/s and peak memory
 
 On a CPU without native bf16 (no AVX512-BF16/AMX), bf16 autocast is emulated and many times
@@ -207,8 +207,8 @@ def report(precision: str, result: dict, batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: fp32, 2 steps at 128x128, 1 warm-up")
-    parser.add_argument("--size", type=int, default=None, help="image side (default 512, 128 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fp32, 2 steps at 64x64, 1 warm-up")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 512, 64 with --quick)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 10, 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per model (default 2, 1 with --quick)")
@@ -217,7 +217,7 @@ def main() -> None:
         help="bf16 = torch.autocast(bfloat16) (default both, fp32 with --quick)",
     )  # fmt: skip
     args = parser.parse_args()
-    args.size = args.size or (128 if args.quick else 512)
+    args.size = args.size or (64 if args.quick else 512)
     args.steps = args.steps or (2 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.precision = args.precision or ("fp32" if args.quick else "both")

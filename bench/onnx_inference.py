@@ -36,8 +36,8 @@ from hooktrain.recipe.schema import load_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # name: (recipe, options, size, quick size, images per round)
 MODELS = {
-    "quickstart": ("quickstart.yaml", [], 96, 64, 20),
-    "segformer_b0": ("ade20k.yaml", ["model.encoder.pretrained=false"], 512, 128, 3),
+    "quickstart": ("quickstart.yaml", [], 96, 32, 20),
+    "segformer_b0": ("ade20k.yaml", ["model.encoder.pretrained=false"], 512, 64, 3),
 }
 
 
@@ -87,14 +87,14 @@ def measure(name: str, size: int, count: int, rounds: int, directory: Path) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 round of 2 images")
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 round of 1 image")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (_, _, size, quick_size, count) in MODELS.items():
-            row = measure(name, quick_size if args.quick else size, 2 if args.quick else count, rounds, Path(tmp))
+            row = measure(name, quick_size if args.quick else size, 1 if args.quick else count, rounds, Path(tmp))
             print(f"{name} {row['size']}x{row['size']}: PyTorch {row['pytorch_images_per_s']} images/s, "
                   f"ONNX Runtime {row['onnxruntime_images_per_s']} images/s, ratio {row['ratio']:.2f}")  # fmt: skip
             rows.append(row)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,14 @@ def cpu() -> dict[str, Any]:
     return {"model": model, "flags": [flag for flag in CPU_FLAGS if flag in flags], "cores": os.cpu_count()}
 
 
+# Device files a GPU torch can use shows (NVIDIA's driver, ROCm's): where none exists there is no
+# GPU, and a bench process that never needed torch (startup, quickstart) is spared importing it.
+GPU_DEVICE_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
 def gpu() -> str | None:
+    if "torch" not in sys.modules and not any(os.path.exists(path) for path in GPU_DEVICE_FILES):
+        return None
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per interleaved block")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.steps, args.size, args.batch_size = 3, 2, 64, 2
+        args.rounds, args.steps, args.size, args.batch_size = 2, 1, 32, 2  # both orders, one step each
 
     recipe = load_recipe(QUICKSTART, [f"train.mixed_precision={args.precision}", "train.max_iters=100000"])
     args.size = args.size or recipe.data.train.pipeline.crop_size[0]

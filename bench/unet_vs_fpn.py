@@ -17,7 +17,8 @@ seed. Reported: each side's iterations, measured training seconds (the sum of it
 times), the score, and U-Net's score minus FPN's.
 
     python bench/unet_vs_fpn.py            # both pairs (~12 minutes on 2 cores)
-    python bench/unet_vs_fpn.py --quick    # smoke run: 6 iterations each, binary pair only, no calibration
+    python bench/unet_vs_fpn.py --quick    # smoke run: 2 iterations each on 16 images, binary pair only,
+                                           # no calibration
 
 Results go to bench/results/unet_vs_fpn.json; the last line printed is one JSON object.
 """
@@ -42,6 +43,9 @@ PAIRS = {
     "binary": ("quickstart_binary", "quickstart_binary_unet"),
     "4band": ("quickstart_4band", "quickstart_4band_unet"),
 }
+# --quick: the runs on a tiny generated dataset (16 train, 4 val images) at batch 2
+QUICK_DATA = ["data.train.batch_size=2", *(f"data.{split}.source.{key}" for split in ("train", "val")
+                                           for key in ("num_train=16", "num_val=4", "train_shards=2"))]  # fmt: skip
 
 
 def train(recipe: str, options: list[str]) -> list[dict]:
@@ -67,11 +71,12 @@ def iteration_seconds(recipe: str, iters: int) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def full_run(recipe: str, iters: int, binary: bool) -> dict:
-    """Train ``iters`` iterations, evaluate at the end; iterations, training seconds and score."""
+def full_run(recipe: str, iters: int, binary: bool, extra: list[str] | None = None) -> dict:
+    """Train ``iters`` iterations, evaluate at the end; iterations, training seconds and score.
+    ``extra``: more ``--cfg-options`` (the smoke run's tiny dataset)."""
     interval = max(1, iters // 8)
     hooks = f"[{{type: logger, interval: {interval}}}, {{type: eval, interval: {iters}}}]"
-    rows = train(recipe, [f"train.max_iters={iters}", f"hooks={hooks}"])
+    rows = train(recipe, [f"train.max_iters={iters}", f"hooks={hooks}", *(extra or [])])
     logged = [row for row in rows if "train/time" in row]
     seconds = sum(row["train/time"] * interval for row in logged)
     final = [row for row in rows if "val/mIoU" in row][-1]
@@ -98,10 +103,11 @@ def main() -> None:
             t_fpn = t_unet = 1.0
         else:
             t_fpn, t_unet = iteration_seconds(fpn, args.calibrate), iteration_seconds(unet, args.calibrate)
-        fpn_iters = 6 if args.quick else max_iters(fpn)
+        fpn_iters = 2 if args.quick else max_iters(fpn)
         unet_iters = max(2, round(fpn_iters * t_fpn / t_unet))
         binary = name == "binary"
-        fpn_run, unet_run = full_run(fpn, fpn_iters, binary), full_run(unet, unet_iters, binary)
+        extra = QUICK_DATA if args.quick else None
+        fpn_run, unet_run = full_run(fpn, fpn_iters, binary, extra), full_run(unet, unet_iters, binary, extra)
         ratio = unet_run["train_seconds"] / fpn_run["train_seconds"]
         if not args.quick and abs(ratio - 1) > TOLERANCE:  # the calibration missed: scale by the runs themselves
             unet_run = full_run(unet, max(2, round(unet_iters / ratio)), binary)

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_sub = convert.add_subparsers(dest="convert_kind", required=True)
     sources = {
         "mmseg": "an MMSegmentation model-zoo checkpoint (.pth)",
-        "transformers": "a transformers EoMT, SegFormer or UperNet: a directory, a weights file or a Hub id",
+        "transformers": "a transformers EoMT, Mask2Former, SegFormer or UperNet: a directory, weights file or Hub id",
         "smp": "a segmentation_models_pytorch Unet state dict (tu-<timm encoder>): a file or a save_pretrained directory",
     }
     for kind, source_help in sources.items():

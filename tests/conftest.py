@@ -250,6 +250,7 @@ def shapes_sandbox(sandbox, tmp_path_factory) -> Path:
     return sandbox
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     """Under ``-n 2 --dist loadgroup`` (README's test command) a module's tests stay on one
     worker, where its module-scoped fixtures (a trained run, say) are built once, unless the

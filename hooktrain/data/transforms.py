@@ -1,9 +1,10 @@
 """Joint image/mask transforms of MMSegmentation's ADE20K pipeline, in OpenCV and numpy.
 
 Train (mmseg order): RandomResize -> RandomCrop(cat_max_ratio) -> RandomFlip ->
-PhotoMetricDistortion -> Normalize -> Pad. Val/test: Resize keeping ratio -> Normalize, with
-the ground-truth mask left at its original size. Decoding and label mapping live in
-:mod:`hooktrain.data.labels` and are re-exported here.
+PhotoMetricDistortion -> Normalize -> Pad; with ``pipeline.resize: {type: shortest_edge_choice}``
+the first step is RandomChoiceResize(ResizeShortestEdge) instead (mmseg's Mask2Former configs).
+Val/test: Resize keeping ratio -> Normalize, with the ground-truth mask left at its original size.
+Decoding and label mapping live in :mod:`hooktrain.data.labels` and are re-exported here.
 
 Conventions
     ``scale`` is mmseg's ``(long, short)`` edge pair: an image is rescaled by
@@ -15,7 +16,8 @@ Conventions
 Randomness
     Every draw comes from the ``numpy.random.Generator`` passed to ``TrainTransform.__call__``,
     in mmseg's order, so the stream can derive it from ``(seed, epoch, index)`` and resume
-    exactly: ratio ``random()``; crop ``integers(0, margin_h+1)``, ``integers(0, margin_w+1)``
+    exactly: ratio ``random()`` (shortest_edge_choice: the scale's index ``integers(len(scales))``,
+    numpy's ``randint`` in mmcv's RandomChoiceResize); crop ``integers(0, margin_h+1)``, ``integers(0, margin_w+1)``
     per try; flip ``random() < flip_prob``; photometric: brightness coin + ``uniform``, mode
     coin, [contrast coin + ``uniform``], saturation coin + ``uniform``, hue coin +
     ``integers(-hue_delta, hue_delta)`` (upper bound exclusive, as numpy's ``randint`` in
@@ -94,6 +96,7 @@ __all__ = [
     "decode_mask",
     "rescaled_size",
     "scaled_size",
+    "shortest_edge_size",
     "limit_opencv_threads",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -128,6 +131,28 @@ def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
             "use larger factors in model.inference.scales"
         )
     return rescaled_size(height, width, target)
+
+
+def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+    """``(new_h, new_w)`` of mmseg ``ResizeShortestEdge(scale=short_edge, max_size)``.
+
+    Its target: the short side ``short_edge``, the long side following the aspect ratio, both
+    multiplied by ``max_size / long`` when the long side exceeds ``max_size``, each then rounded
+    half up as ``(w, h)``; mmcv's keep-ratio Resize fits the image into that target
+    (:func:`rescaled_size`), which can move a side by a pixel (300x2000 at 1024, max 2048: target
+    2048x307, image 2047x307). Same float operations, in the same order, as mmseg 1.2.2's.
+    """
+    size = short_edge * 1.0
+    scale = size / min(height, width)
+    if height < width:
+        new_h, new_w = size, scale * width
+    else:
+        new_h, new_w = scale * height, size
+    if max(new_h, new_w) > max_size:
+        scale = max_size * 1.0 / max(new_h, new_w)
+        new_h *= scale
+        new_w *= scale
+    return rescaled_size(height, width, (int(new_w + 0.5), int(new_h + 0.5)))
 
 
 def limit_opencv_threads() -> None:
@@ -371,10 +396,16 @@ class TrainTransform:
         return image, table
 
     def _random_resize(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
-        lo, hi = self.cfg.ratio_range
-        ratio = rng.random() * (hi - lo) + lo
-        scale = (int(self.cfg.scale[0] * ratio), int(self.cfg.scale[1] * ratio))
-        new_h, new_w = rescaled_size(image.shape[0], image.shape[1], scale)
+        """RandomResize of ``scale`` x a ratio, or with ``cfg.resize`` RandomChoiceResize(ResizeShortestEdge)."""
+        if self.cfg.resize is not None:
+            scales = self.cfg.resize.scales
+            short_edge = scales[int(rng.integers(len(scales)))]
+            new_h, new_w = shortest_edge_size(image.shape[0], image.shape[1], short_edge, self.cfg.resize.max_size)
+        else:
+            lo, hi = self.cfg.ratio_range
+            ratio = rng.random() * (hi - lo) + lo
+            scale = (int(self.cfg.scale[0] * ratio), int(self.cfg.scale[1] * ratio))
+            new_h, new_w = rescaled_size(image.shape[0], image.shape[1], scale)
         if (new_h, new_w) == image.shape[:2]:
             return image, mask
         if _fast(image):

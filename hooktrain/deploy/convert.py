@@ -132,7 +132,7 @@ def convert(
     """Convert ``source`` (``kind`` is ``mmseg``, ``transformers`` or ``smp``) into the model of the recipe
     at ``recipe_path`` and write it, with the resolved recipe, to the ``.safetensors`` file ``out``.
 
-    A transformers checkpoint with a ``config.json`` (EoMT, SegFormer, UperNet) needs no recipe
+    A transformers checkpoint with a ``config.json`` (EoMT, Mask2Former, SegFormer, UperNet) needs no recipe
     (``recipe_path`` None): :mod:`hooktrain.deploy.transformers_recipe` derives it; a given recipe
     must agree with the config (one ``UserError`` line names the first setting that does not)."""
     from safetensors.torch import save_file
@@ -205,6 +205,10 @@ def _converted_weights(kind: str, source: str, config: dict | None) -> StateDict
         raw, rename = smp_weights(source), from_smp
     elif config is not None and config.get("model_type") in EOMT_TYPES:
         return _eomt_weights(transformers_weights(source), config, source)
+    elif config is not None and config.get("model_type") == "mask2former":
+        from hooktrain.models.mask2former_keys import mask2former_keys_from_transformers
+
+        raw, rename = transformers_weights(source), mask2former_keys_from_transformers
     else:
         raw, rename = transformers_weights(source), from_transformers
     try:

@@ -1,10 +1,11 @@
 """A transformers checkpoint's ``config.json`` as a hooktrain recipe, and the check that a given recipe fits it.
 
 ``hooktrain convert transformers SOURCE`` without ``--recipe`` derives the recipe here:
-:func:`recipe_from_transformers` turns EoMT (``model_type`` ``eomt``, ``eomt_dinov3``), SegFormer and
-UperNet (ConvNext or Swin backbones of the Hub's sizes) configs into recipe data whose model is the
-checkpoint's architecture, with its classes (``id2label``), its normalisation
-(``preprocessor_config.json``) and its evaluation (EoMT: sliding windows of the training size). The
+:func:`recipe_from_transformers` turns EoMT (``model_type`` ``eomt``, ``eomt_dinov3``), Mask2Former
+(``mask2former``, Swin or ResNet backbones), SegFormer and UperNet (ConvNext or Swin backbones of the
+Hub's sizes) configs into recipe data whose model is the checkpoint's architecture, with its classes
+(``id2label``), its normalisation (``preprocessor_config.json``) and its evaluation (EoMT: sliding
+windows of the training size; Mask2Former: the whole image at short side 512). The
 data sources are placeholders (``data/<checkpoint name>``, the ADE20K folder layout) that ``predict``
 and ``Segmenter`` never read; set them to fine-tune. With ``--recipe``, :func:`check_recipe_matches`
 names the first setting the recipe's model and the config disagree on.
@@ -23,7 +24,7 @@ from hooktrain.errors import UserError
 from hooktrain.models.hub import HubUnavailable, offline_if_unreachable
 
 EOMT_TYPES = ("eomt", "eomt_dinov3")
-CONVERTED_TYPES = (*EOMT_TYPES, "segformer", "upernet")
+CONVERTED_TYPES = (*EOMT_TYPES, "mask2former", "segformer", "upernet")
 # timm's default LayerNorm eps for each family's base models (dinov2: timm's LayerNorm; dinov3: eps 1e-5)
 _TIMM_NORM_EPS = {"dinov2": 1e-6, "dinov3": 1e-5}
 _VIT_SIZES = {
@@ -94,10 +95,13 @@ def check_model_type(config: dict, source: str) -> str:
 
 
 def recipe_from_transformers(config: dict, preprocessor: dict | None, source: str) -> dict[str, Any]:
-    """Recipe data (before validation) for the checkpoint of ``config``: EoMT, SegFormer or UperNet."""
+    """Recipe data (before validation) for the checkpoint of ``config``: EoMT, Mask2Former, SegFormer or
+    UperNet."""
     model_type = check_model_type(config, source)
     if model_type in EOMT_TYPES:
         model, size = _eomt_model(config), _eomt_settings(config)["img_size"]
+    elif model_type == "mask2former":
+        model, size = _mask2former_model(config), 512  # Mask2Former's ADE20K evaluation: short side 512
     elif model_type == "segformer":
         processor_size = (preprocessor or {}).get("size")  # SegformerImageProcessor's {height, width}
         height = processor_size.get("height") if isinstance(processor_size, dict) else None
@@ -169,6 +173,18 @@ def _eomt_model(config: dict) -> dict:
         # EoMT evaluates windows of its training size; with 2/3 strides mmseg's grid is EoMT's up to 2 windows a side
         "inference": {"mode": "slide", "crop_size": [image, image], "stride": [image * 2 // 3] * 2},
     }
+
+
+def _mask2former_model(config: dict) -> dict:
+    """``model:`` of a ``Mask2FormerForUniversalSegmentation`` (:func:`mask2former_model_from_transformers`),
+    evaluated on the whole image as Mask2Former's semantic ADE20K models are."""
+    from hooktrain.models.mask2former_keys import mask2former_model_from_transformers
+
+    try:
+        model = mask2former_model_from_transformers(config)
+    except ValueError as err:
+        raise UserError(f"convert transformers: config.json {err}; hooktrain cannot convert this Mask2Former") from None
+    return {**model, "inference": {"mode": "whole"}}
 
 
 def _segformer_model(config: dict) -> dict:
@@ -306,6 +322,22 @@ def check_recipe_matches(config: dict, recipe: Any, model: torch.nn.Module, reci
         with torch.device("meta"):
             reference = build_eomt_from_settings(_eomt_settings(config))
         pairs = _pairs(_eomt_traits(model), _eomt_traits(reference))
+    elif model_type == "mask2former":
+        from hooktrain.models import build_recipe_segmentor
+        from hooktrain.models.mask2former import Mask2Former
+        from hooktrain.recipe.model import ModelConfig
+
+        if not isinstance(model, Mask2Former):
+            raise UserError(
+                f"convert transformers: config.json is a Mask2Former and --recipe {recipe_path}'s "
+                f"model.decode_head.type is {recipe.model.decode_head.type}; set it to mask2former, "
+                "or leave --recipe out"
+            )
+        # the recipe with the derived model and the checkpoint's class count (not validated: names may differ)
+        data = recipe.data.model_copy(update={"num_classes": len(_class_names(config))})
+        derived = ModelConfig.model_validate(_mask2former_model(config))
+        reference = build_recipe_segmentor(recipe.model_copy(update={"model": derived, "data": data}), on_meta=True)
+        pairs = _pairs(_mask2former_traits(model), _mask2former_traits(reference))
     else:
         pairs = [("num_labels", "data.num_classes", recipe.data.num_classes, len(_class_names(config)))]
         head = recipe.model.decode_head
@@ -340,6 +372,28 @@ def _pairs(got: dict, want: dict) -> list[tuple]:
 
 
 _FAMILIES = {"VisionTransformer": "eomt (DINOv2's ViT)", "Eva": "eomt_dinov3 (DINOv3's ViT)"}
+
+
+def _mask2former_traits(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:
+    """What a Mask2Former's architecture is, by transformers' config key: (where a recipe sets it, value)."""
+    pixel, decoder, head = model.pixel_decoder, model.decoder, "model.decode_head"
+    return {
+        "num_labels": ("data.num_classes", decoder.class_head.out_features - 1),
+        "backbone_config": ("model.encoder.name (its levels' channels)", list(model.encoder.feature_info.channels())),
+        "backbone_config (its per-level norms)": ("model.encoder.out_norm", model.out_norms is not None),
+        "num_queries": (f"{head}.num_queries", decoder.query_feat.num_embeddings),
+        "feature_size": (f"{head}.channels", pixel.mask_proj.in_channels),
+        "mask_feature_size": (f"{head}.mask_feature_size", pixel.mask_proj.out_channels),
+        "hidden_dim": (f"{head}.hidden_dim", decoder.hidden_dim),
+        "num_attention_heads": (f"{head}.num_heads", decoder.layers[0].cross_attn.num_heads),
+        "encoder_layers": (f"{head}.encoder_layers", len(pixel.layers)),
+        "encoder_feedforward_dim": (f"{head}.encoder_feedforward", pixel.layers[0].fc1.out_features
+                                    if len(pixel.layers) else None),
+        "decoder_layers - 1": (f"{head}.decoder_layers", len(decoder.layers)),
+        "dim_feedforward": (f"{head}.decoder_feedforward", decoder.layers[0].fc1.out_features),
+        "enforce_input_projection": (f"{head}.enforce_input_projection (a projection before the decoder)",
+                                     isinstance(decoder.input_proj[0], torch.nn.Conv2d)),
+    }  # fmt: skip
 
 
 def _eomt_traits(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:

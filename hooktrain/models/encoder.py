@@ -67,6 +67,8 @@ def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
                     f"drop it, or choose a ViT (vit_*, e.g. vit_small_patch14_reg4_dinov2)"
                 )
     encoder = _build_weighted(cfg, kwargs)
+    if cfg.frozen_norms:
+        freeze_norm_affines(encoder)
     if cfg.grad_checkpointing:
         if not hasattr(encoder, "set_grad_checkpointing"):
             raise UserError(
@@ -75,6 +77,20 @@ def build_encoder(cfg: EncoderConfig, in_channels: int = 3) -> nn.Module:
             )
         encoder.set_grad_checkpointing(True)
     return encoder
+
+
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def freeze_norm_affines(encoder: nn.Module) -> None:
+    """``model.encoder.frozen_norms``: every normalisation layer's weight and bias stop requiring
+    gradients (MMSegmentation's ``norm_cfg=dict(..., requires_grad=False)``). BatchNorm keeps
+    updating its running statistics in training mode, as mmseg's ``norm_eval=False``; a later
+    SyncBatchNorm conversion keeps the same (frozen) parameters."""
+    for module in encoder.modules():
+        if isinstance(module, NORM_LAYERS):
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
 
 
 def _build_weighted(cfg: EncoderConfig, kwargs: dict) -> nn.Module:

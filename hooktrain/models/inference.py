@@ -64,13 +64,31 @@ def image_logits(
     flip: bool = False,
 ) -> torch.Tensor:
     """Float32 logits [1,C,h,w] of one image [1,3,h,w] by ``cfg.mode``; with ``flip`` the
-    image is flipped horizontally first and its logits flipped back."""
+    image is flipped horizontally first and its logits flipped back. With ``cfg.size_divisor``
+    the (flipped) image is padded bottom/right with 0 to a multiple of it and the logits are
+    cropped back before the flip, as MMSegmentation's test-time ``stack_batch`` padding and its
+    ``postprocess_result`` do."""
     image = image.flip(-1) if flip else image
+    height, width = image.shape[-2:]
+    image = pad_to_multiple(image, cfg.size_divisor)
     if cfg.mode == "whole":
         logits = logits_fn(image).float()
     else:
         logits = slide_logits(logits_fn, image, cfg.crop_size, cfg.stride)
+    logits = logits[..., :height, :width]
     return logits.flip(-1) if flip else logits
+
+
+def pad_to_multiple(image: torch.Tensor, divisor: int | None) -> torch.Tensor:
+    """``image [..., h, w]`` padded at the bottom and right with 0 to multiples of ``divisor``
+    (mmseg ``stack_batch(size_divisor=...)``); unchanged for None, 1 or sides already multiples."""
+    if not divisor or divisor == 1:
+        return image
+    height, width = image.shape[-2:]
+    pad_h, pad_w = -height % divisor, -width % divisor
+    if not pad_h and not pad_w:
+        return image
+    return torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0.0)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from hooktrain.errors import UserError
 from hooktrain.models.encoder import build_encoder, load_pretrained_out_norms
 from hooktrain.models.eomt import build_eomt
 from hooktrain.models.heads import DecodeHead, build_head, resize
+from hooktrain.models.mask2former import build_mask2former
 from hooktrain.models.input_stage import InputStage
 from hooktrain.models.losses import HeadLoss
 from hooktrain.models.necks import MultiLevelNeck, OutNorms
@@ -78,7 +79,7 @@ class Segmentor(SegmentorBase):
 
 # decode_head.type -> the builder of a family other than encoder-decoder, (cfg, *, num_classes,
 # ignore_index, in_channels) -> SegmentorBase. A new family is one module and one entry here.
-FAMILY_BUILDERS: dict[str, Callable[..., SegmentorBase]] = {"eomt": build_eomt}
+FAMILY_BUILDERS: dict[str, Callable[..., SegmentorBase]] = {"eomt": build_eomt, "mask2former": build_mask2former}
 
 
 def build_segmentor(
@@ -86,7 +87,7 @@ def build_segmentor(
 ) -> SegmentorBase:
     """Build the segmentor described by the recipe's ``model:`` section, for images of
     ``in_channels`` channels (``data.in_channels``): the mask-classification family for its
-    decode heads (``eomt``), the encoder-decoder family otherwise."""
+    decode heads (``eomt``, ``mask2former``), the encoder-decoder family otherwise."""
     if num_classes < 1:
         raise UserError(f"num_classes is {num_classes}; the dataset must declare at least one class")
     build = FAMILY_BUILDERS.get(cfg.decode_head.type, _build_encoder_decoder)

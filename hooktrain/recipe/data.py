@@ -14,6 +14,27 @@ from pydantic import Field, model_validator
 from hooktrain.recipe.section import Section
 
 
+class ShortestEdgeChoiceResize(Section):
+    """MMSegmentation's ``RandomChoiceResize(scales, resize_type='ResizeShortestEdge', max_size)``
+    (its Mask2Former configs): one of ``scales`` is drawn uniformly as the short edge's length; the
+    long edge follows the aspect ratio, both shrunk so the long edge is at most ``max_size``; mmcv's
+    keep-ratio Resize then rescales to that (width, height) target."""
+
+    type: Literal["shortest_edge_choice"] = Field("shortest_edge_choice", description="Resize kind.")
+    scales: list[int] = Field(
+        min_length=1,
+        description="Short-edge lengths to draw from, each with the same probability; MMSegmentation's "
+        "Mask2Former ADE20K configs: [int(512 * x * 0.1) for x in range(5, 21)] = 256, 307, ..., 1024.",
+    )
+    max_size: int = Field(2048, ge=1, description="Longest edge allowed after the resize.")
+
+    @model_validator(mode="after")
+    def _positive_scales(self) -> "ShortestEdgeChoiceResize":
+        if min(self.scales) < 1:
+            raise ValueError(f"scales must be positive short-edge lengths, got {self.scales}")
+        return self
+
+
 class TrainPipelineConfig(Section):
     """The train-time augmentation of MMSegmentation's ADE20K pipeline."""
 
@@ -22,6 +43,12 @@ class TrainPipelineConfig(Section):
     )
     ratio_range: tuple[float, float] = Field(
         (0.5, 2.0), description="RandomResize multiplies `scale` by a ratio drawn uniformly from this range"
+    )
+    resize: ShortestEdgeChoiceResize | None = Field(
+        None,
+        description="null = RandomResize of `scale` and `ratio_range` (MMSegmentation's ADE20K pipeline); "
+        "{type: shortest_edge_choice, scales: [...], max_size: 2048} = RandomChoiceResize with "
+        "ResizeShortestEdge instead (its Mask2Former configs), and `scale` and `ratio_range` are unused",
     )
     crop_size: tuple[int, int] = Field(
         (512, 512), description="RandomCrop size as (height, width); smaller images are padded"
@@ -54,6 +81,14 @@ class TrainPipelineConfig(Section):
         for name in ("scale", "crop_size"):
             if min(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must hold two positive integers, got {getattr(self, name)}")
+        if self.resize is not None:
+            if min(self.crop_size) > max(self.resize.scales):
+                raise ValueError(
+                    f"crop_size {tuple(self.crop_size)} is larger than any image the resize makes: its short "
+                    f"edge is at most {max(self.resize.scales)} (resize.scales), so every crop would be padding "
+                    "on one side; lower crop_size or raise resize.scales"
+                )
+            return self
         largest_short_side = min(self.scale) * self.ratio_range[1]
         if min(self.crop_size) > largest_short_side:
             raise ValueError(

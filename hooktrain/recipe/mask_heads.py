@@ -1,5 +1,6 @@
-"""Decode heads of the mask-classification family (``model.decode_head.type: eomt``): queries
-that each predict a class and a mask, trained with Mask2Former's matching criterion."""
+"""Decode heads of the mask-classification family (``model.decode_head.type: eomt`` or
+``mask2former``): queries that each predict a class and a mask, trained with Mask2Former's
+matching criterion."""
 
 from __future__ import annotations
 
@@ -79,4 +80,62 @@ class EoMTHeadConfig(Section):
         return self
 
 
-MASK_CLASSIFICATION_HEADS = ("eomt",)
+class Mask2FormerHeadConfig(Section):
+    """Mask2Former (Cheng et al., CVPR 2022) on a hierarchical encoder (Swin, ResNet, ConvNeXt, ...:
+    at least four levels, finest first, e.g. strides 4 to 32; not a ViT). Its pixel decoder refines
+    the three coarsest levels with multi-scale deformable attention and adds the finer ones FPN-style
+    (the mask features); ``num_queries`` queries go through ``decoder_layers`` masked-attention
+    layers, each attending to one level (cycling coarsest to finest) within its previous mask.
+    Every layer's prediction (and the initial queries') is supervised. Numerically transformers'
+    ``Mask2FormerForUniversalSegmentation``; ``model.encoder.out_norm: layer_norm`` with
+    ``out_norm_eps: 1.0e-5`` adds its Swin backbone's per-level norms."""
+
+    type: Literal["mask2former"] = Field("mask2former", description="Head kind.")
+    num_queries: int = Field(100, ge=1, description="Learned queries (Mask2Former: 100 for semantic segmentation).")
+    channels: int = Field(
+        256,
+        ge=32,
+        multiple_of=32,
+        description="Width of the pixel decoder (transformers' feature_size, mmdet's feat_channels); "
+        "its GroupNorms have 32 groups.",
+    )
+    hidden_dim: int = Field(256, ge=1, description="Width of the transformer decoder and its queries.")
+    mask_feature_size: int = Field(
+        256, ge=1, description="Channels of the mask features and of the queries' mask embeddings."
+    )
+    num_heads: int = Field(
+        8, ge=1, description="Attention heads of the deformable encoder and of the decoder (both widths' divisor)."
+    )
+    encoder_layers: int = Field(6, ge=0, description="Deformable-attention layers of the pixel decoder.")
+    encoder_feedforward: int = Field(
+        1024, ge=1, description="FFN width of the pixel decoder's layers (transformers' encoder_feedforward_dim)."
+    )
+    decoder_layers: int = Field(
+        9,
+        ge=1,
+        description="Masked-attention decoder layers: transformers' decoder_layers - 1 (which counts the "
+        "initial queries' prediction), mmdet's num_layers.",
+    )
+    decoder_feedforward: int = Field(
+        2048, ge=1, description="FFN width of the decoder layers (transformers' dim_feedforward)."
+    )
+    enforce_input_projection: bool = Field(
+        False,
+        description="A 1x1 convolution from the pixel decoder's levels to the decoder even when channels equals "
+        "hidden_dim (transformers' enforce_input_projection; a projection is always there when they differ).",
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout of the attention and FFN layers.")
+    loss: MaskLossConfig = Field(default_factory=MaskLossConfig, description="Matching and losses.")
+    align_corners: Literal[False] = Field(
+        False, description="Mask logits are resized to the input with align_corners=False (Mask2Former)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_widths(self) -> Mask2FormerHeadConfig:
+        for key in ("channels", "hidden_dim"):
+            if getattr(self, key) % self.num_heads:
+                raise ValueError(f"num_heads {self.num_heads} does not divide {key} {getattr(self, key)}")
+        return self
+
+
+MASK_CLASSIFICATION_HEADS = ("eomt", "mask2former")

@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from hooktrain.recipe.mask_heads import MASK_CLASSIFICATION_HEADS, EoMTHeadConfig
+from hooktrain.recipe.mask_heads import MASK_CLASSIFICATION_HEADS, EoMTHeadConfig, Mask2FormerHeadConfig
 from hooktrain.recipe.section import Section
 
 
@@ -50,6 +50,13 @@ class EncoderConfig(Section):
         description="Train the heads only: the encoder's parameters get no gradients and stay out of the "
         "optimizer (a linear probe, as DINOv2's linear evaluation). BatchNorm statistics inside a frozen "
         "encoder still update in training.",
+    )
+    frozen_norms: bool = Field(
+        False,
+        description="The encoder's normalisation layers (BatchNorm, GroupNorm, LayerNorm) keep their affine weight "
+        "and bias as loaded: no gradients, out of the optimizer (MMSegmentation's norm_cfg requires_grad=False, "
+        "as its Mask2Former ResNet configs set); BatchNorm running statistics still update in training "
+        "(norm_eval=False).",
     )
     grad_checkpointing: bool = Field(
         False,
@@ -280,6 +287,7 @@ HeadConfig = Annotated[
         UNetHeadConfig,
         LinearHeadConfig,
         EoMTHeadConfig,
+        Mask2FormerHeadConfig,
     ],
     Field(discriminator="type"),
 ]
@@ -346,6 +354,14 @@ class InferenceConfig(Section):
         "Resize(scale_factor, keep_ratio=True)) instead of to data.val.pipeline.scale, and average "
         "the probabilities, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]; null = one scale.",
     )
+    size_divisor: int | None = Field(
+        None,
+        ge=1,
+        description="Pad each image (after any flip, before whole or slide inference) at the bottom and right "
+        "with 0 after normalisation to a multiple of this, and crop the scores back to the image: "
+        "MMSegmentation's data_preprocessor test_cfg=dict(size_divisor=...) (its Mask2Former configs: 32); "
+        "null = no padding.",
+    )
     threshold: float = Field(
         0.5,
         gt=0.0,
@@ -406,9 +422,10 @@ class ModelConfig(Section):
         extras = {"aux_head": self.aux_head, "neck": self.neck, "encoder.out_indices": self.encoder.out_indices}
         for key, value in extras.items():
             if value is not None:
+                reads = "tokens" if self.decode_head.type == "eomt" else "last four levels"
                 raise ValueError(
                     f"model.{key} does not apply to decode_head type {self.decode_head.type}, which reads the "
-                    f"encoder's tokens and trains with its own criterion; set model.{key}: null"
+                    f"encoder's {reads} and trains with its own criterion; set model.{key}: null"
                 )
         return self
 

@@ -31,7 +31,7 @@ TINY_ADE = [
     "train.max_iters=2", "schedule.warmup_iters=1", "model.encoder.pretrained=false",
     "data.train.batch_size=2", "data.train.num_workers=2", "data.train.shuffle_buffer=8",
     "data.train.pipeline.scale=[64,32]", "data.train.pipeline.crop_size=[32,32]",
-    "data.val.pipeline.scale=[64,32]", "data.val.num_workers=0",
+    "data.val.pipeline.scale=[64,32]", "data.val.num_workers=0", "hooks.1.confusion=false",
 ]  # fmt: skip
 
 
@@ -106,33 +106,57 @@ def probe(cases: dict, env: dict) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_hub_source_failures_each_end_in_one_line_naming_the_fix(hub, tmp_path):
-    parquet = {"path": ADE20K_ID, "revision": PARQUET_REVISION}
-    cases = {
-        "ok": {**parquet, "data_dir": "scene_parsing", "split": "validation"},
-        "downloaded": {
-            **parquet,
-            "data_dir": "scene_parsing",
-            "split": "validation",
-            "streaming": False,
-        },  # fmt: skip
-        "data_files": {
-            **parquet,
-            "data_files": {"validation": "scene_parsing/validation/*.parquet"},
-            "split": "validation",
-        },  # fmt: skip
-        "bare_id": {"path": "scene_parse_150"},
-        "config_by_name": {**parquet, "name": "scene_parsing"},
-        "no_data_dir": {**parquet, "split": "validation"},
-        "wrong_data_dir": {**parquet, "data_dir": "scene_parse"},
-        "script_only": {"path": ADE20K_ID},
-        "split": {**parquet, "data_dir": "scene_parsing", "split": "valid"},
-        "revision": {"path": ADE20K_ID, "revision": "refs/convert/parquett"},
-        "no_such_repo": {"path": "acme/nothing-here"},
-        "gated": {"path": "acme/gated-ade", "split": "validation"},
-        "private": {"path": "acme/private-ade", "split": "validation"},
-    }
-    found = probe(cases, hub_env(hub, tmp_path))
+_parquet = {"path": ADE20K_ID, "revision": PARQUET_REVISION}
+# The Hub sources the next test loads: each case's row count, or its one-line error.
+FAILURE_CASES = {
+    "ok": {**_parquet, "data_dir": "scene_parsing", "split": "validation"},
+    "downloaded": {
+        **_parquet,
+        "data_dir": "scene_parsing",
+        "split": "validation",
+        "streaming": False,
+    },  # fmt: skip
+    "data_files": {
+        **_parquet,
+        "data_files": {"validation": "scene_parsing/validation/*.parquet"},
+        "split": "validation",
+    },  # fmt: skip
+    "bare_id": {"path": "scene_parse_150"},
+    "config_by_name": {**_parquet, "name": "scene_parsing"},
+    "no_data_dir": {**_parquet, "split": "validation"},
+    "wrong_data_dir": {**_parquet, "data_dir": "scene_parse"},
+    "script_only": {"path": ADE20K_ID},
+    "split": {**_parquet, "data_dir": "scene_parsing", "split": "valid"},
+    "revision": {"path": ADE20K_ID, "revision": "refs/convert/parquett"},
+    "no_such_repo": {"path": "acme/nothing-here"},
+    "gated": {"path": "acme/gated-ade", "split": "validation"},
+    "private": {"path": "acme/private-ade", "split": "validation"},
+}
+
+
+def recipe_cases() -> dict[str, dict]:
+    """The Hub sources of the Cityscapes and VOC recipes' train and val splits."""
+    from hooktrain.recipe.schema import load_recipe
+
+    cases = {}
+    for recipe in ("cityscapes", "voc12aug"):
+        data = load_recipe(ROOT / "recipes" / f"{recipe}.yaml").data
+        for split in ("train", "val"):
+            source = getattr(data, split).source
+            cases[f"{recipe} {split}"] = source.model_dump(exclude={"type"})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def probed(hub, tmp_path_factory) -> dict:
+    """Every case of FAILURE_CASES and of :func:`recipe_cases`, loaded without a token in one
+    fresh process (a process start less than a probe per test)."""
+    return probe({**FAILURE_CASES, **recipe_cases()}, hub_env(hub, tmp_path_factory.mktemp("probe")))
+
+
+def test_hub_source_failures_each_end_in_one_line_naming_the_fix(hub, tmp_path, probed):
+    cases = FAILURE_CASES
+    found = {case: probed[case] for case in cases}
     assert found["ok"] == found["downloaded"] == found["data_files"] == 8
     for case, message in found.items():
         assert isinstance(message, int) or "\n" not in message, case
@@ -239,18 +263,11 @@ def test_data_check_streams_the_ade20k_recipe_through_the_hub_client(hub, tmp_pa
     assert error_lines(wrong)[-1].startswith("hooktrain: error: data check of data.val.source")
 
 
-def test_cityscapes_and_voc_recipes_read_their_hub_sources(hub, tmp_path):
+def test_cityscapes_and_voc_recipes_read_their_hub_sources(hub, tmp_path, probed):
     """The recipes' Hub sources (ids, split names, columns) open through the client on
     replicas of the repositories, and Cityscapes' labelIds pass data check with its label_map."""
-    from hooktrain.recipe.schema import load_recipe
-
-    cases = {}
-    for recipe in ("cityscapes", "voc12aug"):
-        data = load_recipe(ROOT / "recipes" / f"{recipe}.yaml").data
-        for split in ("train", "val"):
-            source = getattr(data, split).source
-            cases[f"{recipe} {split}"] = source.model_dump(exclude={"type"})
-    assert probe(cases, hub_env(hub, tmp_path)) == {case: 4 for case in cases}
+    cases = recipe_cases()
+    assert {case: probed[case] for case in cases} == {case: 4 for case in cases}
     checked = run_cli("data", "check", "recipes/cityscapes.yaml", "--split", "val", "--limit", "4",
                       env=hub_env(hub, tmp_path))  # fmt: skip
     assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]

@@ -24,6 +24,7 @@ from hooktrain.data.transforms import (
     decode_image,
     decode_mask,
     rescaled_size,
+    shortest_edge_size,
 )
 from hooktrain.errors import UserError
 
@@ -169,6 +170,82 @@ def test_train_matches_mmsegmentations_own_transforms(mmseg_env, tmp_path):
         ours_img, ours_mask = transform(image, mask, MmsegDraws(seed))
         np.testing.assert_array_equal(ours_mask.numpy(), reference[f"mask_{seed}"], err_msg=f"seed {seed}")
         np.testing.assert_array_equal(ours_img.numpy(), reference[f"image_{seed}"], err_msg=f"seed {seed}")
+
+
+# Mask2Former's RandomChoiceResize(ResizeShortestEdge) at test size: a landscape, a portrait, a square
+# and a 40x200 strip whose long edge hits max_size at every scale (the cap, then mmcv's refit).
+SHORTEST_EDGE = dict(resize={"type": "shortest_edge_choice", "scales": [64, 72, 80, 96, 112, 128], "max_size": 160},
+                     crop_size=(64, 64))  # fmt: skip
+SHORTEST_EDGE_SIZES = [(96, 128), (128, 96), (100, 100), (40, 200)]
+
+
+def test_shortest_edge_choice_matches_mmsegmentations_own_transforms(mmseg_env, tmp_path):
+    """mmcv's RandomChoiceResize(scales, resize_type='ResizeShortestEdge', max_size) (mmseg's
+    Mask2Former train pipeline) -> RandomCrop(cat_max_ratio) -> RandomFlip -> PhotoMetricDistortion
+    and SegDataPreProcessor, run in MMSegmentation 1.2.2's environment after ``np.random.seed(s)``,
+    against ``TrainTransform`` with ``resize: shortest_edge_choice`` drawing the same numbers: 80
+    seeds over 4 scenes (landscape, portrait, square, and a strip whose long edge is capped).
+    Masks bit for bit (so the same sizes, crops and flips); normalised images within one uint8
+    step (1 / std), a bound for OpenCV's resize and HSV code, which both sides run (measured: 0)."""
+    cfg = TrainPipelineConfig(**SHORTEST_EDGE)
+    scenes = [scene(h, w, seed=k) for k, (h, w) in enumerate(SHORTEST_EDGE_SIZES)]
+    inputs, out = tmp_path / "inputs.npz", tmp_path / "mmseg.npz"
+    np.savez(inputs, **{f"{kind}_{k}": array for k, pair in enumerate(scenes)
+                        for kind, array in zip(("image", "mask"), pair)})  # fmt: skip
+    script = Path(__file__).parents[1] / "mmseg_ref" / "transforms_reference.py"
+    mmseg_env.run(script, str(inputs), str(out), "--seeds", "80", "--choice-scales", *map(str, cfg.resize.scales),
+                  "--max-size", str(cfg.resize.max_size), "--crop", *map(str, cfg.crop_size))  # fmt: skip
+    reference = np.load(out)
+    transform = TrainTransform(cfg)
+    step = 1 / float(STD.min())
+    for seed in range(80):
+        image, mask = scenes[seed % len(scenes)]
+        ours_img, ours_mask = transform(image, mask, MmsegDraws(seed))
+        np.testing.assert_array_equal(ours_mask.numpy(), reference[f"mask_{seed}"], err_msg=f"seed {seed}")
+        np.testing.assert_allclose(ours_img.numpy(), reference[f"image_{seed}"], rtol=0, atol=step,
+                                   err_msg=f"seed {seed}")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("size", "short_edge", "expected"),
+    [
+        ((512, 683), 256, (256, 342)),  # landscape: the short side is the scale
+        ((683, 512), 1024, (1366, 1024)),  # portrait
+        ((512, 512), 307, (307, 307)),
+        ((300, 2000), 1024, (307, 2047)),  # capped: target 2048x307, which mmcv's keep-ratio refit makes 2047x307
+    ],
+)
+def test_shortest_edge_size_caps_the_long_edge_as_mmseg_does(size, short_edge, expected):
+    assert shortest_edge_size(*size, short_edge, 2048) == expected
+
+
+def test_shortest_edge_choice_draws_each_scale_and_keeps_image_and_mask_aligned():
+    """Every scale is drawn (one ``integers`` draw each), and the resized mask is the image's
+    nearest-neighbour twin: a flat two-colour image crops to the matching labels."""
+    cfg = TrainPipelineConfig(resize={"type": "shortest_edge_choice", "scales": [40, 80], "max_size": 400},
+                              crop_size=(32, 32), photometric=False, cat_max_ratio=1.0)  # fmt: skip
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[:, 45:] = 200
+    mask = np.zeros((60, 90), np.uint8)
+    mask[:, 45:] = 1
+    seen = set()
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        seen.add(cfg.resize.scales[int(np.random.default_rng(seed).integers(2))])
+        img, out_mask = TrainTransform(cfg)(image, mask, rng)
+        bright = img[0].numpy() > 0
+        assert (bright == (out_mask.numpy() == 1)).mean() > 0.95
+    assert seen == {40, 80}
+
+
+def test_shortest_edge_choice_config_is_checked():
+    with pytest.raises(ValidationError, match="crop_size"):
+        TrainPipelineConfig(resize={"type": "shortest_edge_choice", "scales": [32, 48]}, crop_size=(64, 64))
+    with pytest.raises(ValidationError, match="scales"):
+        TrainPipelineConfig(resize={"type": "shortest_edge_choice", "scales": []})
+    with pytest.raises(ValidationError, match="positive"):
+        TrainPipelineConfig(resize={"type": "shortest_edge_choice", "scales": [0, 512]})
+    assert TrainPipelineConfig().resize is None  # the default stays RandomResize
 
 
 PALETTE = np.array([[230, 25, 25], [25, 230, 25], [25, 25, 230], [230, 230, 25], [25, 230, 230], [230, 25, 230]])

@@ -1,10 +1,11 @@
 """``hooktrain convert transformers`` without ``--recipe``: the recipe derived from the checkpoint's config.json.
 
 transformers' ``EomtForUniversalSegmentation`` (DINOv2 with registers, patch 14 and 16) and
-``EomtDinov3ForUniversalSegmentation`` (two sizes) and ``SegformerForSemanticSegmentation`` are
-built with random weights from transformers' own configs, saved with ``save_pretrained`` (one
-served by the local Hub stand-in under an id like the paper's checkpoints), converted, loaded from
-the exported file and compared with transformers' outputs: EoMT's class scores with the semantic
+``EomtDinov3ForUniversalSegmentation`` (two sizes), ``Mask2FormerForUniversalSegmentation`` (a tiny
+Swin backbone) and ``SegformerForSemanticSegmentation`` are built with random weights from
+transformers' own configs, saved with ``save_pretrained`` (EoMT and Mask2Former also served by the
+local Hub stand-in under an id like the published checkpoints'), converted, loaded from the exported
+file and compared with transformers' outputs: EoMT's and Mask2Former's class scores with the semantic
 map of Mask2Former's inference, SegFormer's logits with transformers' logits.
 """
 
@@ -192,12 +193,18 @@ def test_segformer_converts_without_a_recipe(tmp_path):
 def test_unconvertible_configs_are_one_line(eomt_dirs, tmp_path, capsys):
     """A model_type hooktrain does not convert: exit 2 naming it, nothing written; an EoMT a recipe
     cannot describe (SwiGLU with heads not on silu) names the config key."""
-    other = tmp_path / "mask2former"
+    other = tmp_path / "maskformer"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "mask2former", "num_labels": 3}))
+    (other / "config.json").write_text(json.dumps({"model_type": "maskformer", "num_labels": 3}))
     out = tmp_path / "x.safetensors"
     line = refused_by_cli(capsys, "convert", "transformers", str(other), "--out", str(out))
-    assert "model_type 'mask2former'" in line and not out.exists()
+    assert "model_type 'maskformer'" in line and "mask2former" in line and not out.exists()
+    convnext = tmp_path / "mask2former-convnext"  # a Mask2Former backbone hooktrain does not convert
+    convnext.mkdir()
+    (convnext / "config.json").write_text(json.dumps({"model_type": "mask2former", "num_labels": 3,
+                                                      "backbone_config": {"model_type": "convnext"}}))  # fmt: skip
+    line = refused_by_cli(capsys, "convert", "transformers", str(convnext), "--out", str(out))
+    assert "backbone_config.model_type 'convnext'" in line and not out.exists()
     eps = tmp_path / "swiglu"
     eps.mkdir()
     config = json.loads((eomt_dirs["dinov2-swiglu"] / "config.json").read_text())
@@ -256,3 +263,108 @@ def test_upernet_hub_sizes_derive_recipes_that_fit(family, backbone, encoder):
     assert recipe.model.encoder.name == encoder
     model = build_recipe_segmentor(recipe, on_meta=True)
     assert fit_to_model(from_transformers(state), model, encoder).keys() == model.state_dict().keys()
+
+
+# -- Mask2Former ---------------------------------------------------------------------------------
+
+MASK2FORMER_HUB_ID = "facebook/mask2former-swin-micro-ade-semantic"  # served by the stand-in only
+MASK2FORMER = dict(
+    feature_size=32, hidden_dim=32, mask_feature_size=32, encoder_feedforward_dim=64, dim_feedforward=64,
+    encoder_layers=1, decoder_layers=4, num_attention_heads=4, num_queries=5, id2label=LABELS,
+)  # fmt: skip
+MICRO_SWIN = dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7, out_features=STAGES)
+# Mask2FormerImageProcessor's normalisation is ImageNet's; another one here, to see it reach data.mean / data.std
+M2F_PREPROCESSOR = {"image_processor_type": "Mask2FormerImageProcessor", "do_rescale": True,
+                    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.4, 0.5, 0.6],
+                    "image_std": [0.2, 0.25, 0.3], "ignore_index": 255, "do_reduce_labels": True}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mask2former_dir(tmp_path_factory) -> Path:
+    """A micro random-weight transformers Mask2Former (Swin) saved with ``save_pretrained``, its
+    norms, biases and deformable sampling randomised (transformers starts them at 1, 0 or 0) so that
+    a mixed-up tensor shows, with a ``preprocessor_config.json``."""
+    torch.manual_seed(0)
+    config = transformers.Mask2FormerConfig(backbone_config=transformers.SwinConfig(**MICRO_SWIN), **MASK2FORMER)
+    reference = transformers.Mask2FormerForUniversalSegmentation(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name.endswith(("sampling_offsets.weight", "attention_weights.weight")):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+            elif param.ndim == 1 and "sampling_offsets" not in name:  # norms' scales and every bias
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    directory = tmp_path_factory.mktemp("mask2former")
+    reference.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(M2F_PREPROCESSOR))
+    return directory
+
+
+def mask2former_errors(exported: Path, directory: Path) -> list[float]:
+    """The exported model's class scores against transformers' semantic map, at two input sizes."""
+    model, _ = load_exported(exported)
+    reference = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(directory).eval()
+    errors = []
+    for size in [(64, 64), (96, 128)]:
+        image = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
+        with torch.no_grad():
+            errors.append(relative_error(model.logits(image), semantic_map(reference(pixel_values=image), size)))
+    return errors
+
+
+def test_cli_converts_a_mask2former_hub_checkpoint_without_a_recipe(mask2former_dir, tmp_path):
+    """Through the real CLI, a Hub id from the local stand-in: the derived recipe (Swin encoder with
+    its sizes and per-level norms, the head's widths, classes, normalisation, Mask2Former's
+    whole-image evaluation at short side 512) gives transformers' semantic scores; ``Segmenter``
+    (what ``predict`` runs) loads the file."""
+    out = tmp_path / "hub.safetensors"
+    with HubServer() as hub:
+        hub.add(MASK2FORMER_HUB_ID, mask2former_dir, repo_type="model")
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": ""}
+        result = run_cli("convert", "transformers", MASK2FORMER_HUB_ID, "--out", str(out), env=env)
+        fetched = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(path.endswith(f"{MASK2FORMER_HUB_ID}/resolve/main/config.json") for path in fetched), fetched
+    errors = mask2former_errors(out, mask2former_dir)
+    print(f"Mask2Former from the Hub: class scores, max relative error {max(errors):.2e}")
+    assert max(errors) < TOLERANCE
+    _, recipe = load_exported(out)
+    encoder, head = recipe.model.encoder, recipe.model.decode_head
+    assert encoder.name == "swin_tiny_patch4_window7_224" and encoder.kwargs["depths"] == [1, 1, 2, 1]
+    assert encoder.out_norm == "layer_norm" and head.type == "mask2former" and head.decoder_layers == 3
+    assert recipe.data.class_names == list(LABELS.values())
+    assert list(recipe.data.mean) == pytest.approx([102.0, 127.5, 153.0])
+    assert list(recipe.data.std) == pytest.approx([51.0, 63.75, 76.5])
+    assert recipe.model.inference.mode == "whole" and tuple(recipe.data.val.pipeline.scale) == (2048, 512)
+    labels = Segmenter.load(out, device="cpu")(np.zeros((50, 70, 3), dtype=np.uint8))
+    assert labels.shape == (50, 70) and labels.max() < len(LABELS)
+
+
+def test_a_mask2former_directory_converts_and_a_disagreeing_recipe_is_one_line(mask2former_dir, tmp_path, capsys):
+    """The CLI's entry point on a ``save_pretrained`` directory, no recipe: transformers' scores. The
+    recipe written into the file converts it again; one that differs from config.json in the class
+    count, the queries, the decoder's depth or the backbone's widths is one line (exit 2) naming the
+    config key and both values, and nothing is written."""
+    from hooktrain.cli import main
+    from hooktrain.recipe.schema import dump_recipe
+
+    out, source = tmp_path / "m2f.safetensors", str(mask2former_dir)
+    with pytest.raises(SystemExit) as exited:
+        main(["convert", "transformers", source, "--out", str(out)])
+    assert exited.value.code == 0 and max(mask2former_errors(out, mask2former_dir)) < TOLERANCE
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump_recipe(load_exported(out)[1]))
+    out.unlink()
+    convert("transformers", source, str(path), out)  # the recipe that fits converts
+    assert max(mask2former_errors(out, mask2former_dir)) < TOLERANCE
+    out.unlink()
+    for options, fragments in {
+        ("data.num_classes=5", "data.class_names=null"): ("on num_labels", "data.num_classes gives 5", "checkpoint 4"),
+        ("model.decode_head.num_queries=8",): ("on num_queries", "gives 8", "checkpoint 5"),
+        ("model.decode_head.decoder_layers=2",): ("on decoder_layers - 1", "decoder_layers gives 2", "checkpoint 3"),
+        ("model.encoder.kwargs.embed_dim=64",): ("on backbone_config", "[64, 128, 256, 512]", "[32, 64, 128, 256]"),
+    }.items():
+        line = refused_by_cli(capsys, "convert", "transformers", source, "--recipe", str(path), "--out", str(out),
+                              "--cfg-options", *options)  # fmt: skip
+        assert all(fragment in line for fragment in fragments), (fragments, line)
+        assert not out.exists()

@@ -4,6 +4,8 @@ migrating-from-mmseg.md and benchmarks.md run here as written (see tests/doc_com
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -27,7 +29,9 @@ EXPORT_BEST = Doc("hooktrain export work_dirs/run/checkpoints/best model.safeten
 PREDICT_FILES = Doc(
     "python -m hooktrain predict model.safetensors photo.jpg more_images/ --out masks/"
 )
-PLUGIN_INSTALL = Doc("pip install ./examples/hooktrain-ema")
+# hooktrain and torch, the example's dependencies, are this environment's own: here pip neither
+# resolves them against the index again nor builds the example in a fresh isolated environment.
+PLUGIN_INSTALL = Doc("pip install ./examples/hooktrain-ema", append="--no-deps --no-build-isolation")
 PLUGIN_RUN = Doc(
     "python -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/plugin-test --cfg-options "
     "train.max_iters=4 data.train.num_workers=0 data.train.pipeline.crop_size=[64,64] "
@@ -39,7 +43,25 @@ SHORT = (
 )
 
 
-def test_checkpoint_export_and_predict_commands(shapes_sandbox):
+def test_plugin_commands_install_and_run_the_example(shapes_sandbox):
+    sandbox = shapes_sandbox
+    run(PLUGIN_INSTALL, sandbox)
+    result = run(PLUGIN_RUN, sandbox)
+    assert "ema(" in result.output and "validation at iter 4 on 200 images" in result.output
+
+
+# -- docs/inference.md: ONNX and safetensors exports of one trained checkpoint, predict with both --
+
+EXPORT_ONNX = Doc("hooktrain export work_dirs/run/checkpoints/latest model.onnx")
+EXPORT_SAFETENSORS = Doc("hooktrain export work_dirs/run/checkpoints/latest model.safetensors")
+PREDICT_ONNX = Doc("hooktrain predict model.onnx photos/ --out masks_onnx/")
+PREDICT_SAFETENSORS = Doc("hooktrain predict model.safetensors photos/ --out masks/")
+
+
+def test_checkpoint_and_inference_page_commands(shapes_sandbox):
+    """One two-iteration quickstart (an evaluation and a checkpoint at iteration 2, the best kept)
+    serves both pages: checkpoints.md exports `best` and predicts files and a folder; inference.md
+    exports `latest` both ways, and the two exports write the same labels."""
     sandbox = shapes_sandbox
     setup = Doc("python -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/run " + SHORT +
                 ' "hooks=[{type: eval, interval: 2}, {type: checkpoint, interval: 2, save_best: mIoU}]"')  # fmt: skip
@@ -59,35 +81,16 @@ def test_checkpoint_export_and_predict_commands(shapes_sandbox):
         "photo_label.png",
     ]
 
-
-def test_plugin_commands_install_and_run_the_example(shapes_sandbox):
-    sandbox = shapes_sandbox
-    run(PLUGIN_INSTALL, sandbox)
-    result = run(PLUGIN_RUN, sandbox)
-    assert "ema(" in result.output and "validation at iter 4 on 200 images" in result.output
-
-
-# -- docs/inference.md: ONNX and safetensors exports of one trained checkpoint, predict with both --
-
-EXPORT_ONNX = Doc("hooktrain export work_dirs/run/checkpoints/latest model.onnx")
-EXPORT_SAFETENSORS = Doc("hooktrain export work_dirs/run/checkpoints/latest model.safetensors")
-PREDICT_ONNX = Doc("hooktrain predict model.onnx photos/ --out masks_onnx/")
-PREDICT_SAFETENSORS = Doc("hooktrain predict model.safetensors photos/ --out masks/")
-
-
-def test_inference_page_commands(shapes_sandbox):
-    """A two-iteration quickstart exported both ways; the two exports write the same labels."""
-    sandbox = shapes_sandbox
-    run(Doc("python -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/run " + SHORT +
-            ' "hooks=[{type: checkpoint, interval: 2}]"'), sandbox)  # fmt: skip
     assert "verified by onnxruntime" in run(EXPORT_ONNX, sandbox).output
-    run(EXPORT_SAFETENSORS, sandbox)
+    run(EXPORT_SAFETENSORS, sandbox)  # over checkpoints.md's export of `best`
+    shutil.rmtree(sandbox / "masks")  # checkpoints.md's predictions
     (sandbox / "photos").mkdir()
     for i, (h, w) in enumerate([(96, 96), (60, 130)]):
         image = cv2.GaussianBlur(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 2)
         cv2.imwrite(str(sandbox / "photos" / f"p{i}.png"), image)
     run(PREDICT_ONNX, sandbox)
     run(PREDICT_SAFETENSORS, sandbox)
+    assert sorted(p.name for p in (sandbox / "masks").iterdir()) == ["p0.png", "p0_label.png", "p1.png", "p1_label.png"]
     for i in range(2):
         labels = [cv2.imread(str(sandbox / out / f"p{i}_label.png"), cv2.IMREAD_UNCHANGED)
                   for out in ("masks_onnx", "masks")]  # fmt: skip
@@ -217,6 +220,34 @@ def test_data_check_page_commands(shapes_sandbox):
 
 # -- docs/migrating-from-mmseg.md: bring your MMSegmentation checkpoint -----------------------
 
+MMSEG_DOC_CONFIGS = [
+    "upernet_r50_4xb4-160k_ade20k-512x512",
+    "convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512",
+    "swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512",
+]
+
+
+@pytest.fixture(scope="session")
+def mmseg_doc_references(mmseg_env, tmp_path_factory) -> dict[str, Path]:
+    """The zoo-format checkpoints (and logits at 97x131) of the three configs the pages' commands
+    convert, built by MMSegmentation 1.2.2 (``reference.py build-all``, random weights) once per
+    test run, in a directory the test workers share (under a file lock): the whole zoo that
+    ``mmseg_zoo_references`` builds takes three times as long."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "mmseg_doc_references"
+    with FileLock(str(shared / "mmseg_doc_references.lock")):
+        if not (root / "done").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            script = ROOT / "tests" / "mmseg_ref" / "reference.py"
+            mmseg_env.run(script, "build-all", ",".join(MMSEG_DOC_CONFIGS), "--out", str(root), "--sizes", "97x131")
+            (root / "done").touch()
+    return {name: root / name for name in MMSEG_DOC_CONFIGS}
+
+
 ZOO_CHECKPOINT = "upernet_r50_512x512_160k_ade20k_20200615_184328-8534de8d.pth"
 ZOO_CONVERT = Doc(
     f"hooktrain convert mmseg {ZOO_CHECKPOINT} --recipe recipes/mmseg/upernet_r50_4xb4-160k_ade20k-512x512.yaml "
@@ -225,10 +256,10 @@ ZOO_CONVERT = Doc(
 ZOO_PREDICT = Doc("hooktrain predict upernet_r50_ade20k.safetensors images/ --out masks/")
 
 
-def test_bring_your_mmseg_checkpoint_commands(sandbox, mmseg_zoo_references):
+def test_bring_your_mmseg_checkpoint_commands(sandbox, mmseg_doc_references):
     """The zoo file here is MMSegmentation's own UPerNet-R50, built and saved in the zoo's format
     by MMSegmentation 1.2.2 (random weights): the page's two commands, as written."""
-    upernet = mmseg_zoo_references["upernet_r50_4xb4-160k_ade20k-512x512"]
+    upernet = mmseg_doc_references["upernet_r50_4xb4-160k_ade20k-512x512"]
     (sandbox / ZOO_CHECKPOINT).symlink_to(upernet / "checkpoint.pth")
     (sandbox / "images").mkdir()
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -266,7 +297,7 @@ SWIN_CONVERT = Doc(
     ],
     ids=["convnext", "swin"],
 )
-def test_bring_your_mmseg_convnext_or_swin_checkpoint_command(sandbox, mmseg_zoo_references, command, checkpoint,
+def test_bring_your_mmseg_convnext_or_swin_checkpoint_command(sandbox, mmseg_doc_references, command, checkpoint,
                                                                config):  # fmt: skip
     """MMSegmentation's ConvNeXt-T (mmpretrain's backbone) and Swin-T UPerNets, built and saved by
     MMSegmentation 1.2.2 with random weights: the page's command, as written, gives its logits."""
@@ -274,7 +305,7 @@ def test_bring_your_mmseg_convnext_or_swin_checkpoint_command(sandbox, mmseg_zoo
 
     from hooktrain.deploy.export import load_exported
 
-    reference = mmseg_zoo_references[config]
+    reference = mmseg_doc_references[config]
     (sandbox / checkpoint).symlink_to(reference / "checkpoint.pth")
     assert "converted" in run(command, sandbox).output
     model, _ = load_exported(sandbox / command.text.split("--out ")[1].split()[0])
@@ -384,6 +415,48 @@ def test_bring_a_transformers_eomt_checkpoint_command(sandbox, monkeypatch):
     assert recipe.data.num_classes == 3 and recipe.model.decode_head.num_queries == 5
 
 
+# -- docs/models.md: bring a transformers Mask2Former checkpoint ------------------------------
+
+MASK2FORMER_CONVERT = Doc(
+    "hooktrain convert transformers facebook/mask2former-swin-tiny-ade-semantic "
+    "--out mask2former-swin-tiny-ade.safetensors"
+)
+
+
+def test_bring_a_transformers_mask2former_checkpoint_command(sandbox, monkeypatch):
+    """A tiny random transformers Mask2Former (Swin backbone) served as
+    ``facebook/mask2former-swin-tiny-ade-semantic`` by the local Hub stand-in: the page's command,
+    as written (no recipe), gives a file whose model has transformers' class scores and classes."""
+    import torch
+    import transformers
+    from eomt_reference import semantic_map
+    from hub_server import HubServer
+
+    from hooktrain.deploy.export import load_exported
+
+    swin = transformers.SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],
+                                   out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
+    config = transformers.Mask2FormerConfig(
+        backbone_config=swin, feature_size=32, hidden_dim=32, mask_feature_size=32, encoder_feedforward_dim=64,
+        dim_feedforward=64, encoder_layers=1, decoder_layers=3, num_attention_heads=4, num_queries=5, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = transformers.Mask2FormerForUniversalSegmentation(config).eval()
+    reference.save_pretrained(sandbox / "mask2former")
+    with HubServer() as hub:
+        hub.add("facebook/mask2former-swin-tiny-ade-semantic", sandbox / "mask2former", repo_type="model")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        assert "converted" in run(MASK2FORMER_CONVERT, sandbox).output
+    model, recipe = load_exported(sandbox / "mask2former-swin-tiny-ade.safetensors")
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = semantic_map(reference(pixel_values=image), (64, 96))
+        got = model.logits(image)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    assert recipe.data.num_classes == 3 and recipe.model.decode_head.type == "mask2former"
+
+
 # -- docs/benchmarks.md: the benches' smoke run (CI) and the generated tables -----------------
 
 RUN_ALL_QUICK = Doc("python bench/run_all.py --quick")
@@ -474,6 +547,7 @@ RUN_HERE = [
     CITYSCAPES_FOLDER, CITYSCAPES_TRAIN_IDS, VOC_FOLDER,
     DATA_CHECK, DATA_CHECK_VAL, DATA_CHECK_ADE, CONVERT_PALETTE, CONVERT_PALETTE_FILE,
     ZOO_CONVERT, ZOO_PREDICT, CONVNEXT_CONVERT, SWIN_CONVERT, SMP_CONVERT, UPERNET_CONVERT, EOMT_CONVERT,
+    MASK2FORMER_CONVERT,
     RUN_ALL_QUICK, REPORT,
     BINARY_QUICKSTART, FOUR_BAND_QUICKSTART, SIXTEEN_BIT_QUICKSTART,
     EXPORT_ONNX, EXPORT_SAFETENSORS, PREDICT_ONNX, PREDICT_SAFETENSORS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "hooktrain"
@@ -178,3 +179,12 @@ def test_each_step_is_written_once():
     assert callers("total_loss") == ["hooktrain.engine.step"]
     assert "hooktrain.tools.benchmark" in callers("train_step")
     assert "hooktrain.engine.runner" in callers("train_step")
+
+
+def test_a_modules_tests_share_one_worker(request):
+    """Under README's ``-n 2 --dist loadgroup`` a module's tests (unless marked ``spread``) run on
+    one pytest-xdist worker, so its module fixtures are built once (tests/conftest.py): xdist marks
+    them by suffixing the group to the node id, which some pytest releases silently drop."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("only under pytest-xdist's --dist loadgroup")
+    assert request.node.nodeid.endswith("@test_structure"), request.node.nodeid

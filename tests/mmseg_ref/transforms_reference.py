@@ -2,6 +2,7 @@
 ADE20K train pipeline and data preprocessor, for ``tests/data/test_transforms.py``.
 
     transforms_reference.py INPUTS.npz OUT.npz --seeds N --scale L S --ratio LO HI --crop H W
+    transforms_reference.py INPUTS.npz OUT.npz --seeds N --choice-scales S1 S2 ... --max-size M --crop H W
 
 ``INPUTS.npz`` holds ``image_<k>`` (RGB uint8) and ``mask_<k>`` arrays. For seed ``s`` in
 ``range(N)`` the scene ``s % count`` goes through the registered transforms
@@ -9,8 +10,10 @@ ADE20K train pipeline and data preprocessor, for ``tests/data/test_transforms.py
 -> ``RandomFlip(prob=0.5)`` -> ``PhotoMetricDistortion`` -> ``PackSegInputs`` and then
 ``SegDataPreProcessor`` (BGR to RGB, ImageNet mean/std, padding to the crop with 0 and 255),
 after ``np.random.seed(s)``: every draw of these transforms comes from numpy's global
-generator. The image enters as ``LoadImageFromFile`` leaves it (BGR). ``OUT.npz`` holds
-``image_<s>`` (float32 [3, H, W]) and ``mask_<s>`` (int64 [H, W]).
+generator. With ``--choice-scales`` the first transform is instead the Mask2Former configs'
+``RandomChoiceResize(scales, resize_type='ResizeShortestEdge', max_size=M)``. The image enters
+as ``LoadImageFromFile`` leaves it (BGR). ``OUT.npz`` holds ``image_<s>`` (float32 [3, H, W])
+and ``mask_<s>`` (int64 [H, W]).
 """
 
 from __future__ import annotations
@@ -31,13 +34,23 @@ def main() -> None:
     parser.add_argument("inputs")
     parser.add_argument("out")
     parser.add_argument("--seeds", type=int, required=True)
-    parser.add_argument("--scale", type=int, nargs=2, required=True)
-    parser.add_argument("--ratio", type=float, nargs=2, required=True)
+    parser.add_argument("--scale", type=int, nargs=2)
+    parser.add_argument("--ratio", type=float, nargs=2)
+    parser.add_argument("--choice-scales", type=int, nargs="+")
+    parser.add_argument("--max-size", type=int)
     parser.add_argument("--crop", type=int, nargs=2, required=True)
     args = parser.parse_args()
     register_all_modules()
+    if args.choice_scales:
+        resize = {"type": "RandomChoiceResize", "scales": args.choice_scales, "resize_type": "ResizeShortestEdge",
+                  "max_size": args.max_size}  # fmt: skip
+    elif args.scale and args.ratio:
+        resize = {"type": "RandomResize", "scale": tuple(args.scale), "ratio_range": tuple(args.ratio),
+                  "keep_ratio": True}  # fmt: skip
+    else:
+        parser.error("give --scale and --ratio, or --choice-scales and --max-size")
     pipeline = Compose([
-        {"type": "RandomResize", "scale": tuple(args.scale), "ratio_range": tuple(args.ratio), "keep_ratio": True},
+        resize,
         {"type": "RandomCrop", "crop_size": tuple(args.crop), "cat_max_ratio": 0.75},
         {"type": "RandomFlip", "prob": 0.5},
         {"type": "PhotoMetricDistortion"},

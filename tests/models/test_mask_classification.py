@@ -1,7 +1,9 @@
-"""The mask-classification family (EoMT) through the same runner, hooks, metrics, TTA, export
-and predict as the encoder-decoder family: ``recipes/quickstart_eomt.yaml`` trains on tiny
-shapes images, resumes exactly, anneals its masked attention on the runner's iterations, and its
-exported model predicts the same labels from PyTorch and from ONNX."""
+"""The mask-classification family (EoMT, Mask2Former) through the same runner, hooks, metrics,
+TTA, export and predict as the encoder-decoder family: ``recipes/quickstart_eomt.yaml`` trains on
+tiny shapes images, resumes exactly, anneals its masked attention on the runner's iterations, and
+its exported model predicts the same labels from PyTorch and from ONNX; the same recipe with a
+Mask2Former model (a micro Swin with per-level norms) trains with every decoder layer supervised
+and exports to an ONNX graph that follows the input size (its deformable attention's level shapes)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,20 @@ TINY_EOMT = [
     "hooks.1.interval=2",
     f"hooks.2.interval={ITERS}",
 ]
+# Mask2Former in place of the quickstart's EoMT: a micro Swin (4 levels, strides 4..32, 1 block each)
+# with transformers' per-level norms, a 1-layer deformable pixel decoder and 2 masked-attention layers. The
+# pixel decoder has 2 channels per GroupNorm group: with 1, a 1x1 level (TTA's half scale) has 1 value a group.
+MASK2FORMER_LAYERS = 2
+TINY_MASK2FORMER = [
+    "model={encoder: {name: swin_tiny_patch4_window7_224, pretrained: false, out_norm: layer_norm, kwargs: "
+    "{embed_dim: 32, depths: [1, 1, 1, 1], num_heads: [1, 2, 4, 8]}}, decode_head: {type: mask2former, "
+    "num_queries: 8, channels: 64, hidden_dim: 32, mask_feature_size: 32, num_heads: 4, encoder_layers: 1, "
+    f"encoder_feedforward: 64, decoder_layers: {MASK2FORMER_LAYERS}, decoder_feedforward: 64, "
+    "loss: {num_points: 64}}, inference: {mode: whole}}",
+    "hooks.1.interval=2",
+    f"hooks.2.interval={ITERS}",
+]
+FAMILIES = {"eomt": TINY_EOMT, "mask2former": TINY_MASK2FORMER}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +53,16 @@ def eomt_run(data_root, tmp_path_factory):
     """The EoMT quickstart, trained for :data:`ITERS` iterations with a checkpoint every 2."""
     work_dir = tmp_path_factory.mktemp("eomt") / "run"
     result = run_cli(str(RECIPE), "--work-dir", str(work_dir), "--cfg-options", *tiny(data_root, ITERS, *TINY_EOMT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work_dir
+
+
+@pytest.fixture(scope="module")
+def mask2former_run(data_root, tmp_path_factory):
+    """The quickstart with :data:`TINY_MASK2FORMER`'s model, trained for :data:`ITERS` iterations."""
+    work_dir = tmp_path_factory.mktemp("mask2former") / "run"
+    options = tiny(data_root, ITERS, *TINY_MASK2FORMER)
+    result = run_cli(str(RECIPE), "--work-dir", str(work_dir), "--cfg-options", *options)
     assert result.returncode == 0, result.stderr[-3000:]
     return work_dir
 
@@ -52,6 +78,18 @@ def test_eomt_trains_with_deep_supervision_and_evaluates(eomt_run):
     terms = {key for record in logged for key in record if key.startswith("train/decode.")}
     layers, kinds = ("", "d0.", "d1."), ("cls", "mask", "dice")
     assert terms == {f"train/decode.{layer}loss_{kind}" for layer in layers for kind in kinds}
+    final = [record for record in logged if "val/mIoU" in record]
+    assert final and final[-1]["iter"] == ITERS and 0 <= final[-1]["val/mIoU"] <= 1
+
+
+def test_mask2former_trains_with_deep_supervision_and_evaluates(mask2former_run):
+    """Mask2Former through the CLI: the initial queries' and every decoder layer's predictions are
+    supervised (``d0`` .. ``d{n-1}``, the last layer's unnumbered), and the eval hook scores it."""
+    logged = records(mask2former_run)
+    terms = {key for record in logged for key in record if key.startswith("train/decode.")}
+    layers = ("", *(f"d{i}." for i in range(MASK2FORMER_LAYERS)))
+    assert terms == {f"train/decode.{layer}loss_{kind}" for layer in layers for kind in ("cls", "mask", "dice")}
+    assert all(torch.isfinite(torch.tensor(record[term])) for record in logged for term in terms if term in record)
     final = [record for record in logged if "val/mIoU" in record]
     assert final and final[-1]["iter"] == ITERS and 0 <= final[-1]["val/mIoU"] <= 1
 
@@ -83,15 +121,19 @@ def test_a_resumed_run_ends_bitwise_where_the_uninterrupted_one_ends(eomt_run, d
     assert [name for name in ours if not ours[name].equal(theirs[name])] == []
 
 
-def test_test_tta_export_onnx_and_predict(eomt_run, data_root, tmp_path):
+@pytest.mark.parametrize("family", ["eomt", pytest.param("mask2former", marks=pytest.mark.slow)])
+def test_test_tta_export_onnx_and_predict(family, request, data_root, tmp_path):
     """``hooktrain test --tta`` scores it, ``export`` writes an ONNX graph that onnxruntime
-    verifies, and ``predict`` from ONNX writes the labels the PyTorch export predicts."""
-    from hooktrain.deploy.export import export_checkpoint
+    verifies, whose logits are PyTorch's at two input sizes (Mask2Former: the pixel decoder's level
+    shapes follow the input, not the export size), and ``predict`` from ONNX writes the labels the
+    PyTorch export predicts."""
+    from hooktrain.deploy.export import export_checkpoint, load_exported
+    from hooktrain.deploy.onnx_export import TOLERANCE, OnnxLogits
     from hooktrain.deploy.predict import predict_images
 
-    checkpoint = eomt_run / "checkpoints" / f"iter_{ITERS}"
+    checkpoint = request.getfixturevalue(f"{family}_run") / "checkpoints" / f"iter_{ITERS}"
     tested = run_cli("test", str(RECIPE), "--checkpoint", str(checkpoint), "--tta", "--work-dir", str(tmp_path / "t"),
-                     "--cfg-options", *tiny(data_root, ITERS, *TINY_EOMT))  # fmt: skip
+                     "--cfg-options", *tiny(data_root, ITERS, *FAMILIES[family]))  # fmt: skip
     assert tested.returncode == 0, tested.stderr[-3000:]
     metrics = json.loads((tmp_path / "t" / "test_metrics.json").read_text())
     assert metrics["tta"]["flip"] is True and 0 <= metrics["mIoU"] <= 1
@@ -105,7 +147,15 @@ def test_test_tta_export_onnx_and_predict(eomt_run, data_root, tmp_path):
         cv2.imwrite(str(images / f"im{i}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     result = run_cli("predict", str(tmp_path / "model.onnx"), str(images), "--out", str(tmp_path / "onnx"))
     assert result.returncode == 0, result.stderr[-3000:]
-    predict_images(export_checkpoint(checkpoint, tmp_path / "model.safetensors"), [str(images)], tmp_path / "torch")
+    exported = export_checkpoint(checkpoint, tmp_path / "model.safetensors")
+    predict_images(exported, [str(images)], tmp_path / "torch")
+    model, graph = load_exported(exported)[0].eval(), OnnxLogits(tmp_path / "model.onnx")
+    for size in [(32, 32), (45, 77)]:
+        image = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[1]))
+        with torch.no_grad():
+            want = model.logits(image)
+        got = graph(image)
+        assert got.shape == want.shape and ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE, size
     for i in range(2):
         labels = [cv2.imread(str(tmp_path / d / f"im{i}_label.png"), cv2.IMREAD_UNCHANGED) for d in ("onnx", "torch")]
         np.testing.assert_array_equal(*labels)
