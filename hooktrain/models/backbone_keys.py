@@ -220,3 +220,23 @@ def to_encoder_keys(state_dict: StateDict, encoder_keys: set[str]) -> StateDict:
             flat = f"model.{key}"
         out[flat if key not in encoder_keys and flat in encoder_keys else key] = value
     return out
+
+
+class UnknownKeys(ValueError):
+    """Source keys no rule maps; ``keys`` lists them."""
+
+    def __init__(self, keys: list[str], hint: str | None = None) -> None:
+        super().__init__(f"{len(keys)} keys with no counterpart: {', '.join(keys[:5])}")
+        self.keys = keys
+        self.hint = hint  # what does convert, when the checkpoint is of a kind that does not
+
+
+def mmseg_backbone(state_dict: StateDict, prefix: str) -> StateDict:
+    """The backbone keys of an MMSegmentation checkpoint under ``prefix`` as hooktrain's ``encoder.*``
+    (timm's full-model names) and ``out_norms.*``. Raises :class:`UnknownKeys`."""
+    try:
+        converted = to_timm(strip_prefix(state_dict, prefix))
+    except KeyError as err:
+        raise UnknownKeys([f"{prefix}{err.args[0]}"]) from None
+    # A backbone's per-level norms (mmpretrain ConvNeXt's norm{i}) are the segmentor's out_norms.
+    return {k if k.startswith("out_norms.") else f"encoder.{k}": v for k, v in converted.items()}

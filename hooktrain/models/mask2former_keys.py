@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from hooktrain.models.segmentor_keys import UnknownKeys
+from hooktrain.models.backbone_keys import UnknownKeys
 from hooktrain.models.swin_convnext_vit_keys import swin_from_transformers
 
 StateDict = dict[str, torch.Tensor]

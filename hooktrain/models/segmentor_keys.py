@@ -3,8 +3,9 @@
 hooktrain's heads carry MMSegmentation's module names, so a zoo checkpoint's head keys pass
 unchanged; only the prefixes move (``auxiliary_head.`` -> ``aux_head.``, the FPN ``neck.`` ->
 ``decode_head.neck.``; a ViT's ``MultiLevelNeck`` stays ``neck.``) and the backbone is renamed
-to timm's keys. A transformers SegFormer needs its NVlabs head mapped onto
-:class:`hooktrain.models.heads.SegformerMLPHead`.
+to timm's keys; Mask2Former's (mmdet's ``Mask2FormerHead``) are renamed by
+:mod:`hooktrain.models.mask2former_mmseg_keys`. A transformers SegFormer needs its NVlabs head
+mapped onto :class:`hooktrain.models.heads.SegformerMLPHead`.
 A transformers UperNet's heads are mmseg's under other names (``batch_norm``, ``classifier``),
 its backbone's per-level norms hooktrain's ``out_norms``.
 """
@@ -15,27 +16,16 @@ import re
 
 import torch
 
-from hooktrain.models.backbone_keys import StateDict, detect_format, strip_prefix, to_timm
+from hooktrain.models import mask2former_mmseg_keys
+from hooktrain.models.backbone_keys import (
+    StateDict,
+    UnknownKeys,
+    detect_format,
+    mmseg_backbone,
+    strip_prefix,
+)
 
 _MMSEG_PREFIXES = {"decode_head.": "decode_head.", "neck.": "decode_head.neck.", "auxiliary_head.": "aux_head."}
-
-
-class UnknownKeys(ValueError):
-    """Source keys no rule maps; ``keys`` lists them."""
-
-    def __init__(self, keys: list[str], hint: str | None = None) -> None:
-        super().__init__(f"{len(keys)} keys with no counterpart: {', '.join(keys[:5])}")
-        self.keys = keys
-        self.hint = hint  # what does convert, when the checkpoint is of a kind that does not
-
-
-def _backbone(state_dict: StateDict, prefix: str) -> StateDict:
-    try:
-        converted = to_timm(strip_prefix(state_dict, prefix))
-    except KeyError as err:
-        raise UnknownKeys([f"{prefix}{err.args[0]}"]) from None
-    # A backbone's per-level norms (mmpretrain ConvNeXt's norm{i}) are the segmentor's out_norms.
-    return {k if k.startswith("out_norms.") else f"encoder.{k}": v for k, v in converted.items()}
 
 
 def from_mmseg(checkpoint: dict) -> StateDict:
@@ -43,7 +33,9 @@ def from_mmseg(checkpoint: dict) -> StateDict:
     keys, the encoder's under timm's full-model names. Raises :class:`UnknownKeys`."""
     state = checkpoint.get("state_dict", checkpoint)
     state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
-    out = _backbone(state, "backbone.")
+    if mask2former_mmseg_keys.MARKER in state:  # mmdet's Mask2FormerHead: its own names, not hooktrain's
+        return mask2former_mmseg_keys.mask2former_keys_from_mmseg(state)
+    out = mmseg_backbone(state, "backbone.")
     prefixes = dict(_MMSEG_PREFIXES)
     if any(k.startswith("neck.convs.") for k in state):  # a MultiLevelNeck (ViT), not the FPN head's neck
         prefixes["neck."] = "neck."
@@ -102,12 +94,12 @@ def _upernet_from_transformers(state_dict: StateDict) -> StateDict:
         raise UnknownKeys(unknown)
     if detect_format(strip_prefix(backbone, "backbone.")) not in ("transformers-convnext", "transformers-swin"):
         raise UnknownKeys(sorted(backbone), hint=_UPERNET_BACKBONES)
-    return {**_backbone(backbone, "backbone."), **out}
+    return {**mmseg_backbone(backbone, "backbone."), **out}
 
 
 def _segformer_from_transformers(state_dict: StateDict) -> StateDict:
     """``SegformerForSemanticSegmentation`` for an ``mit_bX`` encoder and a ``segformer_mlp`` head."""
-    out = _backbone(state_dict, "segformer.")
+    out = mmseg_backbone(state_dict, "segformer.")
     unknown = []
     for key, value in state_dict.items():
         if key.startswith("segformer."):
