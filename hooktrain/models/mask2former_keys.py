@@ -54,7 +54,7 @@ def mask2former_keys_from_transformers(state_dict: StateDict) -> StateDict:
     """A transformers Mask2Former state dict (as saved, or as transformers 5 holds it) under hooktrain's
     keys. ``nn.MultiheadAttention``'s stacked ``in_proj`` becomes separate q, k, v projections; the
     loss's ``criterion.empty_weight`` and SwinModel's unused final ``layernorm`` are dropped. Raises
-    :class:`~hooktrain.models.segmentor_keys.UnknownKeys` naming every key no rule maps."""
+    :class:`~hooktrain.models.backbone_keys.UnknownKeys` naming every key no rule maps."""
     backbone, out, unknown = {}, {}, []
     for key, value in state_dict.items():
         if key == "criterion.empty_weight":

@@ -74,7 +74,7 @@ def mask2former_keys_from_mmseg(state_dict: StateDict) -> StateDict:
     """A Mask2Former zoo state dict (``backbone.``, ``decode_head.``; a ``module.`` prefix and
     non-tensor entries already dropped) under hooktrain's keys, the encoder's under timm's
     full-model names, Swin's per-level norms as ``out_norms.*``. Raises
-    :class:`~hooktrain.models.segmentor_keys.UnknownKeys` naming every key no rule maps."""
+    :class:`~hooktrain.models.backbone_keys.UnknownKeys` naming every key no rule maps."""
     out = mmseg_backbone(state_dict, "backbone.")
     unknown = []
     for key, value in state_dict.items():

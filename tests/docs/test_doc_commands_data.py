@@ -391,27 +391,13 @@ def test_bring_a_transformers_eomt_checkpoint_command(sandbox, monkeypatch):
     transformers' class scores and the checkpoint's classes."""
     import torch
     import transformers
-    from eomt_reference import semantic_map
-    from hub_server import HubServer
-
-    from hooktrain.deploy.export import load_exported
 
     config = transformers.EomtConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, image_size=32,
                                      patch_size=16, num_queries=5, num_blocks=2, num_labels=3)  # fmt: skip
     torch.manual_seed(0)
     reference = transformers.EomtForUniversalSegmentation(config).eval()
-    reference.save_pretrained(sandbox / "eomt")
-    with HubServer() as hub:
-        hub.add("tue-mps/ade20k_semantic_eomt_large_512", sandbox / "eomt", repo_type="model")
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        assert "converted" in run(EOMT_CONVERT, sandbox).output
-    model, recipe = load_exported(sandbox / "eomt-large-ade20k.safetensors")
-    image = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        expected = semantic_map(reference(pixel_values=image), (32, 32))
-        got = model.logits(image)
-    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    recipe = convert_from_the_stand_in(sandbox, monkeypatch, reference, "tue-mps/ade20k_semantic_eomt_large_512",
+                                       EOMT_CONVERT, "eomt-large-ade20k.safetensors", (32, 32))  # fmt: skip
     assert recipe.data.num_classes == 3 and recipe.model.decode_head.num_queries == 5
 
 
@@ -429,10 +415,6 @@ def test_bring_a_transformers_mask2former_checkpoint_command(sandbox, monkeypatc
     as written (no recipe), gives a file whose model has transformers' class scores and classes."""
     import torch
     import transformers
-    from eomt_reference import semantic_map
-    from hub_server import HubServer
-
-    from hooktrain.deploy.export import load_exported
 
     swin = transformers.SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],
                                    out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
@@ -442,19 +424,35 @@ def test_bring_a_transformers_mask2former_checkpoint_command(sandbox, monkeypatc
     )  # fmt: skip
     torch.manual_seed(0)
     reference = transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    reference.save_pretrained(sandbox / "mask2former")
+    repo = "facebook/mask2former-swin-tiny-ade-semantic"
+    recipe = convert_from_the_stand_in(sandbox, monkeypatch, reference, repo, MASK2FORMER_CONVERT,
+                                       "mask2former-swin-tiny-ade.safetensors", (64, 96))  # fmt: skip
+    assert recipe.data.num_classes == 3 and recipe.model.decode_head.type == "mask2former"
+
+
+def convert_from_the_stand_in(sandbox, monkeypatch, reference, repo: str, doc: Doc, out: str, size: tuple[int, int]):
+    """``reference`` (a transformers mask-classification model) saved and served as ``repo`` by the local
+    Hub stand-in, converted by the page's command ``doc`` into ``out``: the file's model gives the
+    reference's semantic map at ``size`` (relative 1e-4). Returns the file's recipe."""
+    import torch
+    from eomt_reference import semantic_map
+    from hub_server import HubServer
+
+    from hooktrain.deploy.export import load_exported
+
+    reference.save_pretrained(sandbox / "reference")
     with HubServer() as hub:
-        hub.add("facebook/mask2former-swin-tiny-ade-semantic", sandbox / "mask2former", repo_type="model")
+        hub.add(repo, sandbox / "reference", repo_type="model")
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        assert "converted" in run(MASK2FORMER_CONVERT, sandbox).output
-    model, recipe = load_exported(sandbox / "mask2former-swin-tiny-ade.safetensors")
-    image = torch.randn(1, 3, 64, 96)
+        assert "converted" in run(doc, sandbox).output
+    model, recipe = load_exported(sandbox / out)
+    image = torch.randn(1, 3, *size)
     with torch.no_grad():
-        expected = semantic_map(reference(pixel_values=image), (64, 96))
+        expected = semantic_map(reference(pixel_values=image), size)
         got = model.logits(image)
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
-    assert recipe.data.num_classes == 3 and recipe.model.decode_head.type == "mask2former"
+    return recipe
 
 
 # -- docs/benchmarks.md: the benches' smoke run (CI) and the generated tables -----------------
