@@ -54,6 +54,7 @@ import inspect
 import logging
 import typing
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
@@ -130,7 +131,15 @@ class Runner(Protocol):
     error: BaseException | None  # what ended the loop, if it failed
 
     @property
-    def unwrapped_model(self) -> torch.nn.Module: ...
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The model without its DDP/compile wrappers; under FSDP its parameters are shards."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole weights on the main process (``{}`` elsewhere); every rank calls it."""
+
+    def whole_model(self) -> AbstractContextManager[torch.nn.Module]:
+        """A context giving the model with its whole weights for inference without collectives
+        (under FSDP a plain copy); every rank enters it together."""
 
     def call_hooks(self, stage: str, *args: Any) -> None: ...
 

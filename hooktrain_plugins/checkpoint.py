@@ -102,10 +102,11 @@ class CheckpointHook(Hook):
                     f"checkpoint hook: save_best is '{self.save_best}' but the best score "
                     f"reported is '{best.get('key')}'; set the eval hook's best_key to match"
                 )
+            weights = runner.full_state_dict()  # every rank: under FSDP the shards are gathered
             if runner.accelerator.is_main_process:
                 from hooktrain.checkpoint.state import save_best
 
-                path = save_best(runner, dict(best))
+                path = save_best(runner, dict(best), weights)
                 logger.info("saved best %s %.4f (iter %d) to %s",
                             best["key"], best["value"], best["iter"], path)  # fmt: skip
             self._best_saved_iter = state.iter

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,16 @@ from hooktrain.checkpoint.layout import (  # the layout's names, importable from
     WEIGHTS,
     data_state_file,
     random_states_file,
+)
+from hooktrain.checkpoint.sharded import (
+    BY_NAME,
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_full_optimizer_state,
+    load_full_state_dict,
+    optimizer_state_by_name,
+    without_model_and_optimizer,
 )
 from hooktrain.errors import DiskFull, disk_full, mount_point
 from hooktrain.hooks import Runner
@@ -181,17 +192,30 @@ def expected_files(world_size: int) -> list[str]:
 
 def save_state(runner: Runner, directory: Path) -> None:
     """Write everything a resume needs into ``directory`` (every rank calls it; see the
-    module doc for the files): Accelerate's state and the runner's ``state_dict()``."""
+    module doc for the files): Accelerate's state and the runner's ``state_dict()``. Under FSDP
+    the model and optimizer are gathered whole (:mod:`hooktrain.checkpoint.sharded`)."""
     import torch
 
     accelerator = runner.accelerator
-    accelerator.save_state(str(directory))
+    sharded = is_sharded(accelerator)
+    with without_model_and_optimizer(accelerator) if sharded else nullcontext():
+        accelerator.save_state(str(directory))
+    if sharded:
+        weights = full_state_dict(runner.model)
+        optimizer = full_optimizer_state(runner.model, runner.optimizer)
     state = runner.state_dict()
     torch.save(state["data"], directory / data_state_file(accelerator.process_index))
     if accelerator.is_main_process:
+        if sharded:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(directory / WEIGHTS), metadata={"format": "pt"})
+            torch.save(optimizer, directory / OPTIMIZER)
         give_default_mode(directory / WEIGHTS)
         torch.save(state["hooks"], directory / HOOKS)
         progress = {**state["progress"], "world_size": accelerator.num_processes}
+        if sharded:
+            progress["optimizer_state"] = BY_NAME
         (directory / TRAIN_STATE).write_text(json.dumps(progress, indent=1))
         (directory / RECIPE).write_text(_recipe_text(runner))
 
@@ -201,11 +225,24 @@ def load_state(runner: Runner, directory: Path) -> str:
     RNGs), then the runner's (``runner.load_state_dict``: progress, hook states and every
     saving rank's stream position). Returns how the stream resumed: ``"exact"``, or
     ``"elastic"`` when the number of processes or workers changed (the pass goes on without
-    repeating or skipping an example, in another order)."""
+    repeating or skipping an example, in another order). Under FSDP, or from a checkpoint FSDP
+    wrote, the whole model and optimizer state are loaded and re-sharded for this run."""
     import torch
 
-    runner.accelerator.load_state(str(directory))
+    accelerator = runner.accelerator
     progress = json.loads((directory / TRAIN_STATE).read_text())
+    by_name = progress.pop("optimizer_state", None) == BY_NAME
+    whole = by_name or is_sharded(accelerator)
+    with without_model_and_optimizer(accelerator) if whole else nullcontext():
+        accelerator.load_state(str(directory))
+    if whole:
+        from safetensors.torch import load_file
+
+        load_full_state_dict(runner.model, load_file(str(directory / WEIGHTS)))
+        optimizer = torch.load(directory / OPTIMIZER, weights_only=True)
+        if not by_name:  # a DDP checkpoint resumed under FSDP
+            optimizer = optimizer_state_by_name(optimizer, runner.optimizer, runner.model)
+        load_full_optimizer_state(runner.model, runner.optimizer, optimizer)
     saved_world = progress.pop("world_size", 1)
     data = [torch.load(directory / data_state_file(rank), weights_only=True) for rank in range(saved_world)]
     hooks = torch.load(directory / HOOKS, weights_only=True)
@@ -278,9 +315,9 @@ def prune_checkpoints(work_dir: Path, max_keep: int, keep: Path) -> list[Path]:
     return removed
 
 
-def save_best(runner: Runner, best: dict[str, Any]) -> Path:
-    """Write the model's weights, ``best`` and the recipe to ``checkpoints/best`` atomically
-    (main process only)."""
+def save_best(runner: Runner, best: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+    """Write the model's weights ``state`` (``runner.full_state_dict()``), ``best`` and the
+    recipe to ``checkpoints/best`` atomically (main process only)."""
     from safetensors.torch import save_file
 
     root = runner.work_dir / CHECKPOINTS
@@ -288,7 +325,6 @@ def save_best(runner: Runner, best: dict[str, Any]) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = runner.unwrapped_model.state_dict()
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
         give_default_mode(tmp / WEIGHTS)

@@ -6,57 +6,38 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 
 from hooktrain.checkpoint.resume import choose_resume
-from hooktrain.checkpoint.state import load_state, save_plain_weights
+from hooktrain.checkpoint.sharded import full_state_dict
+from hooktrain.checkpoint.state import load_state
 from hooktrain.checkpoint.weights import load_weights, recorded_iteration
 from hooktrain.checkpoint.workdir import prepare_work_dir
 from hooktrain.data import build_train_stream, prepare_data
+from hooktrain.engine.accelerator import make_accelerator, prepare_model
 from hooktrain.engine.agreement import Verdict, agree, skip_or_stop
 from hooktrain.engine.logs import main_process_logs, process_age, setup_logging
 from hooktrain.engine.lookahead import Lookahead, outage_after_whole_iteration, rng_neutral_start
-from hooktrain.engine.optim import build_optimizer, build_scheduler
+from hooktrain.engine.optim import build_scheduler
 from hooktrain.engine.preflight import RESUME_FIX, TEST_FIX, preflight
+from hooktrain.engine.sharding import InferenceReplica
 from hooktrain.engine.signals import EXIT_CODES, StopSignals
 from hooktrain.engine.step import train_step
 from hooktrain.engine.watchdog import RankWatch
-from hooktrain.errors import SourceOutage, UserError
+from hooktrain.errors import SourceOutage
 from hooktrain.hooks import LoadedHook, TrainState, call_hooks, hook_state_keys, hooks_info
 from hooktrain.models import build_recipe_segmentor
-from hooktrain.recipe.schema import Recipe, TrainConfig, dump_recipe
+from hooktrain.recipe.schema import Recipe, dump_recipe
 
 logger = logging.getLogger("hooktrain")
 #: ``stop_requested`` when the data's server failed for longer than ``data.retry_budget_s``.
 DATA_OUTAGE = "data outage"
-
-
-def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
-    """The run's Accelerator, its collectives timing out after ``train.collective_timeout``,
-    saving the plain module's weights (``checkpoint.state.save_plain_weights``). fp16
-    without a CUDA GPU is refused (Accelerate would silently train in fp32)."""
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if cfg.mixed_precision == "fp16" and (use_cpu or not torch.cuda.is_available()):
-        raise UserError(
-            "train.mixed_precision: fp16 needs a CUDA GPU and none is in use; "
-            "use bf16 (autocasts on CPU too) or 'no'"
-        )
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[timeout],
-        **kwargs,
-    )
-    save_plain_weights(accelerator)  # no DDP `module.` prefix in the checkpoints' model.safetensors
-    return accelerator
 
 
 class IterRunner:
@@ -79,6 +60,7 @@ class IterRunner:
         train_stream: Iterator[dict[str, torch.Tensor]] | None,
         hooks: list[LoadedHook],
         work_dir: str | os.PathLike,
+        replica: InferenceReplica | None = None,
     ) -> None:
         self.recipe = recipe
         self.accelerator = accelerator
@@ -88,6 +70,7 @@ class IterRunner:
         self.train_stream = train_stream
         self.hooks = hooks
         self.work_dir = Path(work_dir)
+        self._replica = replica  # under FSDP: the plain model evaluations fill with the whole weights
         self.state = TrainState(max_iters=recipe.train.max_iters)
         self.stop_requested: str | None = None  # a signal's name or DATA_OUTAGE, once every rank knows it
         self.outage: SourceOutage | None = None  # raised once the hooks have run (exit code 75)
@@ -132,9 +115,7 @@ class IterRunner:
         model = build_recipe_segmentor(recipe)
         if recipe.load_from and checkpoint is None:
             load_weights(model, recipe.load_from, strict=False)
-        model = _choose_batch_norm(model, recipe.train.sync_bn, accelerator)
-        optimizer = build_optimizer(model, recipe.optimizer, device=accelerator.device)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        model, optimizer, replica = prepare_model(accelerator, model, recipe)
         scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
         accelerator.register_for_checkpointing(scheduler)
         runner = cls(
@@ -146,6 +127,7 @@ class IterRunner:
             train_stream=stream,
             hooks=recipe.loaded_hooks(),  # built when the recipe was validated
             work_dir=work_dir,
+            replica=replica,
         )
         if checkpoint is not None:
             runner.resume_from(checkpoint)
@@ -161,7 +143,7 @@ class IterRunner:
     def for_evaluation(cls, recipe: Recipe, checkpoint: str | os.PathLike) -> IterRunner:
         """A runner that only predicts: the recipe's model with ``checkpoint``'s weights and
         the recipe's hooks, without optimizer or training data (``hooktrain test``)."""
-        accelerator = make_accelerator(recipe.train)
+        accelerator = make_accelerator(recipe.train, shard=False)
         setup_logging(accelerator.is_main_process)
         preflight(recipe, checkpoint=checkpoint, fix=TEST_FIX)
         with accelerator.main_process_first():
@@ -189,6 +171,26 @@ class IterRunner:
     def unwrapped_model(self) -> torch.nn.Module:
         """The model without its DDP/compile wrappers (for inference and saving)."""
         return self.accelerator.unwrap_model(self.model)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole weights under the plain module's names, on the main process (the
+        others get ``{}``). Every rank calls it: under FSDP it gathers the shards."""
+        if self._replica is not None:
+            return full_state_dict(self.model)
+        return self.unwrapped_model.state_dict() if self.accelerator.is_main_process else {}
+
+    @contextmanager
+    def whole_model(self) -> Iterator[torch.nn.Module]:
+        """The model with its whole weights, for inference without collectives: the unwrapped
+        model, or under FSDP a plain copy filled with the gathered weights for the duration
+        (every rank enters it together)."""
+        if self._replica is None:
+            yield self.unwrapped_model
+            return
+        try:
+            yield self._replica.fill(self.model, self.accelerator.device)
+        finally:
+            self._replica.release()
 
     def call_hooks(self, stage: str, *args: Any) -> None:
         """Fire ``stage`` on every hook in priority order."""
@@ -369,19 +371,3 @@ class IterRunner:
             num_processes=self.accelerator.num_processes, warn=self.accelerator.is_main_process,
         )  # fmt: skip
         return False
-
-
-def _choose_batch_norm(model: torch.nn.Module, setting: bool | str, accelerator: Accelerator):
-    """``train.sync_bn``: SyncBatchNorm across several CUDA processes (``auto``) or forced."""
-    processes, device = accelerator.num_processes, accelerator.device.type
-    sync = processes > 1 and device == "cuda" if setting == "auto" else setting
-    if sync and processes > 1 and device != "cuda":
-        raise UserError(
-            f"train.sync_bn: true needs CUDA processes, and these {processes} run on "
-            f"{device} (SyncBatchNorm runs on GPUs only); use train.sync_bn: auto or false"
-        )
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        logger.info("batch norm: %s (train.sync_bn: %s, %d %s process%s)",
-                    "SyncBatchNorm across processes" if sync else "BatchNorm per process",
-                    setting, processes, device, "es" if processes > 1 else "")  # fmt: skip
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync else model

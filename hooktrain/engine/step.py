@@ -50,6 +50,8 @@ def train_step(
         for key, value in {"loss": loss, **terms}.items():
             totals[key] = totals.get(key, 0) + value.detach() / micro_batches
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm or math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 gives a DTensor
+        grad_norm = grad_norm.full_tensor()
     if accept is None or accept(totals, grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -102,7 +102,7 @@ class EvalResult:
 class Evaluation:
     """Evaluates the runner's model on the recipe's validation split.
 
-    ``runner`` is anything with ``accelerator``, ``unwrapped_model``, ``recipe``, ``state``,
+    ``runner`` is anything with ``accelerator``, ``whole_model``, ``recipe``, ``state``,
     ``work_dir``, ``call_hooks`` and ``log`` (``hooktrain.hooks.Runner``). Every rank must call
     :meth:`run` (or :meth:`compute`) together: the totals are all-reduced. One instance serves a
     whole run: it keeps the loaded evaluate modules and the last confusion matrix.
@@ -130,7 +130,8 @@ class Evaluation:
         if not self.modules and self.options.evaluate:
             self.load_modules()
         samples: list[dict[str, Any]] = []
-        totals = self._predict_totals(runner, samples)
+        with runner.whole_model() as model:  # under FSDP, a plain copy with the gathered weights
+            totals = self._predict_totals(runner, model, samples)
         options = self.options
         summary = summarize(totals.areas, options.metrics, beta=options.beta, nan_to_num=options.nan_to_num)
         metrics: dict[str, Any] = dict(summary.scalars)
@@ -178,7 +179,7 @@ class Evaluation:
         runner.log(logged)
         return metrics
 
-    def _predict_totals(self, runner, samples: list[dict[str, Any]]) -> _Totals:
+    def _predict_totals(self, runner, model, samples: list[dict[str, Any]]) -> _Totals:
         """Predict this rank's share of the validation split and reduce the counts (and loss
         sums) of every rank: exact totals on every rank. Appends the main process's first
         images to ``samples``."""
@@ -192,7 +193,6 @@ class Evaluation:
         accelerator = runner.accelerator
         device = accelerator.device
         data = runner.recipe.data
-        model = runner.unwrapped_model
         num_classes = data.num_labels  # binary: background and foreground are both scored
         counts = (
             torch.zeros((num_classes + 2, num_classes + 1), dtype=torch.int64, device=device)

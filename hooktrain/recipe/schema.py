@@ -42,6 +42,12 @@ class TrainConfig(Section):
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML reads a bare `no` as false
 
+    strategy: Literal["ddp", "fsdp", "fsdp2"] = Field(
+        "ddp", description="How several processes share the model: ddp replicates it; fsdp "
+        "(FSDP1) and fsdp2 shard parameters, gradients and optimizer state, one unit per encoder "
+        "block and per head. Checkpoints hold whole weights either way. Accelerate's own FSDP "
+        "flags apply when this is ddp (docs/distributed.md)."
+    )
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x "
         "processes x grad_accum_steps)."

@@ -134,6 +134,29 @@ def test_quickstart_page_two_cpu_processes(sandbox):
     assert rows[-1]["iter"] == 20 and any("val/mIoU" in row for row in rows)
 
 
+FSDP_ON_CPU = Doc(
+    "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 29660 "
+    "-m hooktrain recipes/quickstart.yaml --work-dir work_dirs/quickstart-fsdp "
+    "--cfg-options train.max_iters=20 train.strategy=fsdp2",
+    append=f"{SMALL_STEPS} {SMALL_SHAPES}",
+)
+
+
+@pytest.mark.slow
+def test_distributed_page_fsdp2_on_two_cpu_processes(sandbox):
+    from hooktrain.checkpoint.weights import load_weights
+    from hooktrain.models import build_recipe_segmentor
+    from hooktrain.recipe.schema import load_recipe
+
+    result = run(FSDP_ON_CPU, sandbox)
+    assert "FSDP2 wraps BasicBlock, FPNHead" in result.output
+    work_dir = sandbox / "work_dirs" / "quickstart-fsdp"
+    rows = history(work_dir)
+    assert rows[-1]["iter"] == 20 and any("val/mIoU" in row for row in rows)
+    model = build_recipe_segmentor(load_recipe(work_dir / "recipe.yaml"), pretrained=False)
+    assert load_weights(model, work_dir / "checkpoints" / "iter_20", strict=True).exact
+
+
 CONVERT = Doc("hooktrain data convert data/ADEChallengeData2016 data/ade20k --shards 16")
 ACCELERATE_CONFIG = Doc("accelerate config default")
 ADE20K = Doc(
@@ -217,7 +240,7 @@ def test_ade20k_on_two_nodes(ade20k_sandbox):
 
 RUN_HERE = [
     README_QUICKSTART, QUICKSTART, CONFIG, RESUME, TEST, EXPORT, PREDICT, PLOT, BROWSE, BENCHMARK, TWO_CPU_PROCESSES,
-    CONVERT, ACCELERATE_CONFIG, ADE20K, ADE20K_FOLDER, ADE20K_8_GPUS, ADE20K_2_NODES,
+    FSDP_ON_CPU, CONVERT, ACCELERATE_CONFIG, ADE20K, ADE20K_FOLDER, ADE20K_8_GPUS, ADE20K_2_NODES,
 ]  # fmt: skip
 
 

@@ -1,0 +1,130 @@
+"""``train.strategy: fsdp | fsdp2`` on 2 CPU processes (gloo): training as DDP does, checkpoints
+that hold whole, plain weights and a by-name optimizer state, bitwise resume, resume with
+another number of processes, and DDP checkpoints resumed under FSDP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_runs import ITERS, assert_bitwise_equal, options, run, train_command, weights
+from conftest import QUICKSTART
+
+pytestmark = pytest.mark.slow  # every test here trains in 2-process subprocesses
+STRATEGIES = ("fsdp", "fsdp2")
+PORTS = {"ddp": 29901, "fsdp": 29902, "fsdp2": 29903}
+
+
+def train(work_dir: Path, data_root: Path, strategy: str, *extra: str, processes: int = 2, port: int = 0):
+    args = options(data_root, f"train.strategy={strategy}")
+    result = run(train_command(work_dir, *extra, "--cfg-options", *args, processes=processes, port=port))
+    assert result.returncode == 0, result.output[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_root) -> dict[str, Path]:
+    """Uninterrupted 6-iteration runs with each strategy (checkpoints at 4 and 6, best/)."""
+    root = tmp_path_factory.mktemp("strategies")
+    for strategy, port in PORTS.items():
+        output = train(root / strategy, data_root, strategy, port=port).output
+        (root / f"{strategy}.log").write_text(output)
+    return {strategy: root / strategy for strategy in PORTS}
+
+
+def resumed_from(source: Path, work_dir: Path, data_root: Path, strategy: str, *, processes: int = 2, port: int = 0):
+    """Resume a copy of ``source``'s ``iter_4`` with ``strategy`` to the end."""
+    (work_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / "iter_4", work_dir / "checkpoints" / "iter_4")
+    return train(work_dir, data_root, strategy, "--resume", processes=processes, port=port)
+
+
+def optimizer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "optimizer.bin", weights_only=True)
+
+
+def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(
+        ((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp_min(1e-12)).item()
+        for k in b if b[k].is_floating_point()
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fsdp_trains_as_ddp_does(runs, strategy):
+    final = f"checkpoints/iter_{ITERS}"
+    ddp, sharded = weights(runs["ddp"] / final), weights(runs[strategy] / final)
+    assert sharded.keys() == ddp.keys()
+    assert relative_error(sharded, ddp) < 1e-4
+    ddp_metrics = json.loads((runs["ddp"] / final / "train_state.json").read_text())["metrics"]
+    metrics = json.loads((runs[strategy] / final / "train_state.json").read_text())["metrics"]
+    assert metrics == pytest.approx(ddp_metrics, abs=1e-3)
+    version = "2" if strategy == "fsdp2" else "1"
+    # The quickstart's ResNet-18 blocks and its FPN head are the units.
+    assert f"FSDP{version} wraps BasicBlock, FPNHead" in (runs[strategy].parent / f"{strategy}.log").read_text()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_checkpoints_hold_whole_plain_weights_and_optimizer_state_by_name(runs, strategy):
+    from hooktrain.checkpoint.weights import load_weights
+    from hooktrain.models import build_recipe_segmentor
+    from hooktrain.recipe.schema import load_recipe
+
+    work_dir = runs[strategy]
+    model = build_recipe_segmentor(load_recipe(work_dir / "recipe.yaml"), pretrained=False)
+    for checkpoint in (work_dir / "checkpoints" / f"iter_{ITERS}", work_dir / "checkpoints" / "best"):
+        assert load_weights(model, checkpoint, strict=True).exact
+    final = work_dir / "checkpoints" / f"iter_{ITERS}"
+    assert json.loads((final / "train_state.json").read_text())["optimizer_state"] == "by_name"
+    state = optimizer_state(final)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(state["state"]) == trained
+    assert {name for group in state["param_groups"] for name in group["params"]} == trained
+    for name, param in model.named_parameters():
+        moments = state["state"][name]
+        assert moments["exp_avg"].shape == param.shape
+        assert not torch.equal(moments["exp_avg"], moments["exp_avg_sq"]), name
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resume_is_bitwise(runs, data_root, tmp_path, strategy):
+    resumed_from(runs[strategy], tmp_path / "run", data_root, strategy, port=PORTS[strategy] + 10)
+    final = f"checkpoints/iter_{ITERS}"
+    assert_bitwise_equal(weights(tmp_path / "run" / final), weights(runs[strategy] / final))
+    a, b = optimizer_state(tmp_path / "run" / final), optimizer_state(runs[strategy] / final)
+    assert a["state"].keys() == b["state"].keys()
+    for name in a["state"]:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a["state"][name][key], b["state"][name][key]), (name, key)
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(runs, data_root, tmp_path):
+    """Elastic 2 -> 1: the whole optimizer state loads into the unsharded model and the data
+    pass goes on."""
+    result = resumed_from(runs["fsdp2"], tmp_path / "run", data_root, "fsdp2", processes=1)
+    assert "data stream: elastic" in result.output
+    final = tmp_path / "run" / "checkpoints" / f"iter_{ITERS}"
+    steps = {float(moments["step"]) for moments in optimizer_state(final)["state"].values()}
+    assert steps == {float(ITERS)}
+    # One process saves Accelerate's optimizer state (parameters by number): compare totals.
+    before = optimizer_state(runs["fsdp2"] / "checkpoints" / "iter_4")["state"].values()
+    after = optimizer_state(final)["state"].values()
+    # The resumed moments went on from the saved ones, not from zero: with AdamW's beta2 0.999,
+    # two more steps keep at least 0.998 of the saved second moments.
+    assert sum(m["exp_avg_sq"].sum() for m in after) >= 0.99 * sum(m["exp_avg_sq"].sum() for m in before)
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp_exactly(runs, data_root, tmp_path):
+    resumed_from(runs["ddp"], tmp_path / "run", data_root, "fsdp", port=PORTS["fsdp"] + 20)
+    final = f"checkpoints/iter_{ITERS}"
+    assert_bitwise_equal(weights(tmp_path / "run" / final), weights(runs["ddp"] / final))
+
+
+def test_the_recipe_names_the_strategy_and_refuses_others():
+    from conftest import assert_refused, run_cli
+
+    result = run_cli("config", str(QUICKSTART), "--cfg-options", "train.strategy=zero3")
+    assert_refused(result, "train.strategy")
