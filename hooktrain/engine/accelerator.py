@@ -19,9 +19,9 @@ from hooktrain.engine.optim import build_optimizer
 from hooktrain.engine.sharding import (
     InferenceReplica,
     broadcast_batch_norm_stats,
+    enable_fsdp,
     fsdp_plugin,
     prepare_for_fsdp,
-    use_fsdp_on_cpu,
     without_fsdp_flags,
 )
 from hooktrain.errors import UserError
@@ -54,7 +54,7 @@ def make_accelerator(cfg: TrainConfig, *, shard: bool = True, **kwargs: Any) -> 
             **kwargs,
         )
     if plugin is not None:
-        use_fsdp_on_cpu(accelerator, plugin)
+        enable_fsdp(accelerator, plugin, ours=cfg.strategy != "ddp")
     save_plain_weights(accelerator)  # no DDP `module.` prefix in the checkpoints' model.safetensors
     return accelerator
 

@@ -80,16 +80,19 @@ def without_fsdp_flags() -> Iterator[None]:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
-def use_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
-    """Make a multi-process CPU ``accelerator`` (gloo) shard with ``plugin``, as Accelerate does
-    for GPU processes. A no-op elsewhere."""
+def enable_fsdp(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin, *, ours: bool) -> None:
+    """Finish the FSDP set-up once ``accelerator`` exists. With hooktrain's own plugin (``ours``),
+    the weights, all-gathers and gradient reductions stay fp32 and ``train.mixed_precision``
+    comes from Accelerate's autocast alone, exactly as under DDP (FSDP's own bf16 weight casting
+    would also give BatchNorm bf16 weights next to fp32 statistics, which CPU kernels refuse).
+    On multi-process CPU (gloo) switch Accelerate to FSDP, as it does for GPU processes."""
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
+    if ours:
+        plugin.mixed_precision_policy = None
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
-    if accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(accelerator.mixed_precision)
     for state in (PartialState, AcceleratorState):
         state._shared_state["distributed_type"] = DistributedType.FSDP
         state._shared_state["device"] = torch.device("cpu")  # FSDP1 refuses "cpu:0" for CPU modules

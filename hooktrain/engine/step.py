@@ -44,7 +44,9 @@ def train_step(
     for batch in batches:
         image, mask = input_stage(batch, accelerator.device)
         with accelerator.accumulate(model):
-            terms = model(image, mask)
+            # Accelerate autocasts a prepared model's forward itself, except under FSDP2.
+            with accelerator.autocast():
+                terms = model(image, mask)
             loss = total_loss(terms)
             accelerator.backward(loss)
         for key, value in {"loss": loss, **terms}.items():

@@ -123,6 +123,39 @@ def test_a_ddp_checkpoint_resumes_under_fsdp_exactly(runs, data_root, tmp_path):
     assert_bitwise_equal(weights(tmp_path / "run" / final), weights(runs["ddp"] / final))
 
 
+def test_activation_checkpointing_composes_with_fsdp(runs, data_root, tmp_path):
+    """The encoder's blocks recomputed inside their FSDP units train the same parameters (the
+    recomputed BatchNorm forwards update the running statistics again, so buffers differ)."""
+    args = options(data_root, "train.strategy=fsdp", "model.encoder.grad_checkpointing=true")
+    result = run(train_command(tmp_path / "run", "--cfg-options", *args, processes=2, port=PORTS["fsdp"] + 30))
+    assert result.returncode == 0, result.output[-4000:]
+    final = f"checkpoints/iter_{ITERS}"
+    recomputed, kept = weights(tmp_path / "run" / final), weights(runs["fsdp"] / final)
+    from hooktrain.models import build_recipe_segmentor
+    from hooktrain.recipe.schema import load_recipe
+
+    model = build_recipe_segmentor(load_recipe(tmp_path / "run" / "recipe.yaml"), pretrained=False)
+    parameters = {name for name, _ in model.named_parameters()}
+    assert relative_error({k: recomputed[k] for k in parameters}, {k: kept[k] for k in parameters}) < 1e-6
+
+
+def test_bf16_autocasts_under_fsdp2(runs, data_root, tmp_path):
+    """Accelerate autocasts a prepared model's forward itself except under FSDP2; the train step
+    does it for every strategy, so bf16 changes the losses (slightly) there too."""
+    args = options(data_root, "train.strategy=fsdp2", "train.mixed_precision=bf16")
+    result = run(train_command(tmp_path / "run", "--cfg-options", *args, processes=2, port=PORTS["fsdp2"] + 30))
+    assert result.returncode == 0, result.output[-4000:]
+
+    def losses(history: Path) -> list[float]:
+        rows = [json.loads(line) for line in history.read_text().splitlines()]
+        return [row["train/loss"] for row in rows if "train/loss" in row]
+
+    bf16, fp32 = losses(tmp_path / "run" / "metrics.jsonl"), losses(runs["fsdp2"] / "metrics.jsonl")
+    assert len(bf16) == len(fp32) == ITERS
+    assert bf16 != fp32
+    assert bf16 == pytest.approx(fp32, rel=0.02)
+
+
 def test_the_recipe_names_the_strategy_and_refuses_others():
     from conftest import assert_refused, run_cli
 
