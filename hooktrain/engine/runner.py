@@ -26,7 +26,7 @@ from hooktrain.engine.logs import main_process_logs, process_age, setup_logging
 from hooktrain.engine.lookahead import Lookahead, outage_after_whole_iteration, rng_neutral_start
 from hooktrain.engine.optim import build_scheduler
 from hooktrain.engine.preflight import RESUME_FIX, TEST_FIX, preflight
-from hooktrain.engine.sharding import InferenceReplica
+from hooktrain.engine.sharding import InferenceReplica, share_batch_norm_stats
 from hooktrain.engine.signals import EXIT_CODES, StopSignals
 from hooktrain.engine.step import train_step
 from hooktrain.engine.watchdog import RankWatch
@@ -183,14 +183,19 @@ class IterRunner:
     def whole_model(self) -> Iterator[torch.nn.Module]:
         """The model with its whole weights, for inference without collectives: the unwrapped
         model, or under FSDP a plain copy filled with the gathered weights for the duration
-        (every rank enters it together)."""
+        (every rank enters it together). Every rank gets rank 0's BatchNorm statistics, so an
+        evaluation scores the weights a checkpoint saves."""
         if self._replica is None:
-            yield self.unwrapped_model
-            return
+            model = self.unwrapped_model
+        else:
+            model = self._replica.fill(self.model, self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            share_batch_norm_stats(model)
         try:
-            yield self._replica.fill(self.model, self.accelerator.device)
+            yield model
         finally:
-            self._replica.release()
+            if self._replica is not None:
+                self._replica.release()
 
     def call_hooks(self, stage: str, *args: Any) -> None:
         """Fire ``stage`` on every hook in priority order."""

@@ -131,17 +131,24 @@ def prepare_for_fsdp(accelerator: Accelerator, model: nn.Module) -> None:
     logger.info("FSDP%d wraps %s", plugin.fsdp_version, ", ".join(plugin.transformer_cls_names_to_wrap))
 
 
+def share_batch_norm_stats(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics, the ones a checkpoint saves (every rank
+    calls it). Each rank's own forward passes update its own copy."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+
 def broadcast_batch_norm_stats(model: nn.Module) -> None:
-    """Send rank 0's BatchNorm statistics to every rank before each forward of ``model``, as
-    DDP's ``broadcast_buffers`` does (FSDP leaves each rank its own)."""
-    buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
-    if not buffers:
+    """:func:`share_batch_norm_stats` before each training forward of ``model``, as DDP's
+    ``broadcast_buffers`` does (FSDP leaves each rank its own)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
 
     def send(module: nn.Module, args: Any) -> None:
         if module.training:
-            for buffer in buffers:
-                torch.distributed.broadcast(buffer, src=0)
+            share_batch_norm_stats(module)
 
     model.register_forward_pre_hook(send)
 

@@ -89,6 +89,21 @@ def test_checkpoints_hold_whole_plain_weights_and_optimizer_state_by_name(runs, 
         assert not torch.equal(moments["exp_avg"], moments["exp_avg_sq"]), name
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_best_scores_what_hooktrain_test_scores(runs, tmp_path, strategy):
+    """The evaluation during training scores the weights best/ saves: every rank gets rank 0's
+    BatchNorm statistics (each rank's last forward updated its own), so `hooktrain test` on
+    best/ gives best.json's value exactly."""
+    from conftest import ENV, run_cli
+
+    best = runs[strategy] / "checkpoints" / "best"
+    result = run_cli("test", str(runs[strategy] / "recipe.yaml"), "--checkpoint", str(best),
+                     "--work-dir", str(tmp_path), env=ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((best / "best.json").read_text())
+    assert json.loads((tmp_path / "test_metrics.json").read_text())["mIoU"] == recorded["value"]
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_resume_is_bitwise(runs, data_root, tmp_path, strategy):
     resumed_from(runs[strategy], tmp_path / "run", data_root, strategy, port=PORTS[strategy] + 10)
