@@ -437,7 +437,7 @@ def train_measurements(
     over ``train.grad_accum_steps`` micro-batches of the train batch size."""
     import torch
 
-    from hooktrain.engine.optim import build_optimizer
+    from hooktrain.engine.accelerator import prepare_model
     from hooktrain.engine.step import train_step
 
     data = recipe.data
@@ -452,8 +452,7 @@ def train_measurements(
     rows = []
     if unavailable:
         rows.append(Measurement("train step", mixed, batch, crop, detail, skipped=unavailable))
-    optimizer = build_optimizer(model, recipe.optimizer, device=accelerator.device)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer, _ = prepare_model(accelerator, model, recipe)  # as the runner does (DDP or FSDP)
     prepared.train()
     device = accelerator.device
     micro_batch = {
