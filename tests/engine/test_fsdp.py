@@ -1,6 +1,7 @@
 """``train.strategy: fsdp | fsdp2`` on 2 CPU processes (gloo): training as DDP does, checkpoints
 that hold whole, plain weights and a by-name optimizer state, bitwise resume, resume with
-another number of processes, and DDP checkpoints resumed under FSDP."""
+another number of processes, DDP checkpoints resumed under FSDP, activation checkpointing,
+bf16, and the EMA plugin."""
 
 from __future__ import annotations
 
@@ -169,6 +170,44 @@ def test_bf16_autocasts_under_fsdp2(runs, data_root, tmp_path):
     assert len(bf16) == len(fp32) == ITERS
     assert bf16 != fp32
     assert bf16 == pytest.approx(fp32, rel=0.02)
+
+
+def test_ema_plugin_under_fsdp2_as_under_ddp_and_resumed_bitwise(runs, data_root, tmp_path):
+    """examples/hooktrain-ema averages each process's shards, evaluates the average and saves it
+    whole: the same average as under DDP, and a resume continues it exactly."""
+    from conftest import ROOT, ensure_installed
+
+    ensure_installed("hooktrain-ema", ROOT / "examples" / "hooktrain-ema")
+    ema = "{type: ema, momentum: 0.2}"
+
+    def train_with_ema(work_dir: Path, strategy: str, *extra: str, port: int):
+        args = options(data_root, f"train.strategy={strategy}", hooks=ema)
+        result = run(train_command(work_dir, *extra, "--cfg-options", *args, processes=2, port=port))
+        assert result.returncode == 0, result.output[-4000:]
+
+    final = f"checkpoints/iter_{ITERS}"
+    train_with_ema(tmp_path / "ddp", "ddp", port=PORTS["ddp"] + 40)
+    train_with_ema(tmp_path / "fsdp2", "fsdp2", port=PORTS["fsdp2"] + 40)
+    averages = {name: torch.load(tmp_path / name / final / "hooks.pt", weights_only=True)["ema"]
+                for name in ("ddp", "fsdp2")}  # fmt: skip
+    assert averages["fsdp2"]["n_averaged"] == ITERS
+    assert averages["fsdp2"]["weights"].keys() == weights(tmp_path / "fsdp2" / final).keys()
+    assert relative_error(averages["fsdp2"]["weights"], averages["ddp"]["weights"]) < 1e-4
+    # Training itself is untouched, and the evaluations scored the average, not the raw weights.
+    assert relative_error(weights(tmp_path / "fsdp2" / final), weights(runs["fsdp2"] / final)) < 1e-6
+
+    def metrics(work_dir: Path) -> dict:
+        return json.loads((work_dir / final / "train_state.json").read_text())["metrics"]
+
+    assert metrics(tmp_path / "fsdp2") == pytest.approx(metrics(tmp_path / "ddp"), abs=1e-3)
+    assert metrics(tmp_path / "fsdp2")["aAcc"] != metrics(runs["fsdp2"])["aAcc"]
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "fsdp2" / "checkpoints" / "iter_4", resumed / "checkpoints" / "iter_4")
+    train_with_ema(resumed, "fsdp2", "--resume", port=PORTS["fsdp2"] + 50)
+    again = torch.load(resumed / final / "hooks.pt", weights_only=True)["ema"]
+    assert_bitwise_equal(again["weights"], averages["fsdp2"]["weights"])
 
 
 def test_the_recipe_names_the_strategy_and_refuses_others():

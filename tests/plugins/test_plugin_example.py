@@ -28,7 +28,7 @@ def test_ema_plugin_package_is_discovered_evaluated_and_checkpointed(tmp_path, d
     ema_state = torch.load(work_dir / "checkpoints" / "iter_4" / "hooks.pt", weights_only=False)["ema"]
     assert int(ema_state["n_averaged"]) == 4
     param_names = {name for name, _ in quickstart_model().named_parameters()}
-    averaged = [(k.removeprefix("module."), v) for k, v in ema_state.items() if k.removeprefix("module.") in param_names]
+    averaged = [(k, v) for k, v in ema_state["weights"].items() if k in param_names]
     # The eval hook saw the average (swapped in at before_val) ...
     assert record["before_val_params_sha256"] == digest(averaged)
     # ... and training continued from the raw weights, which differ from it.
