@@ -241,6 +241,13 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(data)
     except pydantic.ValidationError as exc:
         raise UserError(describe(exc, Recipe, data)) from None
+    if recipe.train.strategy != "ddp" and recipe.model.compile:
+        # torch 2.14's inductor fails on the graphs recompiled around FSDP's unit hooks
+        # ("Cannot convert expression to float"), a minute into the first step.
+        raise UserError(
+            f"model.compile: true does not work with train.strategy: {recipe.train.strategy} yet (torch.compile "
+            "fails on FSDP's units); set model.compile: false, or train.strategy: ddp"
+        )
     hooks = recipe.loaded_hooks()
     for loaded in hooks:
         loaded.hook.check_recipe(recipe, hooks)

@@ -215,3 +215,5 @@ def test_the_recipe_names_the_strategy_and_refuses_others():
 
     result = run_cli("config", str(QUICKSTART), "--cfg-options", "train.strategy=zero3")
     assert_refused(result, "train.strategy")
+    result = run_cli("config", str(QUICKSTART), "--cfg-options", "train.strategy=fsdp2", "model.compile=true")
+    assert_refused(result, "model.compile", "train.strategy: fsdp2", "set model.compile: false")
