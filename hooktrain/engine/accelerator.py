@@ -69,6 +69,9 @@ def prepare_model(
     if is_sharded(accelerator):
         prepare_for_fsdp(accelerator, model)
         replica = InferenceReplica(model)
+    elif recipe.train.strategy != "ddp":
+        logger.info("train.strategy: %s has nothing to shard in one process: the model trains whole",
+                    recipe.train.strategy)  # fmt: skip
     optimizer = build_optimizer(model, recipe.optimizer, device=accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     if replica is not None:
