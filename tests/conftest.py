@@ -228,6 +228,63 @@ def data_root(tmp_path_factory) -> Path:
     return generate_once(tmp_path_factory, "tiny_shapes", **source.model_dump(exclude={"type", "root", "split"}))
 
 
+# The xdist group of the tests that share :func:`eval_command_runs`, so that they run on one
+# worker (a session fixture is built once per worker) and each of its runs is made once.
+EVAL_COMMAND_GROUP = "eval_command_runs"
+
+
+class EvalCommandRuns:
+    """``hooktrain test`` of one random quickstart model (seed 3, :func:`randomise`; its weights
+    file holds no recipe) on the tiny shapes validation split (batches of 3), on 1 or 2 processes,
+    with or without ``--tta``: each run is made the first time a test asks for it, then shared."""
+
+    PORTS = {False: 29622, True: 29641}  # accelerate launch's port, without and with --tta
+
+    def __init__(self, root: Path, data_root: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        from hooktrain.models import build_segmentor
+        from hooktrain.recipe.schema import load_recipe
+
+        self.root = root
+        recipe = load_recipe(QUICKSTART)
+        torch.manual_seed(3)
+        model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)
+        self.weights = root / "weights.safetensors"
+        save_file(randomise(model).state_dict(), self.weights)
+        self.options = [*tiny(data_root), "hooks=[{type: eval, num_samples: 0}]", "data.val.batch_size=3"]
+        self._work_dirs: dict[tuple[int, bool], Path] = {}
+
+    def work_dir(self, processes: int, tta: bool) -> Path:
+        """The run's work dir (``test_metrics.json``, ``confusion/``); the run must exit 0."""
+        key = (processes, tta)
+        if key not in self._work_dirs:
+            work_dir = self.root / f"{processes}_processes{'_tta' if tta else ''}"
+            args = ["test", str(QUICKSTART), "--checkpoint", str(self.weights), *(["--tta"] if tta else []),
+                    "--work-dir", str(work_dir), "--cfg-options", *self.options]  # fmt: skip
+            if processes == 1:
+                result = run_cli(*args)
+            else:
+                result = run_launch("-m", "hooktrain", *args, port=self.PORTS[tta], processes=processes)
+            assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+            self._work_dirs[key] = work_dir
+        return self._work_dirs[key]
+
+    def metrics(self, processes: int, tta: bool) -> dict:
+        """The run's ``test_metrics.json``."""
+        import json
+
+        return json.loads((self.work_dir(processes, tta) / "test_metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def eval_command_runs(tmp_path_factory, data_root) -> EvalCommandRuns:
+    """The ``hooktrain test`` runs that tests/evaluation/test_eval.py and test_tta.py compare
+    (their tests that use it carry the xdist group :data:`EVAL_COMMAND_GROUP`)."""
+    return EvalCommandRuns(tmp_path_factory.mktemp("eval_command_runs"), data_root)
+
+
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch) -> Path:
     """For the doc-command tests: a directory laid out like a checkout (recipes/, examples/) with its own Accelerate
@@ -254,7 +311,8 @@ def shapes_sandbox(sandbox, tmp_path_factory) -> Path:
 def pytest_collection_modifyitems(config, items):
     """Under ``-n 2 --dist loadgroup`` (README's test command) a module's tests stay on one
     worker, where its module-scoped fixtures (a trained run, say) are built once, unless the
-    module is marked ``spread``: its tests are independent, and run on whichever worker is free."""
+    module is marked ``spread``: its tests are independent, and run on whichever worker is free.
+    A test with an ``xdist_group`` of its own (:data:`EVAL_COMMAND_GROUP`) keeps it."""
     for item in items:
         if item.get_closest_marker("spread") is None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -1,6 +1,7 @@
 """Evaluates one random-init model on folder datasets of several lengths and batch sizes and
-writes the metrics, validation loss and confusion matrix as JSON. Run once with 1 process and once under `accelerate launch` with 2;
-the test compares the two files. Usage: python eval_exactness_script.py DATA_ROOT OUT.json"""
+writes the metrics, validation loss and confusion matrix as JSON. The test runs it under `accelerate launch` with
+2 processes and compares the file with :func:`evaluate_cases` called in its own process (1 process).
+Usage: python eval_exactness_script.py DATA_ROOT OUT.json"""
 
 from __future__ import annotations
 
@@ -36,16 +37,16 @@ def write_folder(root: Path, length: int) -> None:
         Image.fromarray(mask, mode="L").save(root / "annotations" / f"{i:03d}.png")
 
 
-def main() -> None:
-    data_root, out = Path(sys.argv[1]), Path(sys.argv[2])
-    recipe = load_recipe(QUICKSTART)
-    accelerator = make_accelerator(recipe.train)
+def evaluate_cases(data_root: Path, accelerator) -> dict[str, dict]:
+    """Every case's metrics (with the validation loss) and confusion matrix, keyed
+    ``"{length}x{batch_size}"``; the main process writes the folders under ``data_root`` first."""
     if accelerator.is_main_process:
         for length in LENGTHS:
             if not (data_root / str(length)).exists():
                 write_folder(data_root / str(length), length)
     accelerator.wait_for_everyone()
     torch.manual_seed(0)
+    recipe = load_recipe(QUICKSTART)
     model = build_segmentor(recipe.model, num_classes=NUM_CLASSES, in_channels=recipe.data.in_channels)
     model = accelerator.prepare(model)
     results = {}
@@ -69,6 +70,13 @@ def main() -> None:
             metrics = hooks[0].hook.evaluate(runner)
             runner.watch.close()
             results[f"{length}x{batch_size}"] = {**metrics, "confusion": hooks[0].hook.confusion_matrix.tolist()}
+    return results
+
+
+def main() -> None:
+    data_root, out = Path(sys.argv[1]), Path(sys.argv[2])
+    accelerator = make_accelerator(load_recipe(QUICKSTART).train)
+    results = evaluate_cases(data_root, accelerator)
     if accelerator.is_main_process:
         out.write_text(json.dumps(results))
     accelerator.end_training()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 Match = tuple[Tensor, Tensor]  # (query indices, target segment indices), one pair per matched segment
@@ -85,6 +84,10 @@ def hungarian_match(
     ``mask_logits`` ``[B, Q, h, w]``, ``class_logits`` ``[B, Q, C + 1]``, ``targets`` one
     ``(classes [K], masks [K, H, W])`` per image. Costs are computed in float32.
     """
+    # Imported here, not with the module: every segmentor build imports this module (segmentor.py
+    # imports the EoMT and Mask2Former builders), and scipy.optimize adds ~0.5 s to each process.
+    from scipy.optimize import linear_sum_assignment
+
     matches = []
     for image_mask_logits, image_class_logits, (classes, masks) in zip(mask_logits, class_logits, targets):
         # Drawn even for an image without segments: the same draws as transformers', in the same order.

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import ENV, QUICKSTART, ROOT, TESTS, read_probe, run_cli, run_launch, tiny
-from safetensors.torch import save_file
+from conftest import ENV, EVAL_COMMAND_GROUP, QUICKSTART, TESTS, read_probe, run_cli, run_launch, tiny
 
 
 def same(a: float, b: float) -> bool:
@@ -20,15 +16,18 @@ def same(a: float, b: float) -> bool:
 
 
 def test_two_processes_equal_one_process_for_every_length_and_batch_size(tmp_path):
-    script = str(TESTS / "eval_exactness_script.py")
-    one = subprocess.run(
-        [sys.executable, script, str(tmp_path / "data"), str(tmp_path / "one.json")],
-        cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_launch(script, str(tmp_path / "data"), str(tmp_path / "two.json"), port=29621)
+    """The script under ``accelerate launch`` with 2 processes against the same cases evaluated
+    here, in this one process (through JSON as the script's file, so both sides are read alike)."""
+    from eval_exactness_script import evaluate_cases
+
+    from hooktrain.engine.runner import make_accelerator
+    from hooktrain.recipe.schema import load_recipe
+
+    one = evaluate_cases(tmp_path / "data", make_accelerator(load_recipe(QUICKSTART).train))
+    single = json.loads(json.dumps(one))
+    two = run_launch(str(TESTS / "eval_exactness_script.py"), str(tmp_path / "data"), str(tmp_path / "two.json"),
+                     port=29621)  # fmt: skip
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    single = json.loads((tmp_path / "one.json").read_text())
     double = json.loads((tmp_path / "two.json").read_text())
     assert set(single) == {f"{n}x{b}" for n in (1, 2, 3, 7, 8, 9) for b in (1, 2)}
     assert single.keys() == double.keys()
@@ -79,29 +78,18 @@ def test_unknown_best_key_and_metric_are_clear(tmp_path, data_root):
     assert bad.returncode == 2 and "hooks[0].metrics[1]: Input should be 'mIoU', 'mDice' or 'mFscore'" in bad.stderr
 
 
-def test_test_command_evaluates_a_checkpoint_on_one_and_two_processes(tmp_path, data_root):
-    from hooktrain.models import build_segmentor
-    from hooktrain.recipe.schema import load_recipe
-
-    recipe = load_recipe(QUICKSTART)
-    torch.manual_seed(1)
-    model = build_segmentor(recipe.model, num_classes=recipe.data.num_classes, in_channels=recipe.data.in_channels)
-    weights = tmp_path / "weights.safetensors"
-    save_file(model.state_dict(), weights)
-    options = [*tiny(data_root), "hooks=[{type: eval, num_samples: 0}]", "data.val.batch_size=3"]
-    one = run_cli("test", str(QUICKSTART), "--checkpoint", str(weights),
-                  "--work-dir", str(tmp_path / "one"), "--cfg-options", *options)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_launch("-m", "hooktrain", "test", str(QUICKSTART), "--checkpoint", str(weights),
-                 "--work-dir", str(tmp_path / "two"), "--cfg-options", *options, port=29622)  # fmt: skip
-    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    single = json.loads((tmp_path / "one" / "test_metrics.json").read_text())
-    double = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
+@pytest.mark.xdist_group(EVAL_COMMAND_GROUP)
+def test_test_command_evaluates_a_checkpoint_on_one_and_two_processes(eval_command_runs, tmp_path):
+    """A weights file (no recipe in it) scored by ``hooktrain test`` on 1 process and under
+    ``accelerate launch`` on 2: the same metrics and confusion matrix (the 1-process run is the
+    one test_tta.py compares its ``--tta`` run with)."""
+    single, double = eval_command_runs.metrics(1, tta=False), eval_command_runs.metrics(2, tta=False)
     assert single.keys() == double.keys() and "mIoU" in single
     assert all(same(single[k], double[k]) for k in single if k != "checkpoint")
-    one_matrix = (tmp_path / "one" / "confusion" / "confusion_test.csv").read_text()
-    assert one_matrix == (tmp_path / "two" / "confusion" / "confusion_test.csv").read_text()
-    assert (tmp_path / "two" / "confusion" / "confusion_test.png").is_file()
+    one, two = eval_command_runs.work_dir(1, tta=False), eval_command_runs.work_dir(2, tta=False)
+    one_matrix = (one / "confusion" / "confusion_test.csv").read_text()
+    assert one_matrix == (two / "confusion" / "confusion_test.csv").read_text()
+    assert (two / "confusion" / "confusion_test.png").is_file()
     missing = run_cli("test", str(QUICKSTART), "--checkpoint", str(tmp_path / "nope.safetensors"))
     assert missing.returncode == 2 and "weights not found" in missing.stderr
 
@@ -278,6 +266,7 @@ def test_the_evaluation_core_computes_and_logs_what_the_eval_hook_does(tmp_path)
     # The core's options are the eval hook's of the same names and types; the others are left out.
     hook_fields = _arguments_model(EvalHook).model_fields
     assert all(repr(hook_fields[name]) == repr(field) for name, field in EvalOptions.model_fields.items())
-    assert EvalOptions.from_hook_options({"interval": 5, "rule": "less", "confusion": False}) == EvalOptions(confusion=False)
+    options = EvalOptions.from_hook_options({"interval": 5, "rule": "less", "confusion": False})
+    assert options == EvalOptions(confusion=False)
     with pytest.raises(UserError, match=r"'eval hook\.beta': Input should be greater than 0"):
         EvalOptions.from_hook_options({"beta": 0})

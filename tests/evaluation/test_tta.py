@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUICKSTART, randomise, run_cli, run_launch, tiny
+from conftest import EVAL_COMMAND_GROUP, QUICKSTART, randomise, run_cli, tiny
 from safetensors.torch import save_file
 
 from hooktrain.data.transforms import (
@@ -287,27 +287,15 @@ def export_random_model(tmp_path: Path, *options: str) -> Path:
     return export_checkpoint(checkpoint, tmp_path / "model.safetensors")
 
 
-def test_test_command_tta_on_one_and_two_processes(tmp_path, data_root):
-    exported = export_random_model(tmp_path)
-    options = [
-        *tiny(data_root),
-        "hooks=[{type: eval, num_samples: 0}]",
-        "data.val.batch_size=3",
-    ]
-    metrics = {}
-    for name, extra in (("single", []), ("tta", ["--tta"])):
-        result = run_cli("test", str(QUICKSTART), "--checkpoint", str(exported), *extra,
-                         "--work-dir", str(tmp_path / name), "--cfg-options", *options)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        metrics[name] = json.loads((tmp_path / name / "test_metrics.json").read_text())
-    single, tta = metrics["single"], metrics["tta"]
+@pytest.mark.xdist_group(EVAL_COMMAND_GROUP)
+def test_test_command_tta_on_one_and_two_processes(eval_command_runs):
+    """``hooktrain test --tta`` of a random model on 1 process changes the metrics of its run
+    without (test_eval.py's 1-process run), and under ``accelerate launch`` on 2 gives the same."""
+    single, tta = eval_command_runs.metrics(1, tta=False), eval_command_runs.metrics(1, tta=True)
     assert tta["tta"] == {"scales": MMSEG_SCALES, "flip": True} and "tta" not in single
     assert "mIoU" in tta and tta["mIoU"] == tta["mIoU"]  # not NaN
     assert any(tta[k] != single[k] for k in ("aAcc", "mIoU", "mAcc"))
-    two = run_launch("-m", "hooktrain", "test", str(QUICKSTART), "--checkpoint", str(exported), "--tta",
-                     "--work-dir", str(tmp_path / "two"), "--cfg-options", *options, port=29641)  # fmt: skip
-    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    double = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
+    double = eval_command_runs.metrics(2, tta=True)
     assert double.keys() == tta.keys()
     for key in set(tta) - {"checkpoint", "tta"}:  # exact: the areas are integer sums
         assert tta[key] == double[key] or (

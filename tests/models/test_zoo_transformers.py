@@ -85,12 +85,19 @@ def segformer_recipe(tmp_path: Path) -> Path:
     return path
 
 
-def test_convert_transformers_segformer_computes_the_same_function(segformer_dir, tmp_path):
-    out = tmp_path / "segformer.safetensors"
-    result = run_cli("convert", "transformers", str(segformer_dir), "--recipe", str(segformer_recipe(tmp_path)),
-                     "--out", str(out))  # fmt: skip
+@pytest.fixture(scope="module")
+def converted_segformer(segformer_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """``hooktrain convert transformers`` of :func:`segformer_dir` with :func:`segformer_recipe`:
+    the converted file and the recipe, made once for the tests that read them."""
+    root = tmp_path_factory.mktemp("converted_segformer")
+    recipe, out = segformer_recipe(root), root / "segformer.safetensors"
+    result = run_cli("convert", "transformers", str(segformer_dir), "--recipe", str(recipe), "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
-    model, recipe = load_exported(out)
+    return out, recipe
+
+
+def test_convert_transformers_segformer_computes_the_same_function(segformer_dir, converted_segformer):
+    model, recipe = load_exported(converted_segformer[0])
     reference = transformers.SegformerForSemanticSegmentation.from_pretrained(segformer_dir).eval()
     image = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -251,15 +258,10 @@ def test_converted_file_names_its_source(tmp_path, segformer_dir):
     assert yaml.safe_load(metadata["hooktrain.recipe"])["model"]["decode_head"]["type"] == "segformer_mlp"
 
 
-def test_converted_file_works_with_test_checkpoint_and_load_from(segformer_dir, tmp_path, data_root):
+def test_converted_file_works_with_test_checkpoint_and_load_from(converted_segformer, tmp_path, data_root):
     """The converted file is an exported file: `hooktrain test --checkpoint` evaluates it and a
     training run starts from it with `load_from` (strict: all keys match)."""
-    recipe = segformer_recipe(tmp_path)
-    out = tmp_path / "segformer.safetensors"
-    assert (
-        run_cli("convert", "transformers", str(segformer_dir), "--recipe", str(recipe), "--out", str(out)).returncode
-        == 0
-    )
+    out, recipe = converted_segformer
     options = [*tiny(data_root, 2), "model.encoder.pretrained=false", "hooks=[{type: eval, num_samples: 0}]"]
     tested = run_cli("test", str(recipe), "--checkpoint", str(out), "--work-dir", str(tmp_path / "test"),
                      "--cfg-options", *options)  # fmt: skip
