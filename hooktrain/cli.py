@@ -1,8 +1,9 @@
 """Command line: ``hooktrain RECIPE`` trains; ``config``, ``plugins`` and more are subcommands.
 
 Bad input (a recipe key, a file, a dataset column) prints one line and exits with code 2;
-a run stopped by SIGTERM / SIGINT exits with 143 / 130 after its hooks have run; a
-non-finite loss exits with 3, a failure another rank caused with 1 (see docs/distributed.md).
+a run stopped by SIGTERM / SIGINT exits with 143 / 130 after its hooks have run, leaving
+``stopped.json`` in its work dir for requeue scripts; a non-finite loss exits with 3, a failure
+another rank caused with 1 (see docs/distributed.md and docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -221,15 +222,45 @@ def train_command(args: argparse.Namespace) -> int:
     # Before importing torch, so that a second run into this work dir is refused at once.
     with claim_work_dir(Path(recipe.work_dir), force=args.force, resume=bool(args.resume), main_process=main_process):
         from hooktrain.engine.runner import IterRunner
-        from hooktrain.engine.signals import EXIT_CODES
 
         runner = IterRunner.from_recipe(recipe, resume=args.resume, force=args.force)
         try:
-            stopped_by = runner.run()
+            return _train(runner)
         finally:
             runner.watch.close()
             runner.accelerator.end_training()
-    return EXIT_CODES[stopped_by] if stopped_by else 0
+
+
+def _train(runner) -> int:
+    """Run ``runner`` and return its exit code. A run that stopped to be resumed (a signal, or
+    the data's server failing: its iteration saved) leaves ``stopped.json`` in the work dir
+    (``hooktrain.checkpoint.stopped``), since a launcher reports it as a failure."""
+    from hooktrain.engine.runner import DATA_OUTAGE
+    from hooktrain.engine.signals import EXIT_CODES
+    from hooktrain.errors import SourceOutage
+
+    try:
+        stopped_by = runner.run()
+    except SourceOutage as exc:
+        if exc is runner.outage:  # raised after the hooks saved the iteration, as for a signal
+            _mark_stopped(runner, DATA_OUTAGE, exc.exit_code)
+        raise
+    if stopped_by is None:
+        return 0
+    _mark_stopped(runner, stopped_by, EXIT_CODES[stopped_by])
+    return EXIT_CODES[stopped_by]
+
+
+def _mark_stopped(runner, reason: str, exit_code: int) -> None:
+    # run() returns after every hook's after_run: the checkpoint hook's save ends with a
+    # barrier that every rank reaches once its files are written, so the checkpoint is whole.
+    if runner.accelerator.is_main_process:
+        import logging
+
+        from hooktrain.checkpoint.stopped import mark_stopped
+
+        path = mark_stopped(runner.work_dir, reason=reason, exit_code=exit_code, iteration=runner.state.iter)
+        logging.getLogger("hooktrain").info("stopped to be resumed: wrote %s (exit code %d)", path, exit_code)
 
 
 @command("config")

@@ -12,6 +12,7 @@ RECIPE = "recipe.yaml"  # the resolved recipe (also inside each checkpoint and `
 HISTORY_FILE = "metrics.jsonl"  # the logger hook's metric history, read by ``hooktrain plot``
 CHECKPOINTS = "checkpoints"
 LOCK_FILE = ".hooktrain.lock"  # held by the run training in the work dir (``checkpoint.lock``)
+STOPPED = "stopped.json"  # a run that stopped to be resumed (``checkpoint.stopped``)
 
 # <work_dir>/checkpoints/
 LATEST = "latest"  # a text file naming the newest complete checkpoint

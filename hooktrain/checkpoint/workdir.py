@@ -13,6 +13,7 @@ from hooktrain.checkpoint.files import write_atomically
 from hooktrain.checkpoint.layout import HISTORY_FILE, LOCK_FILE, RECIPE
 from hooktrain.checkpoint.lock import lock_work_dir
 from hooktrain.checkpoint.state import clean_stale, complete_checkpoints
+from hooktrain.checkpoint.stopped import clear_stopped
 from hooktrain.errors import UserError
 
 logger = logging.getLogger("hooktrain")
@@ -24,9 +25,13 @@ PREVIOUS_PREFIX = "previous-"  # --force moves an earlier run's files into previ
 @contextmanager
 def claim_work_dir(work_dir: Path, *, force: bool, resume: bool, main_process: bool = True) -> Iterator[None]:
     """Hold ``work_dir`` for the run inside the block: the main process locks it
-    (:func:`hooktrain.checkpoint.lock.lock_work_dir`; the other processes hold nothing), then
+    (:func:`hooktrain.checkpoint.lock.lock_work_dir`; the other processes hold nothing) and
+    removes an earlier run's ``stopped.json`` (:mod:`hooktrain.checkpoint.stopped`), then
     :func:`check_work_dir` refuses what would clobber a run. The lock goes when the block ends."""
     with lock_work_dir(work_dir) if main_process else nullcontext():
+        if main_process:
+            # Before any check can fail: a requeue script must not rerun an attempt that failed.
+            clear_stopped(work_dir)
         check_work_dir(work_dir, force=force, resume=resume)
         yield
 

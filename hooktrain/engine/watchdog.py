@@ -8,10 +8,12 @@ outlives any one rank:
 
 - A rank whose own code raised posts ``rank R raised in STAGE: ERROR`` before it exits. The
   ranks that were waiting for it in a collective end with that line.
-- A rank whose collective timed out without such a post asks every rank where it is. A
-  watcher thread on each rank answers with its stage; a rank that is not in a failing
-  collective of its own (it stopped calling collectives, or runs something else) then
-  prints that it did not arrive and ends its process after a short grace period.
+- A rank whose collective timed out without such a post, or failed at once because a rank
+  died without one (``kill -9``, a machine lost: its connections close), asks every rank where
+  it is. A watcher thread on each rank answers with its stage; a rank that does not answer is
+  named; a rank that is not in a failing collective of its own (it stopped calling
+  collectives, or runs something else) then prints that it did not arrive and ends its
+  process after a short grace period.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _RAISED = "raised"
 _ALERT = "alert"
 _POLL_S = 1.0
 _ANSWER_WAIT_S = 5.0  # how long a timed-out rank waits for the others to say where they are
+_CONNECTION_LOST = ("Connection closed by peer", "Connection reset by peer")  # gloo's, when a rank died
 
 
 class RankWatch:
@@ -85,9 +88,14 @@ class RankWatch:
         raised = self._get(_RAISED, wait_s=2.0)
         if raised is not None:
             return _CollectiveFailure(f"{here}: {raised}")
-        self._set(
-            _ALERT, f"rank {self.rank} timed out after {self.timeout_s:g} s in {self.where()}"
-        )
+        if any(text in str(exc) for text in _CONNECTION_LOST):  # gloo fails at once, without the timeout
+            alert = "lost its connection to another rank"
+            cause = "a connection to another rank closed (a rank died, or its machine is gone)"
+        else:
+            alert = f"timed out after {self.timeout_s:g} s"
+            cause = (f"a collective timed out after {self.timeout_s:g} s (train.collective_timeout) "
+                     "waiting for the other ranks")  # fmt: skip
+        self._set(_ALERT, f"rank {self.rank} {alert} in {self.where()}")
         stages = {r: self._get(f"stage/{r}", wait_s=_ANSWER_WAIT_S)
                   for r in range(self.num_processes) if r != self.rank}  # fmt: skip
         away = [f"rank {r} is in {s}" for r, s in stages.items() if s and s != self.where()]
@@ -95,10 +103,7 @@ class RankWatch:
         detail = "; ".join(
             away + ([f"rank(s) {', '.join(silent)} did not answer"] if silent else [])
         )
-        return _CollectiveFailure(
-            f"{here}: a collective timed out after {self.timeout_s:g} s (train.collective_timeout)"
-            f" waiting for the other ranks; {detail or 'every rank is at the same stage'}"
-        )
+        return _CollectiveFailure(f"{here}: {cause}; {detail or 'every rank is at the same stage'}")
 
     # -- the watcher thread -----------------------------------------------------------------
 
