@@ -249,6 +249,10 @@ def test_an_outage_during_the_evaluation_saves_the_whole_iteration(hub, tmp_path
     assert f"data.val.source: the Hub at {hub.url} failed for" in line, line
     assert f"stopped after iteration {MAX_ITERS}, which the checkpoint hook saves" in line, line
     assert (work_dir / "checkpoints" / f"iter_{MAX_ITERS}" / "model.safetensors").is_file()
+    # A requeue script tells this stop from a failure by the mark (docs/checkpoints.md).
+    stopped = json.loads((work_dir / "stopped.json").read_text())
+    assert (stopped["reason"], stopped["exit_code"], stopped["iteration"]) == ("data outage", 75, MAX_ITERS)
+    assert stopped["checkpoint"] == f"iter_{MAX_ITERS}"
 
 
 def test_ranks_stop_together_when_one_loses_its_data(hub, healthy, tmp_path):
