@@ -23,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
-BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 Result = dict[str, Any]
 
@@ -327,6 +327,41 @@ def grad_checkpointing(r: Result) -> tuple[str, str]:
     return summary, table(header, rows) + f"\n\n{setting}."
 
 
+def fsdp_memory(r: Result) -> tuple[str, str]:
+    runs = r["runs"]
+    by = {(x["strategy"], x["grad_checkpointing"]): x for x in runs}
+
+    def versus(strategy: str, key: str) -> str:
+        x = by.get((strategy, False))
+        return f"x{x['vs_ddp'][key]:.2f}" if x and "vs_ddp" in x else "n/a"
+
+    summary = (f"{r['processes']} CPU processes, checkpointing off, FSDP / FSDP2 over DDP: state per rank "
+               f"{versus('fsdp', 'state_mib')} / {versus('fsdp2', 'state_mib')}, peak RSS over baseline "
+               f"{versus('fsdp', 'peak_over_baseline_gib')} / {versus('fsdp2', 'peak_over_baseline_gib')}, step time "
+               f"{versus('fsdp', 'step_s')} / {versus('fsdp2', 'step_s')}")  # fmt: skip
+    rows = []
+    for x in runs:
+        ckpt = "on" if x["grad_checkpointing"] else "off"
+        if not x["ok"]:
+            rows.append([f"`{x['strategy']}`", ckpt] + ["failed"] * 8)
+            continue
+        ratio = {key: fmt(x["vs_ddp"][key], 2) if "vs_ddp" in x else "n/a"
+                 for key in ("state_mib", "peak_over_baseline_gib", "step_s")}  # fmt: skip
+        rows.append([f"`{x['strategy']}`", ckpt, fmt(x["state_mib"], 1), ratio["state_mib"],
+                     fmt(x["rss_before_model_gib"], 2), fmt(x["peak_rss_gib"], 2), fmt(x["peak_over_baseline_gib"], 2),
+                     ratio["peak_over_baseline_gib"], fmt(x["step_s"], 2), ratio["step_s"]])  # fmt: skip
+    header = ["train.strategy", "grad_checkpointing", "state MiB/rank", "x DDP", "RSS before model GiB",
+              "peak RSS GiB", "peak over baseline GiB", "x DDP", "step seconds", "x DDP"]  # fmt: skip
+    setting = (f"{r['model']} ({r['parameters']:,} parameters), {r['size']}x{r['size']}, batch {r['batch_per_process']} "
+               f"per process, {r['processes']} processes (gloo) of {r['threads_per_process']} thread(s), "
+               f"{r['precision']}, median of {r['steps']} steps after {r['warmup']} warm-up; each figure the larger "
+               f"rank's; x DDP: over DDP with the same checkpointing setting, same run; state: exact local bytes of "
+               "parameters, gradients and AdamW state (DDP's gradient buckets not counted); peak: the process's peak "
+               "RSS (ru_maxrss) over the run, model building included; baseline: its RSS before the model was built; "
+               f"{r['wall_s']:.0f} s in all")  # fmt: skip
+    return summary, table(header, rows) + f"\n\n{setting}."
+
+
 def unet_vs_fpn(r: Result) -> tuple[str, str]:
     pairs = r["pairs"]
     summary = ", ".join(f"{name}: U-Net {p['unet']['score']:.3f} vs FPN {p['fpn']['score']:.3f} {p['score']}"
@@ -387,6 +422,35 @@ def eomt_vs_transformers(r: Result) -> tuple[str, str]:
     return summary, table(header, rows) + f"\n\n{setting}."
 
 
+def mask2former_vs_transformers(r: Result) -> tuple[str, str]:
+    train, infer = r["train"], r["inference"]
+    summary = (f"{r['device']} {r['precision']} {r['size']}x{r['size']} b{r['batch']}: train step ratio "
+               f"{train['ratio']:.2f} fastest, {train['paired_ratio']:.2f} per round; inference ratio "
+               f"{infer['ratio']:.2f} fastest, {infer['paired_ratio']:.2f} per round")  # fmt: skip
+    rows = [[name, fmt(x["hooktrain_s"]), fmt(x["transformers_s"]), fmt(x["ratio"], 2), fmt(x["hooktrain_median_s"]),
+             fmt(x["transformers_median_s"]), fmt(x["median_ratio"], 2), fmt(x["paired_ratio"], 2)]
+            for name, x in (("train step (forward + loss + backward + AdamW)", train),
+                            ("inference (semantic scores)", infer))]  # fmt: skip
+    header = ["", "hooktrain s (fastest)", "transformers s (fastest)", "ratio", "hooktrain median s",
+              "transformers median s", "ratio of medians", "median of the rounds' ratios"]  # fmt: skip
+    swin, config = r["backbone"], r["config"]
+    setting = (f"Mask2Former on transformers' Swin (embed dim {swin['embed_dim']}, depths {joined(swin['depths'])}, "
+               f"heads {joined(swin['num_heads'])}, window {swin['window_size']}, drop path "
+               f"{swin['drop_path_rate']}), {config['encoder_layers']} deformable encoder layers, "
+               f"{r['predictions']} predictions (transformers' decoder_layers {config['decoder_layers']}), "
+               f"{config['num_queries']} queries, {config['num_labels']} classes, width {config['hidden_dim']} "
+               f"({r['parameters']:,} parameters); batch {r['batch']} at {r['size']}x{r['size']}, "
+               f"{joined(r['segments_per_image'])} segments per image, {r['points']} points, {r['optimizer']}; "
+               f"transformers {r['transformers_version']}, {r['threads']} threads. Seconds are the fastest of "
+               f"{r['rounds']} alternating rounds (medians beside them); each round runs one step of each model back "
+               f"to back. Same weights: semantic scores within {r['scores_max_relative_difference']:.1e} and class "
+               f"logits within {r['class_logits_max_relative_difference']:.1e} (relative), the same argmax at "
+               f"{r['same_argmax']:.2%} of pixels; last losses {r['loss']['hooktrain']} (hooktrain) and "
+               f"{r['loss']['transformers']} (transformers: the same seed, drawn in another order); "
+               f"{r['wall_s']:.0f} s in all")  # fmt: skip
+    return summary, table(header, rows) + f"\n\n{setting}."
+
+
 # bench: (what is compared, target, renderer)
 BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "startup": ("time from the command to a one-line error, and to the first iteration, against importing "
@@ -418,6 +482,10 @@ BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "grad_checkpointing": ("ViT-B/16 + MLN + UPerNet at 512x512, one training step with the ViT's blocks "
                            "recomputed in the backward pass vs without", "less memory, measured cost",
                            grad_checkpointing),
+    "fsdp_memory": ("`train.strategy` ddp / fsdp / fsdp2, each with and without `grad_checkpointing`, on the "
+                    "ViT-B/16 + MLN + UPerNet with AdamW, 2 CPU processes: state bytes and peak memory per rank, "
+                    "step time, against DDP in the same run", "state x0.5 on 2 ranks, measured cost",
+                    fsdp_memory),
     "unet_vs_fpn": ("U-Net vs the quickstarts' FPN (binary, 4-band) for the same training time, same run",
                     "measured", unet_vs_fpn),
     "mask_matching": ("Mask2Former's Hungarian matching inside its criterion (`hooktrain.models.mask_criterion`): "
@@ -426,6 +494,10 @@ BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "eomt_vs_transformers": ("hooktrain's EoMT against transformers' `EomtForUniversalSegmentation`, same weights "
                              "and inputs (ViT-S-like, 512x512): training step with the masks on, inference after "
                              "annealing", "ratio <= 1.0", eomt_vs_transformers),
+    "mask2former_vs_transformers": ("hooktrain's Mask2Former against transformers' "
+                                    "`Mask2FormerForUniversalSegmentation`, same weights and inputs (Swin-T, "
+                                    "ADE20K's sizes, 512x512): training step with AdamW, inference",
+                                    "ratio <= 1.0", mask2former_vs_transformers),
     "gpu_train": ("SegFormer-B0 (`recipes/ade20k.yaml`) on one GPU: end to end per speed switch, model-only, "
                   "and MMSegmentation 1.2.2 on the same card", ">= 500 img/s, data-bound gap < 5%", gpu_train),
 }  # fmt: skip

@@ -59,6 +59,8 @@ BENCHES = (
     Bench("unet_vs_fpn"),
     Bench("mask_matching", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
     Bench("eomt_vs_transformers", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
+    Bench("mask2former_vs_transformers", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
+    Bench("fsdp_memory"),
     Bench("gpu_train", devices=("cuda",)),
 )
 

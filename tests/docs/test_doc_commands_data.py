@@ -466,7 +466,8 @@ REPORT = Doc("python bench/report.py", append="--check")
 # (the page's command runs them one after another: ~5 minutes on 2 cores).
 QUICK_BENCHES = ["startup", "checkpoint", "metrics", "data_pipeline", "augment_exactness", "runner_overhead",
                  "model_step", "mmseg_parity", "quickstart", "quickstart_binary", "onnx_inference",
-                 "grad_checkpointing", "unet_vs_fpn", "mask_matching", "eomt_vs_transformers"]  # fmt: skip
+                 "grad_checkpointing", "unet_vs_fpn", "mask_matching", "eomt_vs_transformers",
+                 "mask2former_vs_transformers", "fsdp_memory"]  # fmt: skip
 
 
 def test_the_benchmark_tables_are_current_and_every_cpu_bench_is_run_here():
@@ -499,6 +500,15 @@ def test_benchmark_page_commands(name, mmseg_env, tmp_path):
         assert all(r["ratio"] > 0 for r in record["rows"])
     if name == "data_pipeline":
         assert record["mmseg_same_outputs"] is True  # hooktrain and MMSegmentation 1.2.2 made the same crops
+    if name == "mask2former_vs_transformers":  # the converted model gives transformers' scores
+        assert record["scores_max_relative_difference"] <= 1e-4 and record["same_argmax"] == 1.0
+    if name == "fsdp_memory":
+        ddp, fsdp2 = record["runs"]
+        assert (ddp["distributed_type"], fsdp2["distributed_type"]) == ("MULTI_CPU", "FSDP")
+        # DDP: every rank holds the model, its gradients and AdamW's two moments (16 bytes a
+        # parameter); FSDP2 shards each by rows, so the two ranks add up to DDP's one.
+        assert abs(ddp["parameters"] * 16 / 2**20 - ddp["state_mib"]) < 0.1
+        assert abs(sum(rank["state_mib"] for rank in fsdp2["ranks"]) - ddp["state_mib"]) < 0.1
 
 
 # -- docs/your-own-data.md: binary, 4-band and 16-bit quickstarts ------------------------------
