@@ -17,10 +17,13 @@ from conftest import QUICKSTART
 pytestmark = pytest.mark.slow  # every test here trains in 2-process subprocesses
 STRATEGIES = ("fsdp", "fsdp2")
 PORTS = {"ddp": 29901, "fsdp": 29902, "fsdp2": 29903}
+# examples/hooktrain-ema in every run of the fixture and its resumes: the averages are compared
+# across strategies and resumes (evaluations keep scoring the raw weights).
+EMA = "{type: ema, momentum: 0.2, evaluate_ema: false}"
 
 
 def train(work_dir: Path, data_root: Path, strategy: str, *extra: str, processes: int = 2, port: int = 0):
-    args = options(data_root, f"train.strategy={strategy}")
+    args = options(data_root, f"train.strategy={strategy}", hooks=EMA)
     result = run(train_command(work_dir, *extra, "--cfg-options", *args, processes=processes, port=port))
     assert result.returncode == 0, result.output[-4000:]
     return result
@@ -28,7 +31,11 @@ def train(work_dir: Path, data_root: Path, strategy: str, *extra: str, processes
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_root) -> dict[str, Path]:
-    """Uninterrupted 6-iteration runs with each strategy (checkpoints at 4 and 6, best/)."""
+    """Uninterrupted 6-iteration runs with each strategy (checkpoints at 4 and 6, best/), with the
+    EMA plugin."""
+    from conftest import ROOT, ensure_installed
+
+    ensure_installed("hooktrain-ema", ROOT / "examples" / "hooktrain-ema")
     root = tmp_path_factory.mktemp("strategies")
     for strategy, port in PORTS.items():
         output = train(root / strategy, data_root, strategy, port=port).output
@@ -45,6 +52,10 @@ def resumed_from(source: Path, work_dir: Path, data_root: Path, strategy: str, *
 
 def optimizer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "optimizer.bin", weights_only=True)
+
+
+def ema_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "hooks.pt", weights_only=True)["ema"]
 
 
 def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -90,6 +101,20 @@ def test_checkpoints_hold_whole_plain_weights_and_optimizer_state_by_name(runs, 
         assert not torch.equal(moments["exp_avg"], moments["exp_avg_sq"]), name
 
 
+def test_ema_plugin_averages_the_shards_as_ddp_averages_the_weights(runs):
+    """examples/hooktrain-ema averages each process's shards and saves the average whole: the
+    same average as under DDP."""
+    final = f"checkpoints/iter_{ITERS}"
+    ddp = ema_state(runs["ddp"] / final)
+    for strategy in STRATEGIES:
+        average = ema_state(runs[strategy] / final)
+        assert average["n_averaged"] == ITERS
+        assert average["weights"].keys() == weights(runs[strategy] / final).keys()
+        assert relative_error(average["weights"], ddp["weights"]) < 1e-4, strategy
+    # Not the raw weights: the average trails them.
+    assert relative_error(ddp["weights"], weights(runs["ddp"] / final)) > 1e-3
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_best_scores_what_hooktrain_test_scores(runs, tmp_path, strategy):
     """The evaluation during training scores the weights best/ saves: every rank gets rank 0's
@@ -115,6 +140,8 @@ def test_resume_is_bitwise(runs, data_root, tmp_path, strategy):
     for name in a["state"]:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(a["state"][name][key], b["state"][name][key]), (name, key)
+    # The EMA plugin's average, saved whole and given back to each rank as its shards, goes on exactly.
+    assert_bitwise_equal(ema_state(tmp_path / "run" / final)["weights"], ema_state(runs[strategy] / final)["weights"])
 
 
 def test_fsdp_checkpoint_resumes_in_one_process(runs, data_root, tmp_path):
@@ -137,6 +164,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp_exactly(runs, data_root, tmp_path):
     resumed_from(runs["ddp"], tmp_path / "run", data_root, "fsdp", port=PORTS["fsdp"] + 20)
     final = f"checkpoints/iter_{ITERS}"
     assert_bitwise_equal(weights(tmp_path / "run" / final), weights(runs["ddp"] / final))
+    assert_bitwise_equal(ema_state(tmp_path / "run" / final)["weights"], ema_state(runs["ddp"] / final)["weights"])
 
 
 def test_activation_checkpointing_composes_with_fsdp(runs, data_root, tmp_path):
@@ -172,42 +200,20 @@ def test_bf16_autocasts_under_fsdp2(runs, data_root, tmp_path):
     assert bf16 == pytest.approx(fp32, rel=0.02)
 
 
-def test_ema_plugin_under_fsdp2_as_under_ddp_and_resumed_bitwise(runs, data_root, tmp_path):
-    """examples/hooktrain-ema averages each process's shards, evaluates the average and saves it
-    whole: the same average as under DDP, and a resume continues it exactly."""
-    from conftest import ROOT, ensure_installed
+def test_early_stop_under_fsdp_ends_every_rank_with_a_whole_checkpoint(data_root, tmp_path):
+    """min_delta 1.0 is never reached: after 2 evaluations without improvement (iterations 4 and
+    6) both ranks end after iteration 6, exit 0, with the final checkpoint whole."""
+    from hooktrain.checkpoint.resume import checkpoint_problems
 
-    ensure_installed("hooktrain-ema", ROOT / "examples" / "hooktrain-ema")
-    ema = "{type: ema, momentum: 0.2}"
-
-    def train_with_ema(work_dir: Path, strategy: str, *extra: str, port: int):
-        args = options(data_root, f"train.strategy={strategy}", hooks=ema)
-        result = run(train_command(work_dir, *extra, "--cfg-options", *args, processes=2, port=port))
-        assert result.returncode == 0, result.output[-4000:]
-
-    final = f"checkpoints/iter_{ITERS}"
-    train_with_ema(tmp_path / "ddp", "ddp", port=PORTS["ddp"] + 40)
-    train_with_ema(tmp_path / "fsdp2", "fsdp2", port=PORTS["fsdp2"] + 40)
-    averages = {name: torch.load(tmp_path / name / final / "hooks.pt", weights_only=True)["ema"]
-                for name in ("ddp", "fsdp2")}  # fmt: skip
-    assert averages["fsdp2"]["n_averaged"] == ITERS
-    assert averages["fsdp2"]["weights"].keys() == weights(tmp_path / "fsdp2" / final).keys()
-    assert relative_error(averages["fsdp2"]["weights"], averages["ddp"]["weights"]) < 1e-4
-    # Training itself is untouched, and the evaluations scored the average, not the raw weights.
-    assert relative_error(weights(tmp_path / "fsdp2" / final), weights(runs["fsdp2"] / final)) < 1e-6
-
-    def metrics(work_dir: Path) -> dict:
-        return json.loads((work_dir / final / "train_state.json").read_text())["metrics"]
-
-    assert metrics(tmp_path / "fsdp2") == pytest.approx(metrics(tmp_path / "ddp"), abs=1e-3)
-    assert metrics(tmp_path / "fsdp2")["aAcc"] != metrics(runs["fsdp2"])["aAcc"]
-
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "fsdp2" / "checkpoints" / "iter_4", resumed / "checkpoints" / "iter_4")
-    train_with_ema(resumed, "fsdp2", "--resume", port=PORTS["fsdp2"] + 50)
-    again = torch.load(resumed / final / "hooks.pt", weights_only=True)["ema"]
-    assert_bitwise_equal(again["weights"], averages["fsdp2"]["weights"])
+    hooks = ("{type: logger, interval: 2}, {type: checkpoint, interval: 100}, "
+             "{type: eval, interval: 2, num_samples: 0}, {type: early_stop, patience: 2, min_delta: 1.0}")  # fmt: skip
+    args = options(data_root, "train.strategy=fsdp", "train.max_iters=20", base=hooks)
+    result = run(train_command(tmp_path / "run", "--cfg-options", *args, processes=2, port=PORTS["fsdp"] + 60))
+    assert result.returncode == 0, result.output[-4000:]
+    assert "stopping after iteration 6" in result.output and "iter 7/" not in result.output
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*"))
+    assert checkpoints == ["iter_6"]
+    assert checkpoint_problems(tmp_path / "run" / "checkpoints" / "iter_6") == []
 
 
 def test_the_recipe_names_the_strategy_and_refuses_others():
