@@ -55,10 +55,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -73,6 +71,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from mask_matching import IGNORE, voronoi_maps  # noqa: E402
 from results import write_result  # noqa: E402
+from versus import alternating, summarise  # noqa: E402
 
 from hooktrain.deploy.convert import fit_to_model  # noqa: E402
 from hooktrain.engine.step import total_loss  # noqa: E402
@@ -120,50 +119,6 @@ def reference_scores(reference, image: torch.Tensor):
     masks = F.interpolate(output.masks_queries_logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
     classes = output.class_queries_logits
     return torch.einsum("bqc,bqhw->bchw", classes.softmax(-1)[..., :-1], masks.sigmoid()), classes
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(step: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    started = time.perf_counter()
-    step()
-    synchronize(device)
-    return time.perf_counter() - started
-
-
-def alternating(ours: Callable[[], object], theirs: Callable[[], object], rounds: int, device: torch.device):
-    """One warm-up step each, then ``rounds`` timed steps each, the side that goes first alternating."""
-    ours(), theirs()
-    mine, other = [], []
-    for index in range(rounds):
-        if index % 2 == 0:
-            mine.append(timed(ours, device))
-            other.append(timed(theirs, device))
-        else:
-            other.append(timed(theirs, device))
-            mine.append(timed(ours, device))
-    return mine, other
-
-
-def summarise(name: str, ours: list[float], theirs: list[float]) -> dict:
-    row = {
-        "hooktrain_s": round(min(ours), 4),
-        "transformers_s": round(min(theirs), 4),
-        "ratio": round(min(ours) / min(theirs), 3),
-        "hooktrain_median_s": round(statistics.median(ours), 4),
-        "transformers_median_s": round(statistics.median(theirs), 4),
-        "median_ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
-        "paired_ratio": round(statistics.median(mine / other for mine, other in zip(ours, theirs)), 3),
-        "rounds": {"hooktrain": [round(t, 4) for t in ours], "transformers": [round(t, 4) for t in theirs]},
-    }
-    print(f"{name}: hooktrain {row['hooktrain_s']:.3f} s, transformers {row['transformers_s']:.3f} s (fastest of "
-          f"{len(ours)}), ratio {row['ratio']:.3f} (medians: {row['median_ratio']:.3f}, median of the rounds' ratios: "
-          f"{row['paired_ratio']:.3f})", flush=True)  # fmt: skip
-    return row
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

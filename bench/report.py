@@ -352,8 +352,9 @@ def fsdp_memory(r: Result) -> tuple[str, str]:
                      ratio["peak_over_baseline_gib"], fmt(x["step_s"], 2), ratio["step_s"]])  # fmt: skip
     header = ["train.strategy", "grad_checkpointing", "state MiB/rank", "x DDP", "RSS before model GiB",
               "peak RSS GiB", "peak over baseline GiB", "x DDP", "step seconds", "x DDP"]  # fmt: skip
-    setting = (f"{r['model']} ({r['parameters']:,} parameters), {r['size']}x{r['size']}, batch {r['batch_per_process']} "
-               f"per process, {r['processes']} processes (gloo) of {r['threads_per_process']} thread(s), "
+    setting = (f"{r['model']} ({r['parameters']:,} parameters), {r['size']}x{r['size']}, "
+               f"batch {r['batch_per_process']} per process, {r['processes']} processes (gloo) of "
+               f"{r['threads_per_process']} thread(s), "
                f"{r['precision']}, median of {r['steps']} steps after {r['warmup']} warm-up; each figure the larger "
                f"rank's; x DDP: over DDP with the same checkpointing setting, same run; state: exact local bytes of "
                "parameters, gradients and AdamW state (DDP's gradient buckets not counted); peak: the process's peak "
@@ -397,16 +398,22 @@ def mask_matching(r: Result) -> tuple[str, str]:
     return summary, table(header, rows) + f"\n\n{setting}."
 
 
-def eomt_vs_transformers(r: Result) -> tuple[str, str]:
+def _versus_rows(r: Result, train_step: str) -> tuple[str, str]:
+    """The summary cell and table of a bench timed with ``bench/versus.py`` against transformers."""
     train, infer = r["train"], r["inference"]
     summary = (f"{r['device']} {r['precision']} {r['size']}x{r['size']} b{r['batch']}: train step ratio "
                f"{train['ratio']:.2f} fastest, {train['paired_ratio']:.2f} per round; inference ratio "
                f"{infer['ratio']:.2f} fastest, {infer['paired_ratio']:.2f} per round")  # fmt: skip
     rows = [[name, fmt(x["hooktrain_s"]), fmt(x["transformers_s"]), fmt(x["ratio"], 2), fmt(x["hooktrain_median_s"]),
              fmt(x["transformers_median_s"]), fmt(x["median_ratio"], 2), fmt(x["paired_ratio"], 2)]
-            for name, x in (("train step (forward + loss + backward)", train), ("inference (semantic scores)", infer))]
+            for name, x in ((train_step, train), ("inference (semantic scores)", infer))]
     header = ["", "hooktrain s (fastest)", "transformers s (fastest)", "ratio", "hooktrain median s",
               "transformers median s", "ratio of medians", "median of the rounds' ratios"]  # fmt: skip
+    return summary, table(header, rows)
+
+
+def eomt_vs_transformers(r: Result) -> tuple[str, str]:
+    summary, rows = _versus_rows(r, "train step (forward + loss + backward)")
     config = r["config"]
     setting = (f"EoMT, ViT of width {config['hidden_size']}, depth {config['num_hidden_layers']}, "
                f"{config['num_attention_heads']} heads, patch {config['patch_size']}, "
@@ -419,20 +426,11 @@ def eomt_vs_transformers(r: Result) -> tuple[str, str]:
                f"weights: semantic scores within {r['scores_max_relative_difference']:.1e} (relative); losses "
                f"{r['loss']['hooktrain']} (hooktrain) and {r['loss']['transformers']} (transformers: its layers "
                "draw their random points in another order)")  # fmt: skip
-    return summary, table(header, rows) + f"\n\n{setting}."
+    return summary, rows + f"\n\n{setting}."
 
 
 def mask2former_vs_transformers(r: Result) -> tuple[str, str]:
-    train, infer = r["train"], r["inference"]
-    summary = (f"{r['device']} {r['precision']} {r['size']}x{r['size']} b{r['batch']}: train step ratio "
-               f"{train['ratio']:.2f} fastest, {train['paired_ratio']:.2f} per round; inference ratio "
-               f"{infer['ratio']:.2f} fastest, {infer['paired_ratio']:.2f} per round")  # fmt: skip
-    rows = [[name, fmt(x["hooktrain_s"]), fmt(x["transformers_s"]), fmt(x["ratio"], 2), fmt(x["hooktrain_median_s"]),
-             fmt(x["transformers_median_s"]), fmt(x["median_ratio"], 2), fmt(x["paired_ratio"], 2)]
-            for name, x in (("train step (forward + loss + backward + AdamW)", train),
-                            ("inference (semantic scores)", infer))]  # fmt: skip
-    header = ["", "hooktrain s (fastest)", "transformers s (fastest)", "ratio", "hooktrain median s",
-              "transformers median s", "ratio of medians", "median of the rounds' ratios"]  # fmt: skip
+    summary, rows = _versus_rows(r, "train step (forward + loss + backward + AdamW)")
     swin, config = r["backbone"], r["config"]
     setting = (f"Mask2Former on transformers' Swin (embed dim {swin['embed_dim']}, depths {joined(swin['depths'])}, "
                f"heads {joined(swin['num_heads'])}, window {swin['window_size']}, drop path "
@@ -448,7 +446,7 @@ def mask2former_vs_transformers(r: Result) -> tuple[str, str]:
                f"{r['same_argmax']:.2%} of pixels; last losses {r['loss']['hooktrain']} (hooktrain) and "
                f"{r['loss']['transformers']} (transformers: the same seed, drawn in another order); "
                f"{r['wall_s']:.0f} s in all")  # fmt: skip
-    return summary, table(header, rows) + f"\n\n{setting}."
+    return summary, rows + f"\n\n{setting}."
 
 
 # bench: (what is compared, target, renderer)
