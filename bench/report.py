@@ -449,6 +449,43 @@ def mask2former_vs_transformers(r: Result) -> tuple[str, str]:
     return summary, rows + f"\n\n{setting}."
 
 
+def tiled_predict(r: Result) -> tuple[str, str]:
+    ok = {(x["mode"], x["height"], x["width"]): x for x in r["runs"] if x["ok"]}
+    side = max((h for (mode, h, _) in ok if mode == "tiled"), default=0)
+    biggest = ok.get(("tiled", side, side))
+    parts = []
+    if biggest:
+        parts.append(f"{side:,}x{side:,}: {biggest['tiles_per_s']:.2f} tiles/s, "
+                     f"peak RSS {biggest['peak_rss_gib']:.2f} GiB")  # fmt: skip
+    if "image_memory_tall_over_short" in r:
+        parts.append(f"image memory x{r['image_memory_tall_over_short']:.2f} for 4x the rows")
+    if "png_whole_over_strips_memory" in r:
+        parts.append(f"a PNG decoded whole x{r['png_whole_over_strips_memory']:.0f} the memory of strips")
+    if "slide_over_tiled_image_memory" in r:
+        parts.append(f"slide x{r['slide_over_tiled_image_memory']:.1f} the image memory, x"
+                     f"{1 / r['tiled_over_slide_tiles_per_s']:.2f} the speed")  # fmt: skip
+    rows = []
+    for x in r["runs"]:
+        if not x["ok"]:
+            rows.append([x["mode"], x["image"]] + ["failed"] * 6)
+            continue
+        rows.append([x["mode"], f"{x['height']:,} x {x['width']:,}", f"{x['tiles']:,}", fmt(x["seconds"], 1),
+                     fmt(x["tiles_per_s"], 2), fmt(x["model_rss_gib"], 2), fmt(x["peak_rss_gib"], 2),
+                     fmt(x["peak_over_model_gib"], 2)])  # fmt: skip
+    header = ["mode", "image (rows x columns)", "tiles", "seconds", "tiles/s", "RSS with model GiB", "peak RSS GiB",
+              "peak over model GiB"]  # fmt: skip
+    notes = [f"{r['model']}, 4-band uint8 DEFLATE GeoTIFFs, tiles {r['crop']} stride {r['stride']}, "
+             f"batch {r['batch']}, blend {r['blend']}; each run its own process; peak: VmHWM; over model: the "
+             "peak minus the RSS after loading the model"]  # fmt: skip
+    if "slide_largest_side_in_ram" in r:
+        notes.append(f"slide's memory grows {r['slide_gib_per_megapixel']:.3f} GiB per megapixel: the largest square "
+                     f"image it holds in this machine's {r['ram_gib']:.0f} GiB is about "
+                     f"{r['slide_largest_side_in_ram']:,} pixels a side")  # fmt: skip
+    if "wall_s" in r:
+        notes.append(f"{r['wall_s']:.0f} s in all")
+    return "; ".join(parts), table(header, rows) + "\n\n" + "; ".join(notes) + "."
+
+
 # bench: (what is compared, target, renderer)
 BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
     "startup": ("time from the command to a one-line error, and to the first iteration, against importing "
@@ -496,6 +533,9 @@ BENCHES: dict[str, tuple[str, str, Callable[[Result], tuple[str, str]]]] = {
                                     "`Mask2FormerForUniversalSegmentation`, same weights and inputs (Swin-T, "
                                     "ADE20K's sizes, 512x512): training step with AdamW, inference",
                                     "ratio <= 1.0", mask2former_vs_transformers),
+    "tiled_predict": ("`hooktrain predict` on generated 4-band GeoTIFFs up to 20,000 x 20,000, tile by tile, "
+                      "against slide inference holding the whole image (same model, same tiles)",
+                      "memory flat in the height", tiled_predict),
     "gpu_train": ("SegFormer-B0 (`recipes/ade20k.yaml`) on one GPU: end to end per speed switch, model-only, "
                   "and MMSegmentation 1.2.2 on the same card", ">= 500 img/s, data-bound gap < 5%", gpu_train),
 }  # fmt: skip

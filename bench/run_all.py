@@ -61,6 +61,7 @@ BENCHES = (
     Bench("eomt_vs_transformers", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
     Bench("mask2former_vs_transformers", devices=("cpu", "cuda"), cuda=("--device", "cuda")),
     Bench("fsdp_memory"),
+    Bench("tiled_predict"),
     Bench("gpu_train", devices=("cuda",)),
 )
 

@@ -115,9 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     predict = sub.add_parser("predict", help="segment images with an exported model")
-    predict.add_argument("model", help="a .safetensors or .onnx file written by `hooktrain export`")
+    predict.add_argument("model", help="a .safetensors or .onnx file written by `hooktrain export`, or a model "
+                         "shared with `hooktrain push`: hf://OWNER/NAME[@REVISION]")  # fmt: skip
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or directories")
-    predict.add_argument("--out", required=True, help="directory for the colour and label PNGs")
+    predict.add_argument("--out", required=True, help="directory for the colour and label PNGs (GeoTIFFs when tiled)")
+    predict.add_argument(
+        "--tiled", action=argparse.BooleanOptionalAction, default=None,
+        help=f"predict in tiles into a label GeoTIFF, reading windows (default: TIFFs and images over "
+        f"{4096 * 4096} pixels); --no-tiled predicts every image whole",
+    )  # fmt: skip
+    predict.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), help="tile size (default: the recipe's "
+                         "model.inference.crop_size)")  # fmt: skip
+    predict.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="tile stride (default: the recipe's "
+                         "model.inference.stride)")  # fmt: skip
+    predict.add_argument("--blend", choices=["mean", "hann", "gaussian", "center"],
+                         help="how tile overlaps blend (default: the recipe's model.inference.blend)")  # fmt: skip
+    predict.add_argument("--probabilities", action="store_true", help="tiled: also write <stem>_probs.tif, one "
+                         "uint8 band per class")  # fmt: skip
+    predict.add_argument("--batch-size", type=int, default=1, help="tiles (or images) run together (default: 1)")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar of the tiles")
+
+    push = sub.add_parser(
+        "push", help="share a trained model on the Hugging Face Hub: the exported model, its recipe, metrics, "
+        "training curves and a model card, in one commit"
+    )
+    push.add_argument("source", metavar="WORK_DIR_OR_CHECKPOINT", help="a run's work dir, or one checkpoint directory")
+    push.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, OWNER/NAME (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                      "its visibility)")  # fmt: skip
+    push.add_argument("--revision", metavar="BRANCH", help="the branch to commit to (created from main if missing; "
+                      "default: main)")  # fmt: skip
+    push.add_argument("--commit-message", metavar="MSG", help="the commit's summary line")
+    push.add_argument("--checkpoint", metavar="best|latest|iter_N", help="which checkpoint of a work dir "
+                      "(default: best when the run saved one, else latest)")  # fmt: skip
 
     plot = sub.add_parser("plot", help="plot curves from runs' metrics.jsonl, several runs overlaid")
     plot.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="run directories (each has metrics.jsonl)")
@@ -361,10 +391,25 @@ def convert_command(args: argparse.Namespace) -> int:
 
 @command("predict")
 def predict_command(args: argparse.Namespace) -> int:
-    from hooktrain.deploy.predict import predict_images
+    from hooktrain.deploy.predict import TileOptions, predict_images
+    from hooktrain.models.hub import is_hub_id, resolve_weights
 
-    written = predict_images(args.model, args.inputs, args.out)
-    print(f"wrote {len(written)} colour masks (and *_label.png) to {args.out}")
+    tiles = TileOptions(tiled=args.tiled, crop_size=args.crop_size, stride=args.stride, blend=args.blend,
+                        probabilities=args.probabilities, progress=not args.no_progress)  # fmt: skip
+    model = resolve_weights(args.model, "predict") if is_hub_id(args.model) else args.model  # hf://OWNER/NAME
+    written = predict_images(model, args.inputs, args.out, tiles, batch_size=args.batch_size)
+    pngs = sum(path.suffix == ".png" for path in written)
+    geotiffs = f" and {len(written) - pngs} label GeoTIFFs" if len(written) > pngs else ""
+    print(f"wrote {pngs} colour masks (and *_label.png){geotiffs} to {args.out}")
+    return 0
+
+
+@command("push")
+def push_command(args: argparse.Namespace) -> int:
+    from hooktrain.deploy.hub_push import push
+
+    push(args.source, args.repo_id, private=args.private, revision=args.revision,
+         commit_message=args.commit_message, checkpoint=args.checkpoint, report=print)  # fmt: skip
     return 0
 
 

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -49,6 +50,16 @@ def run_cli(*args: str, cwd: Path | str = ROOT, env: dict | None = None, timeout
         text=True,
         timeout=timeout,
     )
+
+
+def cli(capsys, *argv) -> SimpleNamespace:
+    """``hooktrain ARGV`` in this process, as a CompletedProcess-like result for assert_refused."""
+    from hooktrain.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=exit_info.value.code, stdout=out.out, stderr=out.err)
 
 
 def assert_refused(result, *fragments: str) -> str:
@@ -132,6 +143,32 @@ def train_on_ade20k_replica(recipe: Path | str, tmp_path: Path, *extra: str) -> 
     assert result.returncode == 0, result.stderr[-3000:]
     assert (work_dir / "checkpoints" / "iter_2" / "model.safetensors").is_file()
     return work_dir
+
+
+def export_untrained(recipe_file: Path | str, root: Path, *options: str, in_process: bool = False) -> Path:
+    """``root/model.safetensors``: a recipe's model with its initial weights, exported by
+    ``hooktrain export`` (or, ``in_process``, its function) from a checkpoint folder as
+    training writes one."""
+    from safetensors.torch import save_file
+
+    from hooktrain.models import build_segmentor
+    from hooktrain.recipe.schema import dump_recipe, load_recipe
+
+    recipe = load_recipe(recipe_file, list(options))
+    data = recipe.data
+    model = build_segmentor(recipe.model, num_classes=data.num_classes, ignore_index=data.ignore_index,
+                            in_channels=data.in_channels)  # fmt: skip
+    checkpoint = root / "run" / "checkpoints" / "iter_1"
+    checkpoint.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint / "model.safetensors"))
+    (checkpoint / "recipe.yaml").write_text(dump_recipe(recipe))
+    if in_process:
+        from hooktrain.deploy.export import export_checkpoint
+
+        return Path(export_checkpoint(checkpoint, root / "model.safetensors"))
+    result = run_cli("export", str(checkpoint), str(root / "model.safetensors"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "model.safetensors"
 
 
 def randomise(model):

@@ -556,6 +556,13 @@ class ValTransform:
         _check_image(image, example_id, self.channels)
         return self._resize_normalise(image, scaled_size(image.shape[0], image.shape[1], factor))
 
+    def normalised(self, image: np.ndarray, *, example_id: Any = None) -> torch.Tensor:
+        """The image normalised at its own size, without the pipeline's resize: float32
+        [C, h, w]. ``hooktrain predict`` runs raster tiles through this, at native resolution."""
+        limit_opencv_threads()
+        _check_image(image, example_id, self.channels)
+        return self._resize_normalise(image, image.shape[:2])
+
     def _resize_normalise(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         new_h, new_w = size
         fast = _fast(image)

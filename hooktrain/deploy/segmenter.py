@@ -116,6 +116,19 @@ class Segmenter:
                    align_corners=model.align_corners, precision=precision)  # fmt: skip
 
     @classmethod
+    def from_pretrained(cls, repo_id: str, revision: str | None = None, **load_kwargs: Any) -> Segmenter:
+        """Load a model shared with ``hooktrain push`` from the Hugging Face Hub: its
+        ``model.safetensors`` is downloaded (or found in huggingface_hub's cache) and loaded by
+        :meth:`load`, which takes ``load_kwargs``. ``repo_id`` is ``OWNER/NAME`` or
+        ``hf://OWNER/NAME[@REVISION]``; ``revision`` is a branch, tag or commit (default
+        ``main``). Only the safetensors file is read: no code from the Hub runs."""
+        from hooktrain.models.hub import HUB_PREFIX, hub_model_file, parse_hub_id
+
+        repo, pinned = parse_hub_id(repo_id if repo_id.startswith(HUB_PREFIX) else HUB_PREFIX + repo_id,
+                                    "Segmenter.from_pretrained")  # fmt: skip
+        return cls.load(hub_model_file(repo, revision or pinned, "Segmenter.from_pretrained"), **load_kwargs)
+
+    @classmethod
     def _load_onnx(cls, path, device, precision, batch_size, tta, flip, scales) -> Segmenter:
         from hooktrain.deploy.export import exported_recipe
         from hooktrain.deploy.onnx_export import OnnxLogits
@@ -161,6 +174,31 @@ class Segmenter:
     def colourize(self, label: np.ndarray) -> np.ndarray:
         """An ``HxW`` label map as an ``HxWx3`` uint8 RGB picture in the recipe's palette."""
         return self.palette[label]
+
+    def tiled(
+        self,
+        source: Any,
+        *,
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+        blend: str | None = None,
+        probabilities: str | None = None,
+        on_tiles: Callable[[int], None] | None = None,
+    ) -> Any:
+        """A :class:`hooktrain.deploy.tiled.TiledPredictor` over ``source`` (a ``RowSource``:
+        ``ArraySource(image)`` or ``RasterSource(path, channels)``): the image runs in
+        overlapping tiles at its own resolution (the val pipeline's resize is not applied),
+        blended by ``model.inference.blend``, without TTA. ``crop_size``, ``stride`` and ``blend``
+        override the recipe's ``model.inference`` values; ``probabilities`` (None, ``"uint8"``
+        or ``"float32"``) adds them to the rows; iterate its ``rows()``."""
+        from hooktrain.deploy.tiled import TiledPredictor
+
+        update = {"crop_size": crop_size, "stride": stride, "blend": blend}
+        cfg = _inference(self.inference, False, None, None)
+        cfg = _validated(cfg, {key: value for key, value in update.items() if value is not None})
+        return TiledPredictor(source, self._transform.normalised, self._logits_fn, cfg, device=self.device,
+                              batch_size=self.batch_size, probabilities=probabilities,
+                              on_tiles=on_tiles)  # fmt: skip
 
     def __call__(self, images: Any, *, probabilities: bool = False) -> Any:
         """Segment one image (a path, PIL image or array) or a list of them; see the class."""
@@ -233,13 +271,18 @@ def _torch_device(device: str | None) -> torch.device:
 
 def _inference(cfg: Any, tta: bool | None, flip: bool | None, scales: Sequence[float] | None) -> Any:
     """``cfg`` with the :meth:`Segmenter.load` overrides, validated."""
-    from hooktrain.recipe.model import InferenceConfig
-
     if tta is True:
         cfg = cfg.with_tta()
     elif tta is False:
         cfg = cfg.model_copy(update={"flip": False, "scales": None})
     update = {**({} if flip is None else {"flip": flip}), **({} if scales is None else {"scales": list(scales)})}
+    return _validated(cfg, update)
+
+
+def _validated(cfg: Any, update: dict[str, Any]) -> Any:
+    """``cfg`` (an ``InferenceConfig``) with ``update`` applied and validated, or a one-line ``UserError``."""
+    from hooktrain.recipe.model import InferenceConfig
+
     try:
         return InferenceConfig.model_validate({**cfg.model_dump(), **update})
     except Exception as exc:  # pydantic's ValidationError: one line

@@ -16,6 +16,7 @@ from pathlib import Path
 from hooktrain.checkpoint.weights import Shapes, compare, read_shapes, refuse_misfit, weights_file
 from hooktrain.errors import UserError
 from hooktrain.models import build_recipe_segmentor
+from hooktrain.models.hub import is_hub_id, resolve_encoder_weights, resolve_weights
 from hooktrain.recipe.schema import Recipe
 
 RESUME_FIX = "resume with the recipe the run was trained with, or start a new run with load_from: <that checkpoint>"
@@ -29,9 +30,12 @@ def model_shapes(recipe: Recipe) -> Shapes:
 
 
 def check_files(recipe: Recipe) -> None:
-    """Files the recipe names exist (the encoder's ``pretrained_path``)."""
+    """Files the recipe names exist (the encoder's ``pretrained_path``; an ``hf://OWNER/NAME``
+    id is downloaded, or found in the cache, so a wrong id fails here in one line)."""
     path = recipe.model.encoder.pretrained_path
-    if path is not None and not Path(path).is_file():
+    if is_hub_id(path):
+        resolve_encoder_weights(path)
+    elif path is not None and not Path(path).is_file():
         raise UserError(f"model.encoder.pretrained_path: {path} is not a file; fix the path or set it to null")
 
 
@@ -39,8 +43,8 @@ def check_weights(
     shapes: Shapes, path: str | os.PathLike, *, strict: bool, fix: str = TEST_FIX
 ) -> Path:
     """``path``'s tensors fit ``shapes``: exactly when ``strict``, at least partly otherwise
-    (``load_from``). Returns the weights file."""
-    file = weights_file(path)
+    (``load_from``). Returns the weights file (for ``hf://OWNER/NAME``, the downloaded one)."""
+    file = weights_file(resolve_weights(path))
     refuse_misfit(file, compare(read_shapes(file), shapes), strict=strict, fix=fix)
     return file
 

@@ -33,6 +33,7 @@ from hooktrain.engine.watchdog import RankWatch
 from hooktrain.errors import SourceOutage
 from hooktrain.hooks import LoadedHook, TrainState, call_hooks, hook_state_keys, hooks_info
 from hooktrain.models import build_recipe_segmentor
+from hooktrain.models.hub import resolve_weights
 from hooktrain.recipe.schema import Recipe, dump_recipe
 
 logger = logging.getLogger("hooktrain")
@@ -114,7 +115,7 @@ class IterRunner:
         stream = build_train_stream(recipe.data, seed=recipe.train.seed, rank=rank, world_size=world_size)
         model = build_recipe_segmentor(recipe)
         if recipe.load_from and checkpoint is None:
-            load_weights(model, recipe.load_from, strict=False)
+            load_weights(model, resolve_weights(recipe.load_from), strict=False)  # hf://OWNER/NAME: downloaded
         model, optimizer, replica = prepare_model(accelerator, model, recipe)
         scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.max_iters)
         accelerator.register_for_checkpointing(scheduler)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from hooktrain.models.blending import WindowWeights
 from hooktrain.models.head_parts import resize
 from hooktrain.recipe.model import InferenceConfig
 
@@ -40,19 +41,28 @@ def slide_windows(
 
 
 def slide_logits(
-    logits_fn: LogitsFn, image: torch.Tensor, crop: Sequence[int], stride: Sequence[int]
+    logits_fn: LogitsFn, image: torch.Tensor, crop: Sequence[int], stride: Sequence[int], blend: str = "mean"
 ) -> torch.Tensor:
     """Sliding-window logits of one image [1,3,H,W]: window logits summed into place and divided
-    by how many windows cover each pixel. All windows share a size, so they run as one batch."""
+    by how many windows cover each pixel (``blend="mean"``, mmseg), or weighted by ``blend``'s
+    window (:mod:`hooktrain.models.blending`). All windows share a size, so they run as one batch."""
     height, width = image.shape[-2:]
     windows = slide_windows(height, width, crop, stride)
     crops = torch.cat([image[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
     window_logits = logits_fn(crops).float()
     total = window_logits.new_zeros((1, window_logits.shape[1], height, width))
     count = window_logits.new_zeros((1, 1, height, width))
-    for (y1, y2, x1, x2), logits in zip(windows, window_logits):
-        total[0, :, y1:y2, x1:x2] += logits
-        count[..., y1:y2, x1:x2] += 1
+    if blend == "mean":
+        for (y1, y2, x1, x2), logits in zip(windows, window_logits):
+            total[0, :, y1:y2, x1:x2] += logits
+            count[..., y1:y2, x1:x2] += 1
+        return total / count
+    weights = WindowWeights(windows, height, width, blend)
+    for window, logits in zip(windows, window_logits):
+        y1, y2, x1, x2 = window
+        weight = weights(window).to(logits.device)
+        total[0, :, y1:y2, x1:x2] += logits * weight
+        count[0, 0, y1:y2, x1:x2] += weight
     return total / count
 
 
@@ -74,7 +84,7 @@ def image_logits(
     if cfg.mode == "whole":
         logits = logits_fn(image).float()
     else:
-        logits = slide_logits(logits_fn, image, cfg.crop_size, cfg.stride)
+        logits = slide_logits(logits_fn, image, cfg.crop_size, cfg.stride, cfg.blend)
     logits = logits[..., :height, :width]
     return logits.flip(-1) if flip else logits
 

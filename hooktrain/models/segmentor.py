@@ -16,6 +16,7 @@ from hooktrain.errors import UserError
 from hooktrain.models.encoder import build_encoder, load_pretrained_out_norms
 from hooktrain.models.eomt import build_eomt
 from hooktrain.models.heads import DecodeHead, build_head, resize
+from hooktrain.models.hub import with_local_encoder_weights
 from hooktrain.models.mask2former import build_mask2former
 from hooktrain.models.input_stage import InputStage
 from hooktrain.models.losses import HeadLoss
@@ -90,6 +91,7 @@ def build_segmentor(
     decode heads (``eomt``, ``mask2former``), the encoder-decoder family otherwise."""
     if num_classes < 1:
         raise UserError(f"num_classes is {num_classes}; the dataset must declare at least one class")
+    cfg = with_local_encoder_weights(cfg)  # model.encoder.pretrained_path: hf://OWNER/NAME, downloaded
     build = FAMILY_BUILDERS.get(cfg.decode_head.type, _build_encoder_decoder)
     model = build(cfg, num_classes=num_classes, ignore_index=ignore_index, in_channels=in_channels)
     if cfg.channels_last:

@@ -20,7 +20,8 @@ class EncoderConfig(Section):
     pretrained_path: str | None = Field(
         None,
         description="Local .safetensors or torch checkpoint to load into the encoder (a timm model's "
-        "state_dict, possibly under 'state_dict'/'model'); takes precedence over `pretrained`.",
+        "state_dict, possibly under 'state_dict'/'model'), or hf://OWNER/NAME[@REVISION]: the encoder of a "
+        "model shared with `hooktrain push`; takes precedence over `pretrained`.",
     )
     out_indices: list[int] | None = Field(
         None,
@@ -343,6 +344,12 @@ class InferenceConfig(Section):
     mode: Literal["whole", "slide"] = Field("whole", description="Whole image at once, or sliding windows.")
     crop_size: tuple[int, int] = Field((512, 512), description="Slide window size (h, w).")
     stride: tuple[int, int] = Field((341, 341), description="Slide window stride (h, w).")
+    blend: Literal["mean", "hann", "gaussian", "center"] = Field(
+        "mean",
+        description="How overlapping slide windows (and `hooktrain predict`'s raster tiles) are blended: mean "
+        "(MMSegmentation's plain average), hann or gaussian (smooth weights falling off toward each window's "
+        "edges), or center (each pixel from the window whose centre is nearest).",
+    )
     flip: bool = Field(
         False,
         description="Also predict the horizontally flipped image (of every scale) and average the "

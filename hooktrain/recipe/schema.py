@@ -94,8 +94,9 @@ class Recipe(Section):
         None, description="Run directory; default work_dirs/<recipe file name without .yaml>."
     )
     load_from: str | None = Field(
-        None, description="Weights to start from (fine-tuning): a .safetensors file or a "
-        "checkpoint directory; optimizer and progress are not loaded. Every tensor whose name and "
+        None, description="Weights to start from (fine-tuning): a .safetensors file, a "
+        "checkpoint directory, or a model shared with `hooktrain push` (hf://OWNER/NAME[@REVISION]); "
+        "optimizer and progress are not loaded. Every tensor whose name and "
         "shape fit is loaded; the rest (e.g. decode_head.conv_seg.* for another class count) keeps "
         "its initialisation and is listed in one log line."
     )

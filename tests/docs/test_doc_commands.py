@@ -33,6 +33,7 @@ INSTALL = [
     "python3 -m venv .venv && . .venv/bin/activate",
     "pip install torch==2.14.1 torchvision==0.29.1 -e .",
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 torchvision==0.29.1 -e '.[dev]' && python -m pytest -n 2 --dist loadgroup",
+    "pip install -e '.[geo]'",  # docs/huge-images.md: rasterio, which '[dev]' (CI's install) includes
 ]  # fmt: skip
 README_INSTALL = f"{INSTALL[0]} && {INSTALL[1]} && "
 # README's first command: its install is CI's (the test command installs the same plus
@@ -81,6 +82,10 @@ def test_install_commands_are_what_ci_runs():
     with_dev_extra = INSTALL[1].replace("-e .", "-e '.[dev]'")
     assert ci_command.startswith(f"{INSTALL[0]} && {with_dev_extra} && ")
     assert README_QUICKSTART.shell() == QUICKSTART.text  # run below
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["geo"]) <= set(extras["dev"])  # what `pip install -e '.[geo]'` adds, CI has
 
 
 @pytest.mark.slow

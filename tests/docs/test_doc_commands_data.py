@@ -56,12 +56,16 @@ EXPORT_ONNX = Doc("hooktrain export work_dirs/run/checkpoints/latest model.onnx"
 EXPORT_SAFETENSORS = Doc("hooktrain export work_dirs/run/checkpoints/latest model.safetensors")
 PREDICT_ONNX = Doc("hooktrain predict model.onnx photos/ --out masks_onnx/")
 PREDICT_SAFETENSORS = Doc("hooktrain predict model.safetensors photos/ --out masks/")
+# docs/huge-images.md, on the same export: a small georeferenced scene, one 1024-pixel tile.
+PREDICT_SCENE = Doc("hooktrain predict model.safetensors scene.tif --out predictions/ --crop-size 1024 1024 "
+                    "--stride 896 896 --blend hann --batch-size 2")  # fmt: skip
 
 
 def test_checkpoint_and_inference_page_commands(shapes_sandbox):
     """One two-iteration quickstart (an evaluation and a checkpoint at iteration 2, the best kept)
-    serves both pages: checkpoints.md exports `best` and predicts files and a folder; inference.md
-    exports `latest` both ways, and the two exports write the same labels."""
+    serves three pages: checkpoints.md exports `best` and predicts files and a folder; inference.md
+    exports `latest` both ways, and the two exports write the same labels; huge-images.md predicts
+    a GeoTIFF into a georeferenced label GeoTIFF."""
     sandbox = shapes_sandbox
     setup = Doc("python -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/run " + SHORT +
                 ' "hooks=[{type: eval, interval: 2}, {type: checkpoint, interval: 2, save_best: mIoU}]"')  # fmt: skip
@@ -95,6 +99,58 @@ def test_checkpoint_and_inference_page_commands(shapes_sandbox):
         labels = [cv2.imread(str(sandbox / out / f"p{i}_label.png"), cv2.IMREAD_UNCHANGED)
                   for out in ("masks_onnx", "masks")]  # fmt: skip
         np.testing.assert_array_equal(*labels)
+
+    import rasterio
+    from rasterio.transform import Affine
+
+    scene = np.random.default_rng(0).integers(1, 256, (3, 90, 120), dtype=np.uint8)
+    georeference = {"crs": "EPSG:32633", "transform": Affine(10, 0, 500000, 0, -10, 4500000)}
+    with rasterio.open(sandbox / "scene.tif", "w", driver="GTiff", height=90, width=120, count=3, dtype="uint8",
+                       nodata=0, **georeference) as dst:  # fmt: skip
+        dst.write(scene)
+    assert "1/1" in run(PREDICT_SCENE, sandbox).stderr  # one tile, on the progress bar
+    with rasterio.open(sandbox / "predictions" / "scene_label.tif") as labels_tif:
+        assert (labels_tif.crs.to_string(), labels_tif.transform) == (georeference["crs"], georeference["transform"])
+        assert labels_tif.read(1).max() < 5
+
+
+# -- docs/sharing.md: push a run and load it back, through the local Hub stand-in -------------
+
+PUSH = Doc("hooktrain push work_dirs/quickstart alice/shapes-fpn")
+PUSH_PRIVATE = Doc("hooktrain push work_dirs/quickstart alice/shapes-fpn --private")
+PUSH_BRANCH = Doc('hooktrain push work_dirs/quickstart alice/shapes-fpn --revision iter-480 --checkpoint iter_480 '
+                  '--commit-message "half-way checkpoint"', replace=(("iter_480", "iter_2"),))  # fmt: skip
+PREDICT_HUB = Doc("hooktrain predict hf://alice/shapes-fpn photos/ --out masks/")
+PREDICT_HUB_BRANCH = Doc("hooktrain predict hf://alice/shapes-fpn@iter-480 photos/ --out masks/")
+
+
+@pytest.mark.slow
+def test_sharing_page_commands(shapes_sandbox):
+    """A 4-iteration quickstart (checkpoints iter_2 and iter_4) pushed as the page shows, to the
+    stand-in with alice's write token; the page's predict commands load main and the branch."""
+    import dataclasses
+
+    from hub_server import HubServer
+
+    sandbox = shapes_sandbox
+    four_iterations = SHORT.replace("max_iters=2", "max_iters=4")  # the quickstart's logger, checkpoint, eval
+    setup = Doc("python -m hooktrain recipes/quickstart.yaml --work-dir work_dirs/quickstart " + four_iterations +
+                " hooks.0.interval=1 hooks.1.interval=2 hooks.2.interval=2")  # fmt: skip
+    run(setup, sandbox)
+    (sandbox / "photos").mkdir()
+    cv2.imwrite(str(sandbox / "photos" / "p.png"), np.full((40, 56, 3), 90, np.uint8))
+    with HubServer(sandbox / "hub") as hub:
+        hub.add_token("hf_write_alice", "alice")
+        hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_write_alice", "HF_HUB_OFFLINE": "0",
+                   "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+        for doc in (PUSH, PUSH_PRIVATE, PUSH_BRANCH, PREDICT_HUB, PREDICT_HUB_BRANCH):
+            run(dataclasses.replace(doc, env=hub_env), sandbox)
+        repo = hub.repo("alice/shapes-fpn")
+        assert repo.commits[-1]["summary"] == "half-way checkpoint" and repo.commits[-1]["revision"] == "iter-480"
+        files = repo.files("iter-480")
+        assert "metrics.json" in files, sorted(files)
+        assert json.loads(files["metrics.json"])["iter"] == 2
+    assert sorted(p.name for p in (sandbox / "masks").iterdir()) == ["p.png", "p_label.png"]
 
 
 # -- docs/datasets.md: Cityscapes and VOC 2012 aug on tiny copies of the official layouts -----
@@ -467,7 +523,7 @@ REPORT = Doc("python bench/report.py", append="--check")
 QUICK_BENCHES = ["startup", "checkpoint", "metrics", "data_pipeline", "augment_exactness", "runner_overhead",
                  "model_step", "mmseg_parity", "quickstart", "quickstart_binary", "onnx_inference",
                  "grad_checkpointing", "unet_vs_fpn", "mask_matching", "eomt_vs_transformers",
-                 "mask2former_vs_transformers", "fsdp_memory"]  # fmt: skip
+                 "mask2former_vs_transformers", "fsdp_memory", "tiled_predict"]  # fmt: skip
 
 
 def test_the_benchmark_tables_are_current_and_every_cpu_bench_is_run_here():
@@ -509,6 +565,12 @@ def test_benchmark_page_commands(name, mmseg_env, tmp_path):
         # parameter); FSDP2 shards each by rows, so the two ranks add up to DDP's one.
         assert abs(ddp["parameters"] * 16 / 2**20 - ddp["state_mib"]) < 0.1
         assert abs(sum(rank["state_mib"] for rank in fsdp2["ranks"]) - ddp["state_mib"]) < 0.1
+    if name == "tiled_predict":  # every run predicted its raster; the ratios the docs quote are there
+        assert all(run["ok"] for run in record["runs"]), record["runs"]
+        assert all(run["tiles"] > 0 for run in record["runs"] if run["mode"] in ("tiled", "slide"))
+        quoted = {"image_memory_tall_over_short", "slide_over_tiled_image_memory", "slide_largest_side_in_ram",
+                  "png_whole_over_strips_memory"}  # fmt: skip
+        assert quoted <= set(record), sorted(record)
 
 
 # -- docs/your-own-data.md: binary, 4-band and 16-bit quickstarts ------------------------------
@@ -558,5 +620,6 @@ RUN_HERE = [
     MASK2FORMER_CONVERT,
     RUN_ALL_QUICK, REPORT,
     BINARY_QUICKSTART, FOUR_BAND_QUICKSTART, SIXTEEN_BIT_QUICKSTART,
-    EXPORT_ONNX, EXPORT_SAFETENSORS, PREDICT_ONNX, PREDICT_SAFETENSORS,
+    EXPORT_ONNX, EXPORT_SAFETENSORS, PREDICT_ONNX, PREDICT_SAFETENSORS, PREDICT_SCENE,
+    PUSH, PUSH_PRIVATE, PUSH_BRANCH, PREDICT_HUB, PREDICT_HUB_BRANCH,
 ]  # fmt: skip

@@ -8,12 +8,11 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
-from conftest import ENV, QUICKSTART, assert_refused, run_cli, tiny, tree_digest
+from conftest import ENV, QUICKSTART, assert_refused, cli, export_untrained, run_cli, tiny, tree_digest
 
 SHAPES_CLASSES = 5  # recipes/_base_/datasets/shapes.yaml
 EVAL_HOOK = 2  # the eval hook's index in recipes/quickstart.yaml's hooks
@@ -31,16 +30,6 @@ def label_mask(height: int = 32, width: int = 32, value: int = 1) -> np.ndarray:
     mask = np.zeros((height, width), np.uint8)
     mask[: height // 2] = value
     return mask
-
-
-def cli(capsys, *argv) -> SimpleNamespace:
-    """``hooktrain ARGV`` in this process, as a CompletedProcess-like result for assert_refused."""
-    from hooktrain.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=exit_info.value.code, stdout=out.out, stderr=out.err)
 
 
 # -- 1. built-in plugins import without torch ------------------------------------------------
@@ -285,26 +274,7 @@ def test_convert_still_writes_valid_index_and_palette_masks(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def exported_model(tmp_path_factory) -> Path:
     """A quickstart model (untrained weights) exported with `hooktrain export`."""
-    from safetensors.torch import save_file
-
-    from hooktrain.models import build_segmentor
-    from hooktrain.recipe.schema import dump_recipe, load_recipe
-
-    root = tmp_path_factory.mktemp("exported")
-    recipe = load_recipe(QUICKSTART, ["data.val.pipeline.scale=[64,32]"])
-    model = build_segmentor(
-        recipe.model,
-        num_classes=recipe.data.num_classes,
-        ignore_index=recipe.data.ignore_index,
-        in_channels=recipe.data.in_channels,
-    )
-    checkpoint = root / "run" / "checkpoints" / "iter_1"
-    checkpoint.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint / "model.safetensors"))
-    (checkpoint / "recipe.yaml").write_text(dump_recipe(recipe))
-    result = run_cli("export", str(checkpoint), str(root / "model.safetensors"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "model.safetensors"
+    return export_untrained(QUICKSTART, tmp_path_factory.mktemp("exported"), "data.val.pipeline.scale=[64,32]")
 
 
 @pytest.mark.parametrize(
