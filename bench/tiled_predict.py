@@ -11,7 +11,7 @@ them), each run its own process (``--worker``), measured in the same run:
   5,000 columns of the same raster: memory must not grow with the height, and grows with the
   width only by the rows in flight;
 - ``read_strips`` / ``read_whole``: a 12,000 x 20,000 RGB PNG decoded as tiled prediction
-  reads it (strips of ``crop`` rows through rasterio, forward only) and whole (OpenCV);
+  reads it (bands of ``stride`` new rows through rasterio, forward only) and whole (OpenCV);
 - ``slide``: the whole image read into memory, normalised, and MMSegmentation's slide
   inference over it (``hooktrain.models.inference.slide_logits``: every window in one batch,
   the logits of the whole image), on images up to ``--slide-max``; from its memory per pixel
@@ -108,8 +108,8 @@ def png(height: int, width: int) -> Path:
 
 
 def read_worker(args) -> None:
-    """Decode a PNG as tiled prediction reads it (strips of ``crop`` rows every ``stride``,
-    through rasterio) or whole (OpenCV), and report the peak memory."""
+    """Decode a PNG as tiled prediction reads it (through rasterio, a band of ``stride`` new rows
+    at a time, forward only) or whole (OpenCV), and report the peak memory."""
     import cv2
 
     from hooktrain.deploy.raster import RasterSource, bounded_cache, rasterio_module
@@ -119,9 +119,9 @@ def read_worker(args) -> None:
     started = time.perf_counter()
     if args.mode == "read_strips":
         with bounded_cache():
-            source = RasterSource(args.image, 3)
+            source = RasterSource(args.image, 3)  # the rows tiled prediction reads: each row once, forward
             for top in range(0, source.height, args.stride):
-                source.read(top, min(top + args.crop, source.height))
+                source.read(top, min(top + args.stride, source.height))
             height, width = source.height, source.width
     else:
         height, width = cv2.imread(args.image).shape[:2]
