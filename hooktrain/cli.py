@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="the file to write; its suffix picks the format: .safetensors or .onnx")
 
     convert = sub.add_parser(
-        "convert", help="convert an MMSegmentation, transformers or smp checkpoint into one exported file"
+        "convert", help="convert an MMSegmentation, transformers or smp checkpoint into one exported file, "
+        "or a sharded checkpoint into its whole model.safetensors"
     )
     convert_sub = convert.add_subparsers(dest="convert_kind", required=True)
     sources = {
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         kind_parser.add_argument(
             "--cfg-options", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="override recipe keys"
         )
+    dcp = convert_sub.add_parser(
+        "dcp", help="write the whole weights of a sharded checkpoint (train.sharded_checkpoint)"
+    )
+    dcp.add_argument("source", help="a sharded checkpoint directory (iter_N)")
+    dcp.add_argument("--out", help="output .safetensors file (default: the checkpoint's own model.safetensors, "
+                     "after which test, export and load_from take the directory)")  # fmt: skip
 
     predict = sub.add_parser("predict", help="segment images with an exported model")
     predict.add_argument("model", help="a .safetensors or .onnx file written by `hooktrain export`, or a model "
@@ -382,6 +389,11 @@ def export_command(args: argparse.Namespace) -> int:
 
 @command("convert")
 def convert_command(args: argparse.Namespace) -> int:
+    if args.convert_kind == "dcp":
+        from hooktrain.checkpoint.dcp import consolidate
+
+        print(f"wrote the whole weights of {args.source} to {consolidate(args.source, args.out)}")
+        return 0
     from hooktrain.deploy.convert import convert
 
     out = convert(args.convert_kind, args.source, args.recipe, args.out, args.cfg_options)

@@ -27,6 +27,7 @@ RANDOM_STATES_GLOB = "random_states_*.pkl"
 # ...and hooktrain's own.
 TRAIN_STATE = "train_state.json"
 HOOKS = "hooks.pt"
+SHARDED = "sharded"  # with train.sharded_checkpoint: the model and optimizer shards (``checkpoint.dcp``)
 BEST_RECORD = "best.json"  # in ``best/``: ``{"key", "value", "iter"}``
 
 

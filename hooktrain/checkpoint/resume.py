@@ -9,7 +9,9 @@ milliseconds, without deserialising anything: presence, size, and each format's 
 What Accelerate 1.15's ``save_state`` writes (``accelerate/checkpointing.py``): the model
 with safetensors; ``optimizer.bin``, ``custom_checkpoint_0.pkl``, ``scaler.pt`` and
 ``random_states_<r>.pkl`` with ``torch.save``, whose format is a zip archive. The runner's
-``hooks.pt`` and ``data_state_rank<r>.pt`` are ``torch.save`` files too.
+``hooks.pt`` and ``data_state_rank<r>.pt`` are ``torch.save`` files too. A sharded checkpoint
+(``train.sharded_checkpoint``) has ``sharded/`` instead of the model and optimizer files: each of
+its files must be there at the size ``train_state.json`` records (:mod:`hooktrain.checkpoint.dcp`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from hooktrain.checkpoint.layout import (
     TRAIN_STATE,
     WEIGHTS,
 )
+from hooktrain.checkpoint.dcp import SHARDED_STATE, is_sharded_checkpoint, sharded_problems
 from hooktrain.checkpoint.state import checkpoint_iteration, expected_files
 from hooktrain.errors import UserError
 
@@ -44,10 +47,14 @@ def checkpoint_problems(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_dir():
         return [f"{path.name} is not a directory"]
-    world_size, problems = _read_train_state(path / TRAIN_STATE)
+    state, problems = _read_train_state(path / TRAIN_STATE)
+    world_size = state.get("world_size")
     if world_size is None:  # check the ranks whose files are there
         world_size = max(1, len(list(path.glob(RANDOM_STATES_GLOB))))
-    names = expected_files(world_size)
+    sharded = state.get("model_state") == SHARDED_STATE or (not state and is_sharded_checkpoint(path))
+    if state and sharded:
+        problems += sharded_problems(path, state)
+    names = expected_files(world_size, sharded=sharded)
     if (path / SCALER).exists() or _written_with_fp16(path / RECIPE):
         names.append(SCALER)
     for name in names:
@@ -56,22 +63,23 @@ def checkpoint_problems(path: Path) -> list[str]:
     return problems
 
 
-def _read_train_state(file: Path) -> tuple[int | None, list[str]]:
-    """The world size ``train_state.json`` records, or None and what is wrong with it."""
+def _read_train_state(file: Path) -> tuple[dict, list[str]]:
+    """What ``train_state.json`` records (with a valid ``world_size``), or ``{}`` and what is
+    wrong with it."""
     try:
         state = json.loads(file.read_bytes())
     except FileNotFoundError:
-        return None, [f"{TRAIN_STATE} is missing"]
+        return {}, [f"{TRAIN_STATE} is missing"]
     except OSError as exc:
-        return None, [f"{TRAIN_STATE} cannot be read ({exc.strerror})"]
+        return {}, [f"{TRAIN_STATE} cannot be read ({exc.strerror})"]
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
-        return None, [f"{TRAIN_STATE} is not valid JSON"]
+        return {}, [f"{TRAIN_STATE} is not valid JSON"]
     if not isinstance(state, dict):
-        return None, [f"{TRAIN_STATE} is not a JSON object"]
+        return {}, [f"{TRAIN_STATE} is not a JSON object"]
     bad = [k for k, least in (("iter", 0), ("world_size", 1)) if not _is_int(state.get(k), least)]
     if bad:
-        return None, [f"{TRAIN_STATE} has no valid {' or '.join(bad)}"]
-    return state["world_size"], []
+        return {}, [f"{TRAIN_STATE} has no valid {' or '.join(bad)}"]
+    return state, []
 
 
 def _is_int(value: object, least: int) -> bool:

@@ -6,7 +6,8 @@ whole optimizer state keyed by parameter name, both gathered with torch's
 ``torch.distributed.checkpoint.state_dict`` functions, which work on FSDP1, FSDP2, DDP and
 plain modules alike. Loading gives each rank its shard, for any number of processes (a
 resume with another world size re-shards the state), and also loads such a checkpoint into
-an unsharded model.
+an unsharded model. ``train.sharded_checkpoint`` saves the shards instead
+(:mod:`hooktrain.checkpoint.dcp`).
 """
 
 from __future__ import annotations

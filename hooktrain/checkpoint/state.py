@@ -18,6 +18,10 @@ position) and ``recipe.yaml`` (the resolved recipe, for ``hooktrain export``).
 ``model.safetensors`` holds the plain module's keys (no DDP ``module.`` prefix), so the
 weights load at any world size, into ``load_from`` and into ``hooktrain export``.
 
+With ``train.sharded_checkpoint`` under FSDP, ``sharded/`` (each rank's shard, written with
+``torch.distributed.checkpoint``: :mod:`hooktrain.checkpoint.dcp`) takes the place of
+``model.safetensors`` and ``optimizer.bin``.
+
 ``best/`` holds ``model.safetensors``, ``best.json`` (``{"key", "value", "iter"}``) and
 ``recipe.yaml``.
 
@@ -38,6 +42,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.checkpoint.dcp import SHARDED_FILES, SHARDED_STATE, load_sharded, save_sharded
 from hooktrain.checkpoint.files import TMP_PREFIX, fsync_path, give_default_mode, write_atomically
 from hooktrain.checkpoint.layout import (  # the layout's names, importable from here too
     BEST,
@@ -182,39 +187,48 @@ def save_plain_weights(accelerator: Accelerator) -> None:
 
 # -- what a checkpoint holds ------------------------------------------------------------
 
-def expected_files(world_size: int) -> list[str]:
+def expected_files(world_size: int, *, sharded: bool = False) -> list[str]:
     """The files of a complete checkpoint written by ``world_size`` processes, besides
-    ``train_state.json`` (``scaler.pt`` is there only with fp16)."""
+    ``train_state.json`` (``scaler.pt`` is there only with fp16) and, when ``sharded``, the
+    files of ``sharded/`` that ``train_state.json`` lists in place of the weights and optimizer."""
     per_rank = [name for rank in range(world_size)
                 for name in (random_states_file(rank), data_state_file(rank))]  # fmt: skip
-    return [WEIGHTS, OPTIMIZER, SCHEDULER, HOOKS, RECIPE, *per_rank]
+    whole = [] if sharded else [WEIGHTS, OPTIMIZER]
+    return [*whole, SCHEDULER, HOOKS, RECIPE, *per_rank]
 
 
 def save_state(runner: Runner, directory: Path) -> None:
     """Write everything a resume needs into ``directory`` (every rank calls it; see the
     module doc for the files): Accelerate's state and the runner's ``state_dict()``. Under FSDP
-    the model and optimizer are gathered whole (:mod:`hooktrain.checkpoint.sharded`)."""
+    the model and optimizer are gathered whole (:mod:`hooktrain.checkpoint.sharded`), or with
+    ``train.sharded_checkpoint`` each rank writes its shard (:mod:`hooktrain.checkpoint.dcp`)."""
     import torch
 
     accelerator = runner.accelerator
     sharded = is_sharded(accelerator)
+    in_shards = sharded and runner.recipe.train.sharded_checkpoint
     with without_model_and_optimizer(accelerator) if sharded else nullcontext():
         accelerator.save_state(str(directory))
-    if sharded:
+    if in_shards:
+        shard_files = save_sharded(runner.model, runner.optimizer, directory)
+    elif sharded:
         weights = full_state_dict(runner.model)
         optimizer = full_optimizer_state(runner.model, runner.optimizer)
     state = runner.state_dict()
     torch.save(state["data"], directory / data_state_file(accelerator.process_index))
     if accelerator.is_main_process:
-        if sharded:
+        if sharded and not in_shards:
             from safetensors.torch import save_file
 
             save_file(weights, str(directory / WEIGHTS), metadata={"format": "pt"})
             torch.save(optimizer, directory / OPTIMIZER)
-        give_default_mode(directory / WEIGHTS)
+        if not in_shards:
+            give_default_mode(directory / WEIGHTS)
         torch.save(state["hooks"], directory / HOOKS)
         progress = {**state["progress"], "world_size": accelerator.num_processes}
-        if sharded:
+        if in_shards:
+            progress.update({"model_state": SHARDED_STATE, SHARDED_FILES: shard_files})
+        elif sharded:
             progress["optimizer_state"] = BY_NAME
         (directory / TRAIN_STATE).write_text(json.dumps(progress, indent=1))
         (directory / RECIPE).write_text(_recipe_text(runner))
@@ -226,16 +240,21 @@ def load_state(runner: Runner, directory: Path) -> str:
     saving rank's stream position). Returns how the stream resumed: ``"exact"``, or
     ``"elastic"`` when the number of processes or workers changed (the pass goes on without
     repeating or skipping an example, in another order). Under FSDP, or from a checkpoint FSDP
-    wrote, the whole model and optimizer state are loaded and re-sharded for this run."""
+    wrote, the whole model and optimizer state are loaded and re-sharded for this run; from a
+    sharded checkpoint, each rank reads its own part (:func:`hooktrain.checkpoint.dcp.load_sharded`)."""
     import torch
 
     accelerator = runner.accelerator
     progress = json.loads((directory / TRAIN_STATE).read_text())
     by_name = progress.pop("optimizer_state", None) == BY_NAME
-    whole = by_name or is_sharded(accelerator)
+    in_shards = progress.pop("model_state", None) == SHARDED_STATE
+    progress.pop(SHARDED_FILES, None)
+    whole = by_name or in_shards or is_sharded(accelerator)
     with without_model_and_optimizer(accelerator) if whole else nullcontext():
         accelerator.load_state(str(directory))
-    if whole:
+    if in_shards:
+        load_sharded(runner.model, runner.optimizer, directory)
+    elif whole:
         from safetensors.torch import load_file
 
         load_full_state_dict(runner.model, load_file(str(directory / WEIGHTS)))

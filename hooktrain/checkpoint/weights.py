@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hooktrain.checkpoint.dcp import unconsolidated
 from hooktrain.checkpoint.layout import BEST_RECORD, TRAIN_STATE, WEIGHTS
 from hooktrain.errors import UserError
 
@@ -26,8 +27,11 @@ Shapes = dict[str, tuple[int, ...]]
 
 def weights_file(path: str | os.PathLike) -> Path:
     """The ``.safetensors`` file ``path`` names: itself, or a checkpoint directory's
-    ``model.safetensors``."""
+    ``model.safetensors``. A sharded checkpoint without one is refused, naming the command that
+    writes it (``hooktrain convert dcp``)."""
     path = Path(path)
+    if problem := unconsolidated(path):
+        raise UserError(problem)
     file = path / WEIGHTS if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"weights not found: {file}; give a .safetensors file or a checkpoint directory")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.checkpoint.dcp import unconsolidated
 from hooktrain.checkpoint.layout import BEST_RECORD, LATEST, RECIPE, WEIGHTS
 from hooktrain.errors import UserError
 
@@ -34,6 +35,8 @@ def _checkpoint_dir(checkpoint: Path) -> Path:
             f"export: checkpoint {checkpoint} not found; give a checkpoint directory such as "
             "work_dirs/run/checkpoints/iter_1000 (or its best/ or latest)"
         )
+    if problem := unconsolidated(checkpoint):
+        raise UserError(f"export: {problem}")
     if not (checkpoint / WEIGHTS).is_file():
         raise UserError(f"export: {checkpoint} has no {WEIGHTS}; is it a hooktrain checkpoint?")
     return checkpoint

@@ -70,8 +70,9 @@ def prepare_model(
         prepare_for_fsdp(accelerator, model)
         replica = InferenceReplica(model)
     elif recipe.train.strategy != "ddp":
-        logger.info("train.strategy: %s has nothing to shard in one process: the model trains whole",
-                    recipe.train.strategy)  # fmt: skip
+        whole = ", and checkpoints are whole (train.sharded_checkpoint)" if recipe.train.sharded_checkpoint else ""
+        logger.info("train.strategy: %s has nothing to shard in one process: the model trains whole%s",
+                    recipe.train.strategy, whole)  # fmt: skip
     optimizer = build_optimizer(model, recipe.optimizer, device=accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     if replica is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hooktrain.checkpoint.dcp import is_sharded_checkpoint, sharded_shapes
 from hooktrain.checkpoint.weights import Shapes, compare, read_shapes, refuse_misfit, weights_file
 from hooktrain.errors import UserError
 from hooktrain.models import build_recipe_segmentor
@@ -43,7 +44,11 @@ def check_weights(
     shapes: Shapes, path: str | os.PathLike, *, strict: bool, fix: str = TEST_FIX
 ) -> Path:
     """``path``'s tensors fit ``shapes``: exactly when ``strict``, at least partly otherwise
-    (``load_from``). Returns the weights file (for ``hf://OWNER/NAME``, the downloaded one)."""
+    (``load_from``). Returns the weights file (for ``hf://OWNER/NAME``, the downloaded one). A
+    sharded checkpoint's shapes (``--resume``) come from its DCP metadata."""
+    if strict and is_sharded_checkpoint(path):
+        refuse_misfit(Path(path), compare(sharded_shapes(path), shapes), strict=True, fix=fix)
+        return Path(path)
     file = weights_file(resolve_weights(path))
     refuse_misfit(file, compare(read_shapes(file), shapes), strict=strict, fix=fix)
     return file

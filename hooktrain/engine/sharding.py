@@ -9,7 +9,8 @@ What stays the same whatever the strategy:
 - a checkpoint's ``model.safetensors`` is the whole, plain state dict (gathered with torch's
   ``get_model_state_dict``), and ``optimizer.bin`` the whole optimizer state keyed by
   parameter name (``get_optimizer_state_dict``), so a resume re-shards it for any number of
-  processes, and ``test``, ``export``, ``predict`` and ``load_from`` read the weights unchanged;
+  processes, and ``test``, ``export``, ``predict`` and ``load_from`` read the weights unchanged
+  (unless ``train.sharded_checkpoint`` has each rank save its shard: :mod:`hooktrain.checkpoint.dcp`);
 - evaluation runs on a plain replica holding the gathered weights, so ranks with different
   numbers of images never wait on each other inside a forward;
 - BatchNorm statistics are rank 0's, sent to every rank before each forward as DDP does.

@@ -48,6 +48,13 @@ class TrainConfig(Section):
         "block and per head. Checkpoints hold whole weights either way. Accelerate's own FSDP "
         "flags apply when this is ddp (docs/distributed.md)."
     )
+    sharded_checkpoint: bool = Field(
+        False, description="With fsdp or fsdp2: each process saves its shard of the model and "
+        "optimizer state (torch.distributed.checkpoint) instead of gathering them whole, for models "
+        "whose whole state does not fit one process's memory. Resumes with any number of processes; "
+        "`hooktrain convert dcp CHECKPOINT` writes the whole model.safetensors that test, export and "
+        "load_from read (docs/checkpoints.md)."
+    )
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x "
         "processes x grad_accum_steps)."
@@ -248,6 +255,11 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
         raise UserError(
             f"model.compile: true does not work with train.strategy: {recipe.train.strategy} yet (torch.compile "
             "fails on FSDP's units); set model.compile: false, or train.strategy: ddp"
+        )
+    if recipe.train.sharded_checkpoint and recipe.train.strategy == "ddp":
+        raise UserError(
+            "train.sharded_checkpoint: true needs train.strategy: fsdp or fsdp2 (under ddp every process "
+            "holds the whole model); set train.strategy: fsdp2, or train.sharded_checkpoint: false"
         )
     hooks = recipe.loaded_hooks()
     for loaded in hooks:

@@ -123,10 +123,12 @@ def test_compiled_transformer_segmentor_matches_eager(encoder):
     """``model.compile: true`` (inductor on the CPU) gives the eager model's training loss and
     gradients (one forward/backward with a mask) and its inference logits at another size, within
     1e-4 relative each: the ViT's dynamic patch grid and position embeddings, and Swin's padded,
-    shifted windows, compile to the same numbers."""
+    shifted windows, compile to the same numbers, with the encoder's blocks checkpointed
+    (recomputed in the backward pass)."""
     torch._dynamo.reset()
-    model = segmentor(ENCODERS[encoder], COMPILE_HEAD, compile=True)
-    assert model.compile_mode == "default"
+    # The blocks recomputed in the backward pass (model.encoder.grad_checkpointing) compile too.
+    model = segmentor({**ENCODERS[encoder], "grad_checkpointing": True}, COMPILE_HEAD, compile=True)
+    assert model.compile_mode == "default" and model.encoder.model.grad_checkpointing
     eager = copy.deepcopy(model)
     eager.compile_mode = None
     generator = torch.Generator().manual_seed(1)

@@ -1,7 +1,7 @@
 """``train.strategy: fsdp | fsdp2`` on 2 CPU processes (gloo): training as DDP does, checkpoints
 that hold whole, plain weights and a by-name optimizer state, bitwise resume, resume with
 another number of processes, DDP checkpoints resumed under FSDP, activation checkpointing,
-bf16, and the EMA plugin."""
+bf16, the EMA plugin, and sharded checkpoints (``train.sharded_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ PORTS = {"ddp": 29901, "fsdp": 29902, "fsdp2": 29903}
 EMA = "{type: ema, momentum: 0.2, evaluate_ema: false}"
 
 
-def train(work_dir: Path, data_root: Path, strategy: str, *extra: str, processes: int = 2, port: int = 0):
-    args = options(data_root, f"train.strategy={strategy}", hooks=EMA)
+def train(work_dir: Path, data_root: Path, strategy: str, *extra: str, processes: int = 2, port: int = 0,
+          sharded: bool = False):
+    args = options(data_root, f"train.strategy={strategy}", f"train.sharded_checkpoint={sharded}", hooks=EMA)
     result = run(train_command(work_dir, *extra, "--cfg-options", *args, processes=processes, port=port))
     assert result.returncode == 0, result.output[-4000:]
     return result
@@ -43,11 +44,12 @@ def runs(tmp_path_factory, data_root) -> dict[str, Path]:
     return {strategy: root / strategy for strategy in PORTS}
 
 
-def resumed_from(source: Path, work_dir: Path, data_root: Path, strategy: str, *, processes: int = 2, port: int = 0):
+def resumed_from(source: Path, work_dir: Path, data_root: Path, strategy: str, *, processes: int = 2, port: int = 0,
+                 sharded: bool = False):
     """Resume a copy of ``source``'s ``iter_4`` with ``strategy`` to the end."""
     (work_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(source / "checkpoints" / "iter_4", work_dir / "checkpoints" / "iter_4")
-    return train(work_dir, data_root, strategy, "--resume", processes=processes, port=port)
+    return train(work_dir, data_root, strategy, "--resume", processes=processes, port=port, sharded=sharded)
 
 
 def optimizer_state(checkpoint: Path) -> dict:
@@ -223,3 +225,100 @@ def test_the_recipe_names_the_strategy_and_refuses_others():
     assert_refused(result, "train.strategy")
     result = run_cli("config", str(QUICKSTART), "--cfg-options", "train.strategy=fsdp2", "model.compile=true")
     assert_refused(result, "model.compile", "train.strategy: fsdp2", "set model.compile: false")
+    result = run_cli("config", str(QUICKSTART), "--cfg-options", "train.sharded_checkpoint=true")
+    assert_refused(result, "train.sharded_checkpoint: true needs train.strategy: fsdp or fsdp2")
+
+
+# -- sharded checkpoints: train.sharded_checkpoint ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, data_root) -> Path:
+    """The fsdp2 run of ``runs`` with each rank saving its shard (iter_4, iter_6, best/)."""
+    work_dir = tmp_path_factory.mktemp("sharded") / "run"
+    train(work_dir, data_root, "fsdp2", port=PORTS["fsdp2"] + 40, sharded=True)
+    return work_dir
+
+
+def test_sharded_checkpoints_hold_each_ranks_shard_and_consolidate_into_the_whole_weights(
+    runs, sharded_run, tmp_path, capsys
+):
+    from conftest import assert_refused, cli
+
+    from hooktrain.checkpoint.weights import load_weights
+    from hooktrain.errors import UserError
+    from hooktrain.models import build_recipe_segmentor
+    from hooktrain.recipe.schema import load_recipe
+
+    final = sharded_run / "checkpoints" / f"iter_{ITERS}"
+    record = json.loads((final / "train_state.json").read_text())
+    assert record["model_state"] == "sharded" and "optimizer_state" not in record
+    assert not (final / "model.safetensors").exists() and not (final / "optimizer.bin").exists()
+    shards = sorted(p.name for p in (final / "sharded").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    # Each rank wrote about half of the weights and moments, never the whole.
+    sizes = [(final / "sharded" / name).stat().st_size for name in shards]
+    assert max(sizes) < 0.7 * sum(sizes)
+    model = build_recipe_segmentor(load_recipe(sharded_run / "recipe.yaml"), pretrained=False)
+    with pytest.raises(UserError, match="hooktrain convert dcp"):
+        load_weights(model, final, strict=True)
+    refused = cli(capsys, "export", final, tmp_path / "model.safetensors")
+    assert_refused(refused, "sharded checkpoint", "hooktrain convert dcp")
+    assert load_weights(model, sharded_run / "checkpoints" / "best", strict=True).exact  # best/ stays whole
+    copy = tmp_path / "iter_6"
+    shutil.copytree(final, copy)
+    result = cli(capsys, "convert", "dcp", copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == f"wrote the whole weights of {copy} to {copy / 'model.safetensors'}\n"
+    assert load_weights(model, copy, strict=True).exact
+    # Saving in shards changed nothing in training: the whole weights of the run that gathered them.
+    assert_bitwise_equal(weights(copy), weights(runs["fsdp2"] / "checkpoints" / f"iter_{ITERS}"))
+
+
+def test_a_damaged_sharded_checkpoint_is_never_resumed_from(sharded_run, tmp_path):
+    from hooktrain.checkpoint.dcp import consolidate
+    from hooktrain.checkpoint.resume import checkpoint_problems, choose_resume
+    from hooktrain.errors import UserError
+
+    shutil.copytree(sharded_run / "checkpoints", tmp_path / "checkpoints")
+    final = tmp_path / "checkpoints" / f"iter_{ITERS}"
+    assert checkpoint_problems(final) == []
+    shard = final / "sharded" / "__1_0.distcp"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    truncated = f"sharded/__1_0.distcp is truncated ({len(whole) // 2:,} of {len(whole):,} bytes)"
+    assert checkpoint_problems(final) == [truncated]
+    assert choose_resume(tmp_path, "auto") == tmp_path / "checkpoints" / "iter_4"
+    with pytest.raises(UserError, match="not a whole hooktrain checkpoint: sharded/__1_0.distcp is truncated"):
+        choose_resume(tmp_path, str(final))
+    shard.write_bytes(whole)
+    (final / "sharded" / ".metadata").unlink()  # a save killed before rank 0 wrote the metadata
+    assert checkpoint_problems(final) == ["sharded/.metadata is missing"]
+    with pytest.raises(UserError, match="is not a whole checkpoint: sharded/.metadata is missing"):
+        consolidate(final)
+
+
+def test_sharded_resume_is_bitwise(sharded_run, data_root, tmp_path):
+    from hooktrain.checkpoint.dcp import read_sharded
+
+    resumed_from(sharded_run, tmp_path / "run", data_root, "fsdp2", port=PORTS["fsdp2"] + 50, sharded=True)
+    final = f"checkpoints/iter_{ITERS}"
+    for prefix in ("model.", "optimizer.state."):  # the weights; AdamW's moments and steps
+        assert_bitwise_equal(read_sharded(tmp_path / "run" / final, prefix), read_sharded(sharded_run / final, prefix))
+
+
+def test_sharded_checkpoint_resumes_in_one_process(sharded_run, data_root, tmp_path):
+    """Elastic 2 -> 1: DCP reads both shards into the plain model and its optimizer, the data pass
+    goes on, and the one process saves whole checkpoints."""
+    from hooktrain.checkpoint.dcp import read_sharded
+
+    result = resumed_from(sharded_run, tmp_path / "run", data_root, "fsdp2", processes=1, sharded=True)
+    assert "data stream: elastic" in result.output
+    assert "checkpoints are whole (train.sharded_checkpoint)" in result.output
+    final = tmp_path / "run" / "checkpoints" / f"iter_{ITERS}"
+    after = optimizer_state(final)["state"].values()
+    assert {float(moments["step"]) for moments in after} == {float(ITERS)}
+    before = read_sharded(sharded_run / "checkpoints" / "iter_4", "optimizer.state.")
+    saved = sum(value.sum() for key, value in before.items() if key.endswith(".exp_avg_sq"))
+    # The moments went on from the saved ones (AdamW's beta2 0.999 keeps 0.998 over two steps).
+    assert sum(m["exp_avg_sq"].sum() for m in after) >= 0.99 * saved
