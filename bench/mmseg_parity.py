@@ -222,6 +222,26 @@ def mmseg_side(env: MmsegEnv, name: str, mode: str, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def keep_other_rows(summary: dict, reference: str) -> None:
+    """A ``--reference`` run replaces only its own rows in the results file: the other
+    reference's rows stay, with the date and revision of the run that measured them."""
+    from results import results_dir
+
+    try:
+        previous = json.loads((results_dir() / "mmseg_parity.json").read_text())
+    except (OSError, ValueError):
+        return
+    kept = [row for row in previous.get("rows", []) if row.get("reference") != reference]
+    if not kept:
+        return
+    origin = previous.get("kept_rows_from", {})
+    source = {"date": previous.get("date"), "revision": previous.get("revision")}
+    summary["kept_rows_from"] = {ref: origin.get(ref, source) for ref in {row["reference"] for row in kept}}
+    summary["rows"] = kept + summary["rows"] if reference == "transformers" else summary["rows"] + kept
+    summary["references"] = sorted({row["reference"] for row in summary["rows"]}, key=["mmseg", "transformers"].index)
+    summary["worst_ratio"] = max(row["ratio"] for row in summary["rows"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -319,6 +339,8 @@ def main() -> None:
         "worst_ratio": max(row["ratio"] for row in rows),
         "rows": rows,
     }
+    if args.reference != "all" and not args.quick:
+        keep_other_rows(summary, args.reference)
     print(f"results: {write_result('mmseg_parity', summary)}")
     print(json.dumps({"bench": "mmseg_parity", **summary}))
 

@@ -81,7 +81,7 @@ def build_mask2former(cfg: ModelConfig, *, num_classes: int, ignore_index: int, 
             f"model.encoder.name: decode_head type mask2former needs four encoder levels, and "
             f"'{cfg.encoder.name}' gives {len(channels)}; choose a hierarchical encoder such as swin_* or resnet50"
         )
-    out_norms = OutNorms(channels, cfg.encoder.out_norm_eps) if cfg.encoder.out_norm else None
+    out_norms = OutNorms(channels, cfg.encoder.out_norm_eps, cfg.channels_last) if cfg.encoder.out_norm else None
     if cfg.encoder.pretrained_path is not None:
         load_pretrained_out_norms(out_norms, cfg.encoder.pretrained_path)
     try:

@@ -108,7 +108,7 @@ def _build_encoder_decoder(cfg: ModelConfig, *, num_classes: int, ignore_index: 
         encoder.requires_grad_(False)
     channels = list(encoder.feature_info.channels())
     strides = list(encoder.feature_info.reduction())
-    out_norms = OutNorms(channels, cfg.encoder.out_norm_eps) if cfg.encoder.out_norm else None
+    out_norms = OutNorms(channels, cfg.encoder.out_norm_eps, cfg.channels_last) if cfg.encoder.out_norm else None
     if cfg.encoder.pretrained_path is not None:
         load_pretrained_out_norms(out_norms, cfg.encoder.pretrained_path)
     neck = None
