@@ -15,7 +15,7 @@ import torch
 from checkpoint_runs import (
     HOOKS_NO_EVAL, ITERS, assert_bitwise_equal, checkpoints, options, run, start, train_command, weights,
 )  # fmt: skip
-from conftest import QUICKSTART, run_cli, tiny
+from conftest import QUICKSTART, cli, run_cli, tiny
 from safetensors.torch import load_file, save_file
 
 
@@ -142,7 +142,7 @@ def test_two_processes_sigterm_resume_exact_with_force_and_load_from(
                          weights(reference_dir / "checkpoints" / f"iter_{ITERS}"))  # fmt: skip
 
 
-def test_export_then_predict_writes_colour_and_label_masks(tmp_path, data_root, reference):
+def test_export_then_predict_writes_colour_and_label_masks(tmp_path, data_root, reference, capsys):
     import cv2
     import numpy as np
     import yaml
@@ -164,7 +164,7 @@ def test_export_then_predict_writes_colour_and_label_masks(tmp_path, data_root, 
     cv2.imwrite(str(images / "a.png"), rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
     cv2.imwrite(str(images / "b.jpg"), rng.integers(0, 255, (33, 27, 3), dtype=np.uint8))
     out = tmp_path / "masks"
-    result = run_cli("predict", str(exported), str(images), "--out", str(out))
+    result = cli(capsys, "predict", exported, images, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     palette = np.asarray(recipe["data"]["palette"], dtype=np.uint8)
     for stem, shape in (("a", (40, 56)), ("b", (33, 27))):

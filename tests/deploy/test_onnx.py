@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, randomise, run_cli
+from conftest import ROOT, cli, randomise, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -151,13 +151,13 @@ def test_onnx_metadata_holds_what_a_caller_needs(quickstart):
     assert "decode_head:" in metadata["hooktrain.recipe"]
 
 
-def test_predict_from_onnx_writes_the_labels_of_the_safetensors_model(quickstart, tmp_path):
+def test_predict_from_onnx_writes_the_labels_of_the_safetensors_model(quickstart, tmp_path, capsys):
     safetensors, onnx_file = quickstart
     images = tmp_path / "images"
     images.mkdir()
     for i, (h, w) in enumerate([(40, 56), (70, 50), (96, 96)]):
         cv2.imwrite(str(images / f"im{i}.png"), random_image(h, w, seed=i))
-    result = run_cli("predict", str(onnx_file), str(images), "--out", str(tmp_path / "onnx"))
+    result = cli(capsys, "predict", onnx_file, images, "--out", tmp_path / "onnx")
     assert result.returncode == 0, result.stderr[-3000:]
     predict_images(safetensors, [str(images)], tmp_path / "torch")
     varied = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICKSTART, assert_refused, run_cli, tiny, tree_digest
+from conftest import QUICKSTART, assert_refused, cli, run_cli, tiny, tree_digest
 from safetensors.torch import save_file
 
 from hooktrain.recipe.schema import apply_cfg_options
@@ -109,10 +109,11 @@ def test_cfg_options_take_the_bracket_spelling_errors_print():
         (["load_from=foreign.safetensors"], ["load_from: none of the tensors", "foreign.safetensors"]),
     ],
 )
-def test_config_refuses_recipes_that_could_not_start(tmp_path, options, fragments):
+def test_config_refuses_recipes_that_could_not_start(tmp_path, monkeypatch, capsys, options, fragments):
     (tmp_path / "recipe.yaml").write_text("not: weights\n")
     save_file({"backbone.stem.weight": torch.zeros(2, 3)}, str(tmp_path / "foreign.safetensors"))
-    assert_refused(run_cli("config", str(QUICKSTART), "--cfg-options", *options, cwd=tmp_path), *fragments)
+    monkeypatch.chdir(tmp_path)
+    assert_refused(cli(capsys, "config", QUICKSTART, "--cfg-options", *options), *fragments)
 
 
 # -- checkpoints and work dirs ------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RECIPES, assert_refused, run_cli, tiny
+from conftest import RECIPES, assert_refused, cli, run_cli, tiny
 
 from hooktrain.data.labels import LabelMapper
 from hooktrain.errors import UserError
@@ -110,7 +110,7 @@ def test_bad_binary_settings_are_one_line_errors(tmp_path, data_root, options, f
     assert_refused(result, *fragments)
 
 
-def test_binary_quickstart_trains_scores_both_labels_and_predicts_0_1_masks(tmp_path, data_root):
+def test_binary_quickstart_trains_scores_both_labels_and_predicts_0_1_masks(tmp_path, data_root, capsys):
     import cv2
 
     work = tmp_path / "run"
@@ -128,11 +128,11 @@ def test_binary_quickstart_trains_scores_both_labels_and_predicts_0_1_masks(tmp_
     assert confusion[0].split(",")[1:] == ["background", "shape"]
 
     exported = tmp_path / "model.safetensors"
-    assert run_cli("export", str(work / "checkpoints" / "iter_8"), str(exported)).returncode == 0
+    assert cli(capsys, "export", work / "checkpoints" / "iter_8", exported).returncode == 0
     images = tmp_path / "images"
     images.mkdir()
     cv2.imwrite(str(images / "a.png"), np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
-    result = run_cli("predict", str(exported), str(images), "--out", str(tmp_path / "masks"))
+    result = cli(capsys, "predict", exported, images, "--out", tmp_path / "masks")
     assert result.returncode == 0, result.stderr[-3000:]
     label = cv2.imread(str(tmp_path / "masks" / "a_label.png"), cv2.IMREAD_UNCHANGED)
     assert label.shape == (40, 56) and set(np.unique(label)) <= {0, 1}

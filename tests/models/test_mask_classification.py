@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import RECIPES, assert_refused, run_cli, tiny
+from conftest import RECIPES, assert_refused, cli, run_cli, tiny
 from safetensors.torch import load_file
 
 from hooktrain.models.eomt import EoMT
@@ -122,7 +122,7 @@ def test_a_resumed_run_ends_bitwise_where_the_uninterrupted_one_ends(eomt_run, d
 
 
 @pytest.mark.parametrize("family", ["eomt", pytest.param("mask2former", marks=pytest.mark.slow)])
-def test_test_tta_export_onnx_and_predict(family, request, data_root, tmp_path):
+def test_test_tta_export_onnx_and_predict(family, request, data_root, tmp_path, capsys):
     """``hooktrain test --tta`` scores it, ``export`` writes an ONNX graph that onnxruntime
     verifies, whose logits are PyTorch's at two input sizes (Mask2Former: the pixel decoder's level
     shapes follow the input, not the export size), and ``predict`` from ONNX writes the labels the
@@ -137,7 +137,7 @@ def test_test_tta_export_onnx_and_predict(family, request, data_root, tmp_path):
     assert tested.returncode == 0, tested.stderr[-3000:]
     metrics = json.loads((tmp_path / "t" / "test_metrics.json").read_text())
     assert metrics["tta"]["flip"] is True and 0 <= metrics["mIoU"] <= 1
-    exported = run_cli("export", str(checkpoint), str(tmp_path / "model.onnx"))
+    exported = cli(capsys, "export", checkpoint, tmp_path / "model.onnx")  # in this process: no second start-up
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "verified by onnxruntime" in exported.stdout
     images = tmp_path / "images"
@@ -145,7 +145,7 @@ def test_test_tta_export_onnx_and_predict(family, request, data_root, tmp_path):
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate([(32, 32), (40, 56)]):
         cv2.imwrite(str(images / f"im{i}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    result = run_cli("predict", str(tmp_path / "model.onnx"), str(images), "--out", str(tmp_path / "onnx"))
+    result = cli(capsys, "predict", tmp_path / "model.onnx", images, "--out", tmp_path / "onnx")
     assert result.returncode == 0, result.stderr[-3000:]
     exported = export_checkpoint(checkpoint, tmp_path / "model.safetensors")
     predict_images(exported, [str(images)], tmp_path / "torch")
