@@ -79,13 +79,9 @@ def read_sharded(checkpoint: str | os.PathLike, prefix: str = "model.") -> dict[
     without the prefix, read in this process alone (no process group). ``"model."`` gives the
     plain state dict; ``"optimizer.state."`` the optimizer's moments by parameter name."""
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(Path(checkpoint) / SHARDED))
-    entries = reader.read_metadata().state_dict_metadata.items()
-    state = {key: torch.empty(entry.size, dtype=entry.properties.dtype)
-             for key, entry in entries if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}  # fmt: skip
+    reader, entries = _tensor_entries(checkpoint, prefix)
+    state = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in entries.items()}
     _load(state, storage_reader=reader, no_dist=True)
     return {key.removeprefix(prefix): value for key, value in state.items()}
 
@@ -93,12 +89,19 @@ def read_sharded(checkpoint: str | os.PathLike, prefix: str = "model.") -> dict[
 def sharded_shapes(checkpoint: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Each model tensor's shape as the sharded checkpoint's DCP metadata records it (no tensor
     is read)."""
+    entries = _tensor_entries(checkpoint, "model.")[1]
+    return {key.removeprefix("model."): tuple(entry.size) for key, entry in entries.items()}
+
+
+def _tensor_entries(checkpoint: str | os.PathLike, prefix: str) -> tuple[Any, dict[str, Any]]:
+    """The DCP reader of ``checkpoint``'s shards and its metadata's tensors whose key starts with ``prefix``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    entries = dcp.FileSystemReader(str(Path(checkpoint) / SHARDED)).read_metadata().state_dict_metadata
-    return {key.removeprefix("model."): tuple(entry.size) for key, entry in entries.items()
-            if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}  # fmt: skip
+    reader = dcp.FileSystemReader(str(Path(checkpoint) / SHARDED))
+    entries = reader.read_metadata().state_dict_metadata.items()
+    return reader, {key: entry for key, entry in entries
+                    if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}  # fmt: skip
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
