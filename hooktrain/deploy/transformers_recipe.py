@@ -398,10 +398,15 @@ def _mask2former_traits(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:
 
 def _eomt_traits(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:
     """What an EoMT's architecture is, by transformers' config key: (where a recipe sets it, value)."""
+    from timm.layers import PatchEmbed
+
     vit, block = model.encoder, model.encoder.blocks[0]
     encoder = "model.encoder"
+    family = _FAMILIES.get(type(vit).__name__, type(vit).__name__)
+    if not isinstance(vit.patch_embed, PatchEmbed):  # timm's hybrids: transformers' EoMT has no CNN stem
+        family = f"a ViT with a CNN stem ({type(vit.patch_embed).__name__})"
     traits = {
-        "model_type": (f"{encoder}.name", _FAMILIES.get(type(vit).__name__, type(vit).__name__)),
+        "model_type": (f"{encoder}.name", family),
         "num_labels": ("data.num_classes", model.class_head.out_features - 1),
         "hidden_size": (f"{encoder} (embed_dim)", vit.embed_dim),
         "num_hidden_layers": (f"{encoder} (depth)", len(vit.blocks)),

@@ -14,8 +14,15 @@ from timm.models import FeatureInfo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-# timm modules whose models are plain token transformers with ``forward_intermediates``.
-_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.eva", "timm.models.deit", "timm.models.beit")
+# timm modules whose models are plain token transformers with ``forward_intermediates``; the hybrids
+# embed their patches from a CNN stem's features (e.g. vit_tiny_r_s16_p8_224, vit_small_r26_s32_224).
+_VIT_MODULES = (
+    "timm.models.vision_transformer",
+    "timm.models.vision_transformer_hybrid",
+    "timm.models.eva",
+    "timm.models.deit",
+    "timm.models.beit",
+)
 
 
 def is_vit(name: str) -> bool:
@@ -43,7 +50,7 @@ class ViTFeatures(nn.Module):
         self.indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm, prune_head=True)
         self.norm = norm
         self.class_token = class_token
-        stride = model.patch_embed.patch_size[0]
+        stride = model.patch_embed.feat_ratio()
         width = model.embed_dim * (2 if class_token else 1)
         self.feature_info = FeatureInfo(
             [{"num_chs": width, "reduction": stride, "module": f"blocks.{i}"} for i in self.indices],
@@ -73,8 +80,12 @@ class ViTFeatures(nn.Module):
     def _grid_height(self, height):
         """Patch rows for an input ``height``. Integer arithmetic only (timm's ``NCHW`` output uses
         ``math.ceil``), so that an ONNX trace keeps the height dynamic instead of freezing it."""
-        patch = self.model.patch_embed.patch_size[0]
-        return (height + patch - 1) // patch if self.model.patch_embed.dynamic_img_pad else height // patch
+        embed = self.model.patch_embed
+        # A hybrid ViT's CNN stem (timm's HybridEmbed) pads like TensorFlow's "same": ceil(height / ratio) rows.
+        ratio = getattr(embed, "feature_ratio", (1, 1))[0]
+        rows = (height + ratio - 1) // ratio
+        patch = embed.patch_size[0]
+        return (rows + patch - 1) // patch if embed.dynamic_img_pad else rows // patch
 
     @staticmethod
     def _to_map(tokens: torch.Tensor, grid_h) -> torch.Tensor:

@@ -138,9 +138,10 @@ def refused_by_cli(capsys, *args: str) -> str:
 def test_a_recipe_that_disagrees_with_config_json_is_one_line(eomt_dirs, tmp_path, capsys):
     recipe = yaml.safe_load((ROOT / "recipes/quickstart_eomt.yaml").read_text())
     recipe["_base_"] = [str(ROOT / "recipes/_base_/datasets/shapes.yaml")]
+    recipe["model"]["encoder"]["name"] = "vit_small_patch14_reg4_dinov2"
     recipe["model"]["encoder"]["kwargs"] = {"img_size": 64, "patch_size": 16, "embed_dim": 48, "depth": 4,
                                             "num_heads": 3}  # fmt: skip
-    recipe["model"]["decode_head"].update(num_queries=6, num_blocks=2, mask_annealing=None)
+    recipe["model"]["decode_head"].update(num_queries=6, num_blocks=2, num_upscale_blocks=2, mask_annealing=None)
     recipe["data"] = {"num_classes": 4, "class_names": None, "palette": None}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -152,6 +153,8 @@ def test_a_recipe_that_disagrees_with_config_json_is_one_line(eomt_dirs, tmp_pat
         "model.decode_head.num_queries=8": ("on num_queries", "model.decode_head.num_queries gives 8", "checkpoint 6"),
         "data.num_classes=5": ("on num_labels", "data.num_classes gives 5", "checkpoint 4"),
         "model.encoder.kwargs.num_heads=4": ("on num_attention_heads", "gives 4", "checkpoint 3"),
+        "model.encoder.name=vit_tiny_r_s16_p8_224": ("on model_type", "a ViT with a CNN stem (HybridEmbed)",
+                                                     "checkpoint eomt (DINOv2's ViT)"),
     }.items():
         line = refused_by_cli(capsys, "convert", "transformers", source, "--recipe", str(path), "--out", str(out),
                               "--cfg-options", option)  # fmt: skip

@@ -23,10 +23,13 @@ from hooktrain.recipe.model import ModelConfig
 
 RECIPE = RECIPES / "quickstart_eomt.yaml"
 ITERS = 4
-# A ViT small enough for seconds-long runs on 32 px images; blocks 2 and 3 carry the queries.
+# The quickstart's hybrid ViT (a ResNet stem at stride 4, 2x2 patches over it: stride 8), small enough
+# for seconds-long runs on 32 px images; blocks 2 and 3 carry the queries.
 TINY_EOMT = [
-    "model.encoder.kwargs={img_size: 32, patch_size: 8, embed_dim: 48, depth: 4, num_heads: 2}",
+    "model.encoder.kwargs={img_size: 32, patch_size: 2, reg_tokens: 4, no_embed_class: true, embed_dim: 48, "
+    "depth: 4, num_heads: 2}",
     "model.decode_head.num_queries=8",
+    "model.decode_head.num_blocks=2",
     "model.decode_head.loss.num_points=64",
     "model.decode_head.mask_annealing={starts: [1, 2], ends: [2, 4]}",
     "hooks.1.interval=2",

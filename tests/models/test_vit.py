@@ -56,6 +56,32 @@ def test_the_last_level_is_timms_final_patch_tokens(name, size):
     assert not torch.allclose(levels[0][:, :width], levels[1][:, :width])
 
 
+HYBRID = "vit_tiny_r_s16_p8_224"  # a ResNet stem (stride 4) under the patch embedding (timm's HybridEmbed)
+HYBRID_KWARGS = {"patch_size": 2, "embed_dim": 64, "depth": 2, "num_heads": 2, "reg_tokens": 4, "no_embed_class": True}
+
+
+@pytest.mark.parametrize("size", [(97, 131), (64, 64), (90, 75)])
+def test_a_hybrid_vits_levels_are_its_patch_tokens_on_the_stems_grid(size):
+    """A hybrid ViT's stride is its stem's times its patch size (8 here, not the patch size 2), and
+    its tokens are laid out on the grid the stem and the padded patches make at any input size."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(name=HYBRID, out_indices=[1], intermediate_norm=True, kwargs=HYBRID_KWARGS)
+    encoder = build_encoder(cfg).eval()
+    model = timm.create_model(HYBRID, dynamic_img_size=True, dynamic_img_pad=True, **HYBRID_KWARGS).eval()
+    weights = {k.removeprefix("model."): v for k, v in encoder.state_dict().items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    image = torch.randn(1, 3, *size)
+    grid = (-(-size[0] // 8), -(-size[1] // 8))
+    with torch.no_grad():
+        (level,) = encoder(image)
+        tokens = model.forward_features(image)
+    assert encoder.feature_info.reduction() == [8]
+    assert level.shape == (1, 64, *grid)
+    want = tokens[:, model.num_prefix_tokens :].transpose(1, 2).reshape(1, 64, *grid)
+    torch.testing.assert_close(level, want, rtol=1e-5, atol=1e-5)
+
+
 def test_blocks_after_the_last_returned_one_are_pruned():
     encoder = build_encoder(EncoderConfig(name=DINOV2, out_indices=[1, 3]))
     assert len(encoder.model.blocks) == 4
